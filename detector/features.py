@@ -1,0 +1,284 @@
+"""How a raw record becomes numbers: the one definition shared by the trainer and the detector.
+
+Two steps, split so that the per-record part stays as small as possible:
+
+1. `FeatureCodec.decode` (per record): validate a JSON object and pull out its key, its event
+   time and one raw value per feature (numbers as floats, categories as vocabulary codes).
+   Anything wrong raises `RecordError` with a machine-readable reason.
+2. `FeatureCodec.encode` (per batch, vectorised): z-score the numeric values (globally or with
+   the key's own statistics), derive the time since the key's previous event, and return the
+   float32 matrix the graph takes.
+
+`fit_statistics` computes the statistics `encode` uses; it lives here so that a
+transformation and the fitting of its parameters can never drift apart.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import numpy as np
+import orjson
+
+from detector.manifest import (
+    CategoricalFeature,
+    Feature,
+    KeyStatistics,
+    Manifest,
+    NumericFeature,
+    TimeDeltaFeature,
+)
+
+#: Event times outside [epoch, 2100-01-01) are refused as malformed.
+MAX_EVENT_TIME = 4_102_444_800.0
+PADDING_CODE = 0
+UNKNOWN_CODE = 1
+#: A std below this is treated as 1 so a constant feature does not explode.
+MIN_STD = 1e-6
+
+
+class RecordError(ValueError):
+    """A record that cannot be scored: `reason` is machine-readable, `detail` is for people."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def parse_json_record(payload: bytes | str, max_bytes: int) -> dict:
+    """Decode one JSON object from the wire, refusing oversized, malformed or non-object input."""
+    if len(payload) > max_bytes:
+        raise RecordError("too_large", f"{len(payload)} bytes exceeds the {max_bytes}-byte limit")
+    try:
+        record = orjson.loads(payload)
+    except orjson.JSONDecodeError as error:
+        raise RecordError("not_json", str(error)) from None
+    if not isinstance(record, dict):
+        raise RecordError("not_object", f"expected a JSON object, got {type(record).__name__}")
+    return record
+
+
+def parse_event_time(value: object, unit: str, column: str) -> float:
+    """Seconds since the epoch from a number (in `unit`) or an ISO 8601 string."""
+    if isinstance(value, bool) or value is None:
+        raise RecordError("bad_timestamp", f"{column!r} must be a number or ISO 8601 string")
+    if isinstance(value, int | float):
+        seconds = float(value) / 1000.0 if unit == "ms" else float(value)
+    elif isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            raise RecordError(
+                "bad_timestamp", f"{column!r} is not ISO 8601: {value[:40]!r}"
+            ) from None
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=UTC)
+        seconds = parsed.timestamp()
+    else:
+        raise RecordError("bad_timestamp", f"{column!r} has type {type(value).__name__}")
+    if not 0.0 <= seconds < MAX_EVENT_TIME:  # also false for NaN
+        raise RecordError("bad_timestamp", f"{column!r} is out of range: {value!r}")
+    return seconds
+
+
+@dataclass(frozen=True, slots=True)
+class DecodedRecord:
+    key: str
+    time: float
+    values: list[float]
+
+
+class FeatureCodec:
+    """Turns records into model inputs exactly as the manifest describes."""
+
+    def __init__(self, manifest: Manifest) -> None:
+        self.manifest = manifest
+        self.columns = manifest.columns
+        self.features: list[Feature] = list(manifest.features)
+        self.width = len(self.features)
+        self._vocabularies = {
+            f.name: {label: code + 2 for code, label in enumerate(f.vocabulary)}
+            for f in self.features
+            if isinstance(f, CategoricalFeature)
+        }
+        self.numeric_index = np.array(
+            [i for i, f in enumerate(self.features) if isinstance(f, NumericFeature)], np.intp
+        )
+        self.delta_index = np.array(
+            [i for i, f in enumerate(self.features) if isinstance(f, TimeDeltaFeature)], np.intp
+        )
+        self.forecast_index = np.array(
+            [
+                i
+                for i, f in enumerate(self.features)
+                if isinstance(f, NumericFeature) and f.forecast
+            ],
+            np.intp,
+        )
+        numeric = manifest.numeric_features
+        delta = [f for f in self.features if isinstance(f, TimeDeltaFeature)]
+        # Row 0 holds the global statistics; rows 1.. the per-key ones, if any.
+        per_key = manifest.per_key_statistics or {}
+        self._key_rows = {key: row + 1 for row, key in enumerate(per_key)}
+        self._mean = np.array(
+            [[f.mean for f in numeric]] + [stats.mean for stats in per_key.values()], np.float64
+        ).reshape(1 + len(per_key), len(numeric))
+        self._std = np.maximum(
+            np.array(
+                [[f.std for f in numeric]] + [stats.std for stats in per_key.values()], np.float64
+            ).reshape(1 + len(per_key), len(numeric)),
+            MIN_STD,
+        )
+        self._delta_mean = np.array([f.mean for f in delta], np.float64)
+        self._delta_std = np.array([max(f.std, MIN_STD) for f in delta], np.float64)
+        self._fallback = [
+            f.mean
+            if isinstance(f, NumericFeature) and f.missing == "mean"
+            else UNKNOWN_CODE
+            if isinstance(f, CategoricalFeature) and f.missing == "unknown"
+            else None
+            for f in self.features
+        ]
+        self._readers = [self._reader(f) for f in self.features]
+
+    def decode(self, record: Mapping, key: str | None = None) -> DecodedRecord:
+        """Validate one record; `key` overrides the record's key column (e.g. a Kafka key)."""
+        if key is None:
+            key = self._key(record)
+        time = parse_event_time(
+            record.get(self.columns.time), self.columns.time_unit, self.columns.time
+        )
+        values = [read(record) for read in self._readers]
+        return DecodedRecord(key, time, values)
+
+    def _key(self, record: Mapping) -> str:
+        value = record.get(self.columns.key)
+        if value is None or value == "" or isinstance(value, bool | float | dict | list):
+            raise RecordError(
+                "missing_key", f"{self.columns.key!r} must be a non-empty string or integer"
+            )
+        return str(value)
+
+    def _reader(self, feature: Feature) -> Callable[[Mapping], float]:
+        name = feature.name
+        fallback = self._fallback[self.features.index(feature)]
+        if isinstance(feature, TimeDeltaFeature):
+            return lambda record: 0.0  # derived later, in encode, from the key's previous event
+        if isinstance(feature, CategoricalFeature):
+            vocabulary = self._vocabularies[name]
+
+            def read_category(record: Mapping) -> float:
+                value = record.get(name)
+                if value is None:
+                    if fallback is None:
+                        raise RecordError("missing_feature", f"{name!r} is missing")
+                    return float(fallback)
+                if not isinstance(value, str | int) or isinstance(value, bool):
+                    raise RecordError("wrong_type", f"{name!r} must be a string or integer")
+                return float(vocabulary.get(str(value), UNKNOWN_CODE))
+
+            return read_category
+
+        def read_number(record: Mapping) -> float:
+            value = record.get(name)
+            if value is None:
+                if fallback is None:
+                    raise RecordError("missing_feature", f"{name!r} is missing")
+                return float(fallback)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise RecordError(
+                    "wrong_type", f"{name!r} must be a number, got {type(value).__name__}"
+                )
+            number = float(value)
+            if not math.isfinite(number):
+                raise RecordError("not_finite", f"{name!r} is {value!r}")
+            return number
+
+        return read_number
+
+    def statistics_rows(self, keys: Iterable[str]) -> np.ndarray:
+        """Row of each key in the statistics table (0: the global statistics)."""
+        rows = self._key_rows
+        return np.fromiter((rows.get(key, 0) for key in keys), np.intp)
+
+    def encode(self, raw: np.ndarray, statistics_rows: np.ndarray, gaps: np.ndarray) -> np.ndarray:
+        """Model inputs [n, width] from raw values [n, width], stats rows [n] and gaps [n] (s)."""
+        encoded = np.array(raw, dtype=np.float64, copy=True)
+        if self.numeric_index.size:
+            numeric = encoded[:, self.numeric_index]
+            encoded[:, self.numeric_index] = (numeric - self._mean[statistics_rows]) / self._std[
+                statistics_rows
+            ]
+        if self.delta_index.size:
+            log_gap = np.log1p(np.maximum(gaps, 0.0))[:, None]
+            encoded[:, self.delta_index] = (log_gap - self._delta_mean) / self._delta_std
+        return encoded.astype(np.float32)
+
+
+def key_gaps(keys: Sequence[str], times: np.ndarray) -> np.ndarray:
+    """Seconds since each event's previous event of the same key (0 for a key's first).
+
+    The events must be in the order they happen; used on whole files by the trainer. The
+    streaming engine computes the same quantity from its per-key state.
+    """
+    gaps = np.zeros(len(keys), np.float64)
+    last: dict[str, float] = {}
+    for i, (key, time) in enumerate(zip(keys, times, strict=True)):
+        previous = last.get(key)
+        if previous is not None:
+            gaps[i] = time - previous
+        last[key] = time
+    return gaps
+
+
+def fit_statistics(
+    manifest: Manifest,
+    raw: np.ndarray,
+    keys: Sequence[str],
+    gaps: np.ndarray,
+    per_key: bool,
+) -> Manifest:
+    """The manifest with z-score statistics fitted on `raw` (the training split only)."""
+    features: list[Feature] = []
+    for index, feature in enumerate(manifest.features):
+        if isinstance(feature, NumericFeature):
+            column = raw[:, index]
+            feature = feature.model_copy(
+                update={"mean": float(column.mean()), "std": _safe_std(column)}
+            )
+        elif isinstance(feature, TimeDeltaFeature):
+            log_gap = np.log1p(np.maximum(gaps, 0.0))
+            feature = feature.model_copy(
+                update={"mean": float(log_gap.mean()), "std": _safe_std(log_gap)}
+            )
+        features.append(feature)
+    per_key_statistics = None
+    if per_key:
+        numeric = raw[:, [i for i, f in enumerate(features) if isinstance(f, NumericFeature)]]
+        names, group = np.unique(np.asarray(keys, dtype=object), return_inverse=True)
+        counts = np.bincount(group, minlength=len(names))[:, None]
+        sums = np.zeros((len(names), numeric.shape[1]))
+        squares = np.zeros_like(sums)
+        np.add.at(sums, group, numeric)
+        np.add.at(squares, group, numeric * numeric)
+        means = sums / counts
+        stds = np.sqrt(np.maximum(squares / counts - means * means, 0.0))
+        per_key_statistics = {
+            str(name): KeyStatistics(
+                mean=[float(v) for v in means[row]],
+                std=[float(v) if v > MIN_STD else 1.0 for v in stds[row]],
+            )
+            for row, name in enumerate(names)
+        }
+    return manifest.model_copy(
+        update={"features": features, "per_key_statistics": per_key_statistics}
+    )
+
+
+def _safe_std(column: np.ndarray) -> float:
+    std = float(column.std())
+    return std if std > MIN_STD else 1.0

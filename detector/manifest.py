@@ -1,0 +1,338 @@
+"""The model contract: one ONNX file whose metadata carries a versioned manifest.
+
+The trainer writes it with `write_model`; the detector reads it with `load_model_file`.
+Everything the detector needs to turn raw records into scores and alerts is in the
+manifest, so a model file is deployable on its own. The graph's sha256 is part of the
+manifest and checked at load, so a tampered graph is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Literal
+
+import onnx
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+SCHEMA_VERSION = 1
+METADATA_KEY = "seqsentinel.manifest"
+#: A model file larger than this is refused before it is parsed.
+MAX_MODEL_BYTES = 512 * 1024 * 1024
+
+# Graph input and output names, shared by the exporter and the scorer.
+INPUT_EVENTS = "x"  # window: [batch, window, inputs]; stateful: [batch, inputs]
+INPUT_LENGTHS = "lengths"  # window only: [batch] int64, real steps at the front of each window
+INPUT_H = "h"  # stateful only: [layers, batch, hidden]
+INPUT_C = "c"
+OUTPUT_SCORE = "score"  # [batch]
+OUTPUT_CONTRIB = "contrib"  # forecast only: [batch, forecast features], squared scaled errors
+OUTPUT_H = "h_out"
+OUTPUT_C = "c_out"
+
+Task = Literal["classify", "forecast"]
+ExportMode = Literal["window", "stateful"]
+
+
+class ModelContractError(ValueError):
+    """A model file that the detector must not run; the message says what is wrong and where."""
+
+    def __init__(self, path: Path | str, message: str) -> None:
+        super().__init__(f"{path}: {message}")
+        self.path = str(path)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NumericFeature(_Strict):
+    """A number, z-scored with statistics fitted on the training split only."""
+
+    kind: Literal["numeric"] = "numeric"
+    name: str = Field(min_length=1)
+    mean: float = 0.0
+    std: float = Field(default=1.0, gt=0)
+    #: What to do when the value is absent or null: refuse the record, or use the training mean.
+    missing: Literal["reject", "mean"] = "reject"
+    #: Forecast models predict this feature of the next event (ignored by classify models).
+    forecast: bool = True
+
+
+class CategoricalFeature(_Strict):
+    """A label from a fixed vocabulary: code 0 is padding, 1 is unknown, 2.. the vocabulary."""
+
+    kind: Literal["categorical"] = "categorical"
+    name: str = Field(min_length=1)
+    vocabulary: list[str] = Field(max_length=1_000_000)
+    embedding_dim: int = Field(default=4, ge=1, le=512)
+    missing: Literal["reject", "unknown"] = "reject"
+
+
+class TimeDeltaFeature(_Strict):
+    """Derived: log1p of the seconds since the key's previous event (0 for its first), z-scored."""
+
+    kind: Literal["time_delta"] = "time_delta"
+    name: str = "time_delta"
+    mean: float = 0.0
+    std: float = Field(default=1.0, gt=0)
+
+
+Feature = Annotated[
+    NumericFeature | CategoricalFeature | TimeDeltaFeature, Field(discriminator="kind")
+]
+
+
+class Columns(_Strict):
+    """Where the key, the event time and the label are found in a record."""
+
+    key: str = Field(min_length=1)
+    time: str = Field(min_length=1)
+    #: Numbers are seconds (or milliseconds) since the epoch; strings are ISO 8601.
+    time_unit: Literal["s", "ms"] = "s"
+    label: str | None = None
+
+
+class KeyStatistics(_Strict):
+    """Per-key mean and std of the numeric features, in feature order."""
+
+    mean: list[float]
+    std: list[float]
+
+
+class Network(_Strict):
+    """Shape facts the detector needs (state arenas) and people want to see."""
+
+    hidden: int = Field(ge=1, le=4096)
+    layers: int = Field(ge=1, le=3)
+    bidirectional: bool = False
+    layer_norm: bool = False
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+
+
+class Scoring(_Strict):
+    """What a score means and where alerts start."""
+
+    #: probability: sigmoid of the classifier; forecast_error: mean squared scaled error.
+    semantics: Literal["probability", "forecast_error"]
+    threshold: float
+    #: How the threshold was chosen, e.g. "max_f1", "precision>=0.9", "quantile=0.995".
+    calibration: str
+    #: Exponential smoothing of successive scores per key (1.0: no smoothing).
+    smoothing: float = Field(default=1.0, gt=0, le=1)
+
+
+class TrainingSummary(_Strict):
+    rows: int = Field(ge=0)
+    keys: int = Field(ge=0)
+    positives: int | None = None
+    time_range: tuple[float, float] | None = None
+    metrics: dict[str, float] = Field(default_factory=dict)
+
+
+class Manifest(_Strict):
+    """Everything the detector needs beside the graph itself."""
+
+    schema_version: int = SCHEMA_VERSION
+    task: Task
+    export_mode: ExportMode
+    columns: Columns
+    features: list[Feature] = Field(min_length=1, max_length=4096)
+    window: int = Field(ge=1, le=4096)
+    #: Events a key must have seen before its events are scored (earlier ones are warming up).
+    min_history: int = Field(ge=1, le=4096)
+    per_key_statistics: dict[str, KeyStatistics] | None = None
+    network: Network
+    scoring: Scoring
+    training: TrainingSummary
+    created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    trainer_version: str
+    graph_sha256: str = ""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Manifest:
+        names = [feature.name for feature in self.features]
+        if len(set(names)) != len(names):
+            raise ValueError("feature names must be unique")
+        if self.min_history > self.window:
+            raise ValueError("min_history must not exceed window")
+        if self.task == "forecast":
+            if self.min_history < 2:
+                raise ValueError(
+                    "forecast models need min_history >= 2 (one event to predict from)"
+                )
+            if not self.forecast_features:
+                raise ValueError("a forecast model needs at least one numeric forecast feature")
+        if self.export_mode == "stateful" and self.network.bidirectional:
+            raise ValueError("a bidirectional network cannot be exported in stateful mode")
+        numeric = len(self.numeric_features)
+        for key, stats in (self.per_key_statistics or {}).items():
+            if len(stats.mean) != numeric or len(stats.std) != numeric:
+                raise ValueError(f"per_key_statistics[{key!r}] must have {numeric} means and stds")
+        return self
+
+    @property
+    def numeric_features(self) -> list[NumericFeature]:
+        return [f for f in self.features if isinstance(f, NumericFeature)]
+
+    @property
+    def forecast_features(self) -> list[NumericFeature]:
+        return [f for f in self.numeric_features if f.forecast]
+
+    @property
+    def model_version(self) -> str:
+        """Short, content-derived identity of the model, carried on every alert."""
+        return self.graph_sha256[:12]
+
+    def to_json(self) -> str:
+        return self.model_dump_json()
+
+
+def graph_sha256(model: onnx.ModelProto) -> str:
+    """Hash of the graph alone: metadata (where the manifest lives) does not change it."""
+    return hashlib.sha256(model.graph.SerializeToString(deterministic=True)).hexdigest()
+
+
+def attach_manifest(model: onnx.ModelProto, manifest: Manifest) -> Manifest:
+    """Stamp the graph's hash into the manifest and store it in the model's metadata."""
+    stamped = manifest.model_copy(update={"graph_sha256": graph_sha256(model)})
+    stamped = Manifest.model_validate_json(stamped.to_json())
+    kept = [prop for prop in model.metadata_props if prop.key != METADATA_KEY]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    model.metadata_props.add(key=METADATA_KEY, value=stamped.to_json())
+    return stamped
+
+
+def write_model(model: onnx.ModelProto, manifest: Manifest, path: Path) -> Manifest:
+    """Write the model with its manifest atomically: beside the target, fsync, rename."""
+    stamped = attach_manifest(model, manifest)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    with partial.open("wb") as out:
+        out.write(model.SerializeToString())
+        out.flush()
+        os.fsync(out.fileno())
+    partial.replace(path)
+    return stamped
+
+
+def load_model_file(path: Path | str) -> tuple[Manifest, bytes]:
+    """Read and verify a model file: its manifest, its hash, and its graph's inputs and outputs.
+
+    Returns the manifest and the serialized model, ready for an onnxruntime session.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except OSError as error:
+        raise ModelContractError(path, f"cannot read the model file ({error.strerror})") from None
+    if not path.is_file():
+        raise ModelContractError(path, "not a regular file")
+    if size > MAX_MODEL_BYTES:
+        raise ModelContractError(path, f"{size} bytes is larger than {MAX_MODEL_BYTES} allowed")
+    data = path.read_bytes()
+    try:
+        model = onnx.load_from_string(data)
+    except Exception as error:  # protobuf raises several unrelated types
+        raise ModelContractError(path, f"not an ONNX model ({type(error).__name__})") from None
+    manifest = parse_manifest(path, model)
+    actual = graph_sha256(model)
+    if actual != manifest.graph_sha256:
+        raise ModelContractError(
+            path,
+            f"graph_sha256 mismatch: manifest says {manifest.graph_sha256[:16]}…, "
+            f"graph hashes to {actual[:16]}… (the file was modified after export)",
+        )
+    check_graph_signature(path, model, manifest)
+    return manifest, data
+
+
+def parse_manifest(path: Path | str, model: onnx.ModelProto) -> Manifest:
+    """The manifest stored in `model`'s metadata, validated, or a `ModelContractError`."""
+    raw = next((p.value for p in model.metadata_props if p.key == METADATA_KEY), None)
+    if raw is None:
+        raise ModelContractError(path, f"no seqsentinel manifest (metadata key {METADATA_KEY!r})")
+    try:
+        document = json.loads(raw)
+    except ValueError:
+        raise ModelContractError(path, "the manifest is not valid JSON") from None
+    if not isinstance(document, dict):
+        raise ModelContractError(path, "the manifest is not a JSON object")
+    version = document.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise ModelContractError(
+            path,
+            f"manifest schema_version {version!r} is not supported "
+            f"(this detector reads version {SCHEMA_VERSION})",
+        )
+    try:
+        return Manifest.model_validate(document)
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in item['loc']) or 'manifest'}: {item['msg']}"
+            for item in error.errors()
+        )
+        raise ModelContractError(path, f"invalid manifest: {problems}") from None
+
+
+def input_width(manifest: Manifest) -> int:
+    """Values per event in the graph's input: one per feature (categoricals as codes)."""
+    return len(manifest.features)
+
+
+def expected_signature(manifest: Manifest) -> tuple[dict[str, list], dict[str, list]]:
+    """The graph's inputs and outputs as name -> shape (None for a dynamic dimension)."""
+    width = input_width(manifest)
+    layers = manifest.network.layers
+    hidden = manifest.network.hidden
+    if manifest.export_mode == "window":
+        inputs = {INPUT_EVENTS: [None, manifest.window, width], INPUT_LENGTHS: [None]}
+        outputs = {OUTPUT_SCORE: [None]}
+    else:
+        inputs = {
+            INPUT_EVENTS: [None, width],
+            INPUT_H: [layers, None, hidden],
+            INPUT_C: [layers, None, hidden],
+        }
+        outputs = {
+            OUTPUT_SCORE: [None],
+            OUTPUT_H: [layers, None, hidden],
+            OUTPUT_C: [layers, None, hidden],
+        }
+    if manifest.task == "forecast":
+        outputs[OUTPUT_CONTRIB] = [None, len(manifest.forecast_features)]
+    return inputs, outputs
+
+
+def check_graph_signature(path: Path | str, model: onnx.ModelProto, manifest: Manifest) -> None:
+    """Refuse a graph whose inputs or outputs do not match what the manifest promises."""
+    expected_inputs, expected_outputs = expected_signature(manifest)
+    for kind, values, expected in (
+        ("input", model.graph.input, expected_inputs),
+        ("output", model.graph.output, expected_outputs),
+    ):
+        actual = {value.name: _static_shape(value) for value in values}
+        if set(actual) != set(expected):
+            raise ModelContractError(
+                path,
+                f"graph {kind}s {sorted(actual)} do not match the manifest's {sorted(expected)}",
+            )
+        for name, shape in expected.items():
+            if len(actual[name]) != len(shape) or any(
+                want is not None and have is not None and want != have
+                for want, have in zip(shape, actual[name], strict=True)
+            ):
+                raise ModelContractError(
+                    path,
+                    f"graph {kind} {name!r} has shape {actual[name]}, the manifest implies {shape}",
+                )
+
+
+def _static_shape(value: onnx.ValueInfoProto) -> list[int | None]:
+    dims = value.type.tensor_type.shape.dim
+    return [dim.dim_value if dim.HasField("dim_value") else None for dim in dims]
