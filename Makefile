@@ -1,0 +1,31 @@
+# Developer and CI entry points. `make test` is the one test command (CI runs it via .ci/run).
+
+PYTHON ?= python3
+VENV := .venv
+VENV_PYTHON := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: venv kafka-jars test lint
+
+# The stamp is newer than pyproject.toml once everything is installed: a repeated run does
+# nothing, and torch's large download happens only once (pip keeps satisfied requirements).
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+		{ echo "make venv: needs Python 3.11+ as $(PYTHON) (try: make venv PYTHON=python3.12)" >&2; exit 1; }
+	test -x $(VENV_PYTHON) || $(PYTHON) -m venv $(VENV)
+	$(VENV_PYTHON) -m pip install --upgrade pip
+	$(VENV_PYTHON) -m pip install -e '.[train,dev]'
+	touch $@
+
+# Kafka's jars via Maven into deploy/kafka/.cache (or $$SEQSENTINEL_KAFKA_CACHE); once only.
+kafka-jars:
+	$(PYTHON) deploy/kafka/local-kafka fetch --quiet
+
+test: venv kafka-jars
+	SEQSENTINEL_REQUIRE_KAFKA=1 $(VENV_PYTHON) -m pytest $(PYTEST_ARGS)
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
