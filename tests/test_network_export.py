@@ -1,0 +1,238 @@
+"""The exported graphs keep the contract: window and stateful forms agree, padding is inert,
+onnxruntime matches torch, and only verified, hash-stamped files load."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from detector.manifest import (
+    METADATA_KEY,
+    CategoricalFeature,
+    Columns,
+    Manifest,
+    ModelContractError,
+    Network,
+    NumericFeature,
+    Scoring,
+    TimeDeltaFeature,
+    TrainingSummary,
+    load_model_file,
+    write_model,
+)
+from trainer import export
+from trainer.export import ExportError, build_onnx, export_model, onnx_scores, quantize_model
+from trainer.network import SequenceNet
+
+WINDOW = 6
+
+
+def make_manifest(
+    task: str = "classify",
+    export_mode: str = "window",
+    *,
+    bidirectional: bool = False,
+    layers: int = 2,
+) -> Manifest:
+    return Manifest(
+        task=task,
+        export_mode=export_mode,
+        columns=Columns(key="device", time="ts"),
+        features=[
+            NumericFeature(name="amount"),
+            NumericFeature(name="balance", forecast=False),
+            CategoricalFeature(name="channel", vocabulary=["web", "app", "pos"], embedding_dim=3),
+            NumericFeature(name="latency"),
+            TimeDeltaFeature(),
+        ],
+        window=WINDOW,
+        min_history=2,
+        network=Network(hidden=8, layers=layers, bidirectional=bidirectional, layer_norm=True),
+        scoring=Scoring(
+            semantics="probability" if task == "classify" else "forecast_error",
+            threshold=0.5,
+            calibration="test",
+        ),
+        training=TrainingSummary(rows=0, keys=0),
+        trainer_version="test",
+    )
+
+
+def make_net(manifest: Manifest, seed: int = 0) -> SequenceNet:
+    torch.manual_seed(seed)
+    net = SequenceNet.from_manifest(manifest).eval()
+    if manifest.task == "forecast":
+        net.set_residual_variance(torch.tensor([0.5, 2.0]))
+    return net
+
+
+def random_events(rng: np.random.Generator, batch: int, steps: int) -> np.ndarray:
+    """Encoded events: z-scored numbers, category codes 0..4 (padding, unknown, vocabulary)."""
+    events = rng.normal(size=(batch, steps, 5)).astype(np.float32)
+    events[:, :, 2] = rng.integers(0, 5, size=(batch, steps))
+    return events
+
+
+@pytest.mark.parametrize("task", ["classify", "forecast"])
+def test_stateful_steps_equal_window_scores_at_every_position(task: str) -> None:
+    rng = np.random.default_rng(1)
+    events = random_events(rng, batch=7, steps=WINDOW)
+    window_manifest = make_manifest(task, "window")
+    stateful_manifest = make_manifest(task, "stateful")
+    net = make_net(window_manifest)
+    window_model = build_onnx(net, window_manifest)
+    stateful_model = build_onnx(net, stateful_manifest)
+
+    for length in range(1, WINDOW + 1):
+        windows = np.zeros_like(events)
+        windows[:, :length] = events[:, :length]
+        lengths = np.full(len(events), length, np.int64)
+        window_score, window_contrib = onnx_scores(window_model, window_manifest, windows, lengths)
+        stepped_score, stepped_contrib = onnx_scores(
+            stateful_model, stateful_manifest, windows, lengths
+        )
+        np.testing.assert_allclose(stepped_score, window_score, rtol=1e-5, atol=1e-5)
+        if task == "forecast":
+            assert window_contrib.shape == (7, 2)
+            np.testing.assert_allclose(stepped_contrib, window_contrib, rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(window_score, window_contrib.mean(axis=1), rtol=1e-6)
+    # Scores must depend on the events, or the comparison above proves nothing.
+    assert np.std(window_score) > 1e-3
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("task", ["classify", "forecast"])
+def test_right_padding_does_not_change_scores(task: str, bidirectional: bool) -> None:
+    rng = np.random.default_rng(2)
+    manifest = make_manifest(task, bidirectional=bidirectional)
+    net = make_net(manifest)
+    model = build_onnx(net, manifest)
+    events = random_events(rng, batch=9, steps=WINDOW)
+    lengths = rng.integers(2, WINDOW + 1, size=9).astype(np.int64)
+    clean = events.copy()
+    garbage = random_events(rng, batch=9, steps=WINDOW) * 50
+    for row, length in enumerate(lengths):
+        clean[row, length:] = 0.0
+        events[row, length:] = garbage[row, length:]
+
+    clean_score, _ = onnx_scores(model, manifest, clean, lengths)
+    noisy_score, _ = onnx_scores(model, manifest, events, lengths)
+    np.testing.assert_allclose(noisy_score, clean_score, rtol=1e-5, atol=1e-6)
+    # And each equals the network run on the unpadded sequence alone.
+    with torch.no_grad():
+        for row, length in enumerate(lengths):
+            alone = net(torch.from_numpy(clean[row : row + 1, :length]), torch.tensor([length]))
+            assert alone.score.item() == pytest.approx(float(clean_score[row]), abs=1e-5)
+
+
+@pytest.mark.parametrize("task", ["classify", "forecast"])
+def test_bidirectional_window_export_matches_torch(task: str, tmp_path) -> None:
+    rng = np.random.default_rng(3)
+    manifest = make_manifest(task, bidirectional=True, layers=3)
+    net = make_net(manifest)
+    windows = random_events(rng, batch=33, steps=WINDOW)
+    lengths = rng.integers(2, WINDOW + 1, size=33).astype(np.int64)
+    model = build_onnx(net, manifest)
+    worst = export.check_parity(model, net, manifest, windows, lengths)
+    assert worst < 1e-5
+    with torch.no_grad():
+        expected = net(torch.from_numpy(windows), torch.from_numpy(lengths)).score.numpy()
+    got, _ = onnx_scores(model, manifest, windows, lengths)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    # The ONNX LSTM op is used, not an unrolled loop.
+    assert sum(node.op_type == "LSTM" for node in model.graph.node) == 6
+
+
+def test_export_refuses_when_onnxruntime_disagrees(tmp_path, monkeypatch) -> None:
+    manifest = make_manifest("classify")
+    net = make_net(manifest)
+    windows = random_events(np.random.default_rng(4), batch=8, steps=WINDOW)
+    lengths = np.full(8, WINDOW, np.int64)
+    genuine = onnx_scores
+
+    def corrupted(*args, **kwargs):
+        score, contrib = genuine(*args, **kwargs)
+        return score + np.float32(1e-3), contrib
+
+    monkeypatch.setattr(export, "onnx_scores", corrupted)
+    target = tmp_path / "model.onnx"
+    with pytest.raises(ExportError, match=r"disagree by 0\.001"):
+        export_model(net, manifest, target, parity_windows=windows, parity_lengths=lengths)
+    assert not target.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("export_mode", ["window", "stateful"])
+def test_written_file_round_trips_through_the_loader(export_mode: str, tmp_path) -> None:
+    manifest = make_manifest("forecast", export_mode)
+    net = make_net(manifest)
+    windows = random_events(np.random.default_rng(5), batch=16, steps=WINDOW)
+    lengths = np.arange(16, dtype=np.int64) % WINDOW + 1
+    path = tmp_path / "model.onnx"
+    written = export_model(net, manifest, path, parity_windows=windows, parity_lengths=lengths)
+
+    loaded, data = load_model_file(path)
+    assert loaded == written
+    assert len(loaded.model_version) == 12
+    assert loaded.model_version == written.graph_sha256[:12]
+    # The loaded bytes run and score like the network.
+    score, contrib = onnx_scores(data, loaded, windows, lengths)
+    with torch.no_grad():
+        expected = net(torch.from_numpy(windows), torch.from_numpy(lengths))
+    np.testing.assert_allclose(score, expected.score.numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(contrib, expected.contrib.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_loader_refuses_tampered_manifestless_and_future_files(tmp_path) -> None:
+    manifest = make_manifest("classify")
+    path = tmp_path / "model.onnx"
+    export_model(make_net(manifest), manifest, path)
+
+    tampered = onnx.load(path)
+    weight = next(t for t in tampered.graph.initializer if len(t.raw_data) >= 8)
+    flipped = bytearray(weight.raw_data)
+    flipped[3] ^= 0x40
+    weight.raw_data = bytes(flipped)
+    onnx.save(tampered, tmp_path / "tampered.onnx")
+    with pytest.raises(ModelContractError, match="graph_sha256 mismatch"):
+        load_model_file(tmp_path / "tampered.onnx")
+
+    bare = build_onnx(make_net(manifest), manifest)
+    onnx.save(bare, tmp_path / "bare.onnx")
+    with pytest.raises(ModelContractError, match="no seqsentinel manifest"):
+        load_model_file(tmp_path / "bare.onnx")
+
+    future = onnx.load(path)
+    prop = next(p for p in future.metadata_props if p.key == METADATA_KEY)
+    document = json.loads(prop.value)
+    document["schema_version"] = 99
+    prop.value = json.dumps(document)
+    onnx.save(future, tmp_path / "future.onnx")
+    with pytest.raises(ModelContractError, match="schema_version 99 is not supported"):
+        load_model_file(tmp_path / "future.onnx")
+
+
+def test_export_refuses_a_manifest_that_does_not_describe_the_network() -> None:
+    net = make_net(make_manifest("classify", layers=2))
+    with pytest.raises(ExportError, match="does not match"):
+        build_onnx(net, make_manifest("classify", layers=1))
+
+
+def test_int8_model_loads_and_scores_close_to_float(tmp_path) -> None:
+    manifest = make_manifest("classify", "stateful")
+    net = make_net(manifest)
+    model = build_onnx(net, manifest)
+    quantized = quantize_model(model)
+    assert any(node.op_type == "DynamicQuantizeLSTM" for node in quantized.graph.node)
+    written = write_model(quantized, manifest, tmp_path / "int8.onnx")
+    loaded, data = load_model_file(tmp_path / "int8.onnx")
+    assert loaded.graph_sha256 == written.graph_sha256
+    windows = random_events(np.random.default_rng(6), batch=32, steps=WINDOW)
+    lengths = np.full(32, WINDOW, np.int64)
+    exact, _ = onnx_scores(model, manifest, windows, lengths)
+    approximate, _ = onnx_scores(data, loaded, windows, lengths)
+    assert np.max(np.abs(approximate - exact)) < 0.05
