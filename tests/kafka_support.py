@@ -70,8 +70,21 @@ class LocalBroker:
             check=False,
         )
 
-    def start(self, timeout: float = 90.0) -> str:
-        """Start the broker (stopped again if this process dies); return the bootstrap address."""
+    def start(self, timeout: float = 90.0, attempts: int = 3) -> str:
+        """Start the broker (stopped again if this process dies); return the bootstrap address.
+
+        Another process may grab a free port before the broker binds it: then retry on new ones.
+        """
+        for _ in range(attempts - 1):
+            try:
+                return self._start(timeout)
+            except BrokerUnavailableError as error:
+                if "already in use" not in str(error):
+                    raise
+                self.port, self.controller_port = free_ports(2)
+        return self._start(timeout)
+
+    def _start(self, timeout: float) -> str:
         command = ["start", f"--port={self.port}", f"--controller-port={self.controller_port}"]
         command += [f"--timeout={timeout}", f"--exit-with={os.getpid()}"]
         try:
