@@ -1,0 +1,136 @@
+"""From scores to alerts: per-key smoothing, anomalous episodes, and why a score was high.
+
+An alert is raised once per episode, not once per event: an episode of a key opens when its
+(smoothed) score reaches the threshold, stays open while scores stay there, and closes after
+`cooldown` consecutive scored events below it. The update is vectorised over the keys of one
+round of a batch (each key at most once), so a key's events are still applied in order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+from detector.arena import KeyArena
+from detector.features import UNKNOWN_CODE
+from detector.manifest import CategoricalFeature, Manifest
+from detector.records import Source
+
+ExplanationKind = Literal["forecast_error_share", "occlusion"]
+
+
+@dataclass(frozen=True, slots=True)
+class Attribution:
+    """One feature's part in an alert.
+
+    forecast_error_share: the feature's share of the forecast error (shares sum to 1).
+    occlusion: the raw score minus the score with the feature of the last event set to its
+    training mean (unknown for a categorical); positive values pushed the score up.
+    """
+
+    feature: str
+    value: float
+
+
+@dataclass(frozen=True, slots=True)
+class Alert:
+    """The opening of an anomalous episode of one key.
+
+    `score` is the (smoothed) score of the event that opened the episode. `peak_score` is the
+    highest score of the episode among the events of the batch in which it opened (from the
+    opening event until it closed or the batch ended); later events of the same episode raise
+    no new alert and do not change it.
+    """
+
+    alert_id: str
+    key: str
+    event_time: float
+    sequence: int
+    score: float
+    peak_score: float
+    threshold: float
+    model_version: str
+    task: str
+    source: Source | None
+    explanation_kind: ExplanationKind
+    explanation: tuple[Attribution, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form, as published and written by `detector replay --alerts`."""
+        return {
+            "alert_id": self.alert_id,
+            "key": self.key,
+            "event_time": self.event_time,
+            "sequence": self.sequence,
+            "score": self.score,
+            "peak_score": self.peak_score,
+            "threshold": self.threshold,
+            "model_version": self.model_version,
+            "task": self.task,
+            "source": None if self.source is None else self.source.to_dict(),
+            "explanation_kind": self.explanation_kind,
+            "explanation": [{"feature": a.feature, "value": a.value} for a in self.explanation],
+        }
+
+
+def alert_id(model_version: str, key: str, event_time: float, sequence: int) -> str:
+    """Deterministic id: the same events and model give the same ids from a file or Kafka."""
+    text = f"{model_version}\x1f{key}\x1f{event_time!r}\x1f{sequence}"
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def smooth(arena: KeyArena, slots: np.ndarray, scores: np.ndarray, alpha: float) -> np.ndarray:
+    """EWMA of each key's scores (its first score as is); stores and returns the new values."""
+    previous = arena.smoothed[slots]
+    smoothed = np.where(np.isnan(previous), scores, alpha * scores + (1.0 - alpha) * previous)
+    arena.smoothed[slots] = smoothed
+    return smoothed
+
+
+def advance_episodes(
+    arena: KeyArena, slots: np.ndarray, scores: np.ndarray, threshold: float, cooldown: int
+) -> np.ndarray:
+    """Apply one scored event per slot to the episode state; True where an episode opened."""
+    above = scores >= threshold
+    was_open = arena.in_episode[slots]
+    opened = above & ~was_open
+    below = np.where(above, 0, arena.below[slots] + was_open)
+    arena.below[slots] = below
+    arena.in_episode[slots] = above | (was_open & (below < max(cooldown, 1)))
+    arena.peak[slots] = np.where(
+        opened, scores, np.where(above, np.fmax(arena.peak[slots], scores), arena.peak[slots])
+    )
+    return opened
+
+
+def forecast_shares(contrib: np.ndarray, names: list[str]) -> list[tuple[Attribution, ...]]:
+    """Each forecast feature's share of the error, largest first, for rows of `contrib`."""
+    totals = contrib.sum(axis=1, keepdims=True)
+    shares = np.divide(contrib, totals, out=np.zeros_like(contrib), where=totals > 0)
+    return _ranked(shares, names)
+
+
+def occlusion_values(manifest: Manifest) -> np.ndarray:
+    """What a feature is set to when occluded: encoded 0 (the mean) or the unknown code."""
+    return np.array(
+        [UNKNOWN_CODE if isinstance(f, CategoricalFeature) else 0.0 for f in manifest.features],
+        np.float32,
+    )
+
+
+def occlusion_effects(
+    base: np.ndarray, occluded: np.ndarray, names: list[str]
+) -> list[tuple[Attribution, ...]]:
+    """Score minus occluded score [n, features], ranked by size for each of n alerts."""
+    return _ranked(base[:, None] - occluded, names)
+
+
+def _ranked(values: np.ndarray, names: list[str]) -> list[tuple[Attribution, ...]]:
+    order = np.argsort(-np.abs(values), axis=1, kind="stable")
+    return [
+        tuple(Attribution(names[i], float(row[i])) for i in ranking)
+        for row, ranking in zip(values.tolist(), order.tolist(), strict=True)
+    ]

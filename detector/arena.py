@@ -1,0 +1,218 @@
+"""Per-key streaming state in preallocated numpy arrays indexed by slot.
+
+A million keys cannot each own a Python object: the per-object overhead alone would be
+several times the state itself, and every batch would walk them one by one. Instead a
+`KeyArena` maps each key to a slot, and every piece of state is one array with a slot axis,
+so a batch reads and writes the state of all its keys with fancy indexing. The arrays grow
+in doubling chunks up to `max_keys`; beyond that the least recently seen keys are evicted
+in bulk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from detector.manifest import Manifest
+
+#: Slots allocated up front; the arena doubles from here as keys arrive, up to `max_keys`.
+INITIAL_CAPACITY = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class ArenaShape:
+    """What a model needs to remember per key: a window of encoded events or an LSTM state."""
+
+    #: window models: (window, width) of the ring buffer of encoded events.
+    ring: tuple[int, int] | None = None
+    #: stateful models: (layers, hidden) of h and c.
+    state: tuple[int, int] | None = None
+
+    @classmethod
+    def for_manifest(cls, manifest: Manifest) -> ArenaShape:
+        if manifest.export_mode == "window":
+            return cls(ring=(manifest.window, len(manifest.features)))
+        return cls(state=(manifest.network.layers, manifest.network.hidden))
+
+
+# Per-slot fields: name -> (dtype, value of a fresh slot). The sequence group is what the
+# model reads (reset when a key's history restarts); the score group is what alerting reads.
+_SEQUENCE_FIELDS: dict[str, tuple[type, object]] = {
+    "count": (np.int64, 0),
+    "last_time": (np.float64, 0.0),
+}
+_SCORE_FIELDS: dict[str, tuple[type, object]] = {
+    "smoothed": (np.float64, np.nan),
+    "in_episode": (np.bool_, False),
+    "below": (np.int32, 0),
+    "peak": (np.float64, np.nan),
+}
+_SLOT_FIELDS: dict[str, tuple[type, object]] = {
+    "used": (np.bool_, False),
+    "last_seen": (np.int64, -1),
+    "touched": (np.float64, 0.0),
+    "stats_row": (np.intp, 0),
+}
+
+
+class KeyArena:
+    """Slots for up to `max_keys` keys, with least-recently-seen eviction and idle expiry.
+
+    Public arrays (all indexed by slot): `count` (events in the key's current history, which is
+    also the sequence number of its latest event), `last_time` (event time of the latest
+    event), `touched` (clock of the last update, for expiry), `last_seen` (batch tick, for
+    eviction), `stats_row` (the key's row in the codec's statistics table), `smoothed`,
+    `in_episode`, `below`, `peak` (alerting), and `ring` [slot, window, width] or
+    `h`, `c` [layers, slot, hidden] (the model's memory).
+    """
+
+    count: np.ndarray
+    last_time: np.ndarray
+    smoothed: np.ndarray
+    in_episode: np.ndarray
+    below: np.ndarray
+    peak: np.ndarray
+    used: np.ndarray
+    last_seen: np.ndarray
+    touched: np.ndarray
+    stats_row: np.ndarray
+    ring: np.ndarray
+    h: np.ndarray
+    c: np.ndarray
+
+    def __init__(self, shape: ArenaShape, max_keys: int) -> None:
+        if max_keys < 1:
+            raise ValueError("max_keys must be at least 1")
+        self.shape = shape
+        self.max_keys = max_keys
+        self.capacity = 0
+        self._slots: dict[str, int] = {}
+        self._keys = np.empty(0, object)
+        for name, (dtype, fill) in self._scalar_fields().items():
+            setattr(self, name, np.full(0, fill, dtype))
+        if shape.ring is not None:
+            self.ring = np.zeros((0, *shape.ring), np.float32)
+        if shape.state is not None:
+            layers, hidden = shape.state
+            self.h = np.zeros((layers, 0, hidden), np.float32)
+            self.c = np.zeros((layers, 0, hidden), np.float32)
+        self._grow(min(INITIAL_CAPACITY, max_keys))
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    @staticmethod
+    def _scalar_fields() -> dict[str, tuple[type, object]]:
+        return _SEQUENCE_FIELDS | _SCORE_FIELDS | _SLOT_FIELDS
+
+    def nbytes_per_slot(self) -> int:
+        """Bytes of array state per slot (the key strings and the key index come on top)."""
+        size = self._keys.itemsize + sum(
+            np.dtype(dtype).itemsize for dtype, _ in self._scalar_fields().values()
+        )
+        if self.shape.ring is not None:
+            window, width = self.shape.ring
+            size += window * width * 4
+        if self.shape.state is not None:
+            layers, hidden = self.shape.state
+            size += 2 * layers * hidden * 4
+        return size
+
+    # -- slots ------------------------------------------------------------------------------
+
+    def lookup(self, keys: Sequence[str]) -> np.ndarray:
+        """The slot of each key, -1 for keys without one."""
+        slots = self._slots
+        return np.fromiter((slots.get(key, -1) for key in keys), np.intp, len(keys))
+
+    def allocate(
+        self, keys: Sequence[str], tick: int, statistics_rows: Callable[[Sequence[str]], np.ndarray]
+    ) -> tuple[np.ndarray, int]:
+        """Fresh slots for `keys` (which have none), evicting the least recently seen if full.
+
+        Keys seen at `tick` are never evicted. Returns the slots and how many keys were evicted.
+        """
+        needed = len(keys)
+        if needed == 0:
+            return np.zeros(0, np.intp), 0
+        free = np.flatnonzero(~self.used)
+        if free.size < needed and self.capacity < self.max_keys:
+            self._grow(min(self.max_keys, max(2 * self.capacity, len(self) + needed)))
+            free = np.flatnonzero(~self.used)
+        evicted = 0
+        if free.size < needed:
+            evicted = needed - free.size
+            candidates = np.flatnonzero(self.used & (self.last_seen != tick))
+            if candidates.size < evicted:
+                raise ValueError(
+                    f"{needed + len(self) - candidates.size} keys at once do not fit in "
+                    f"max_keys={self.max_keys}"
+                )
+            oldest = np.argpartition(self.last_seen[candidates], evicted - 1)[:evicted]
+            self.release(candidates[oldest])
+            free = np.flatnonzero(~self.used)
+        slots = free[:needed]
+        self.reset(slots)
+        self._slots.update(zip(keys, slots.tolist(), strict=True))
+        self._keys[slots] = np.array(keys, object)
+        self.used[slots] = True
+        self.last_seen[slots] = tick
+        self.stats_row[slots] = statistics_rows(keys)
+        return slots, evicted
+
+    def expire(self, cutoff: float, tick: int) -> int:
+        """Release keys last touched before `cutoff`, except those seen at `tick`; how many."""
+        idle = np.flatnonzero(self.used & (self.touched < cutoff) & (self.last_seen != tick))
+        self.release(idle)
+        return int(idle.size)
+
+    def release(self, slots: np.ndarray) -> None:
+        """Forget the keys of `slots`; the slots become free (and are reset when reused)."""
+        for key in self._keys[slots].tolist():
+            del self._slots[key]
+        self._keys[slots] = None
+        self.used[slots] = False
+
+    def clear(self) -> None:
+        """Forget every key."""
+        self.release(np.flatnonzero(self.used))
+
+    # -- state ------------------------------------------------------------------------------
+
+    def reset(self, slots: np.ndarray) -> None:
+        """Give `slots` the state of a key never seen before."""
+        self.reset_sequence(slots)
+        self.reset_scores(slots)
+
+    def reset_sequence(self, slots: np.ndarray) -> None:
+        """Restart the history the model sees (count, last time, ring or h and c)."""
+        self._fill(slots, _SEQUENCE_FIELDS)
+        if self.shape.ring is not None:
+            self.ring[slots] = 0.0
+        if self.shape.state is not None:
+            self.h[:, slots] = 0.0
+            self.c[:, slots] = 0.0
+
+    def reset_scores(self, slots: np.ndarray) -> None:
+        """Restart smoothing and the alert episode."""
+        self._fill(slots, _SCORE_FIELDS)
+
+    def _fill(self, slots: np.ndarray, fields: dict[str, tuple[type, object]]) -> None:
+        for name, (_, fill) in fields.items():
+            getattr(self, name)[slots] = fill
+
+    def _grow(self, capacity: int) -> None:
+        extra = capacity - self.capacity
+        for name, (dtype, fill) in self._scalar_fields().items():
+            setattr(self, name, np.concatenate([getattr(self, name), np.full(extra, fill, dtype)]))
+        self._keys = np.concatenate([self._keys, np.full(extra, None, object)])
+        if self.shape.ring is not None:
+            self.ring = np.concatenate([self.ring, np.zeros((extra, *self.shape.ring), np.float32)])
+        if self.shape.state is not None:
+            layers, hidden = self.shape.state
+            zeros = np.zeros((layers, extra, hidden), np.float32)
+            self.h = np.concatenate([self.h, zeros], axis=1)
+            self.c = np.concatenate([self.c, zeros], axis=1)
+        self.capacity = capacity

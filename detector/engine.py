@@ -1,0 +1,548 @@
+"""The streaming engine: records in, per-event scores, alerts and dead letters out.
+
+Pure: no Kafka, no files, and no clock but the `now` it is passed, so that the daemon, file
+replay and the tests drive the very same code. A batch goes through four steps:
+
+1. decode each record (the only per-record Python loop; bad records become dead letters);
+2. find or allocate each key's slot in the `KeyArena`, evicting and expiring in bulk;
+3. apply the events in rounds, round r holding the r-th event of every key in the batch, so
+   that several events of one key are applied in order while each round is vectorised over
+   keys: window models write the ring buffers and gather every scored event's window, then
+   score all windows of the batch together; stateful models run one LSTM step per round;
+4. smooth the scores, advance the alert episodes and explain the alerts (one extra call).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+import numpy as np
+import structlog
+
+from detector.alerts import (
+    Alert,
+    advance_episodes,
+    alert_id,
+    forecast_shares,
+    occlusion_effects,
+    occlusion_values,
+    smooth,
+)
+from detector.arena import ArenaShape, KeyArena
+from detector.features import RecordError, parse_json_record
+from detector.manifest import Manifest
+from detector.records import DeadLetter, InputRecord
+from detector.scorer import Scorer, Scores
+
+log = structlog.get_logger(__name__)
+
+
+class Status(IntEnum):
+    """What happened to each event of a batch."""
+
+    SCORED = 0
+    WARMING_UP = 1
+    SKIPPED_BY_STRIDE = 2
+    DEAD_LETTER = 3
+
+
+@dataclass(frozen=True, slots=True)
+class EngineOptions:
+    """Engine settings; the daemon builds them from its configuration."""
+
+    #: Most records processed (and rows sent to onnxruntime) at once.
+    max_batch: int = 4096
+    #: Most keys with state; beyond it the least recently seen are evicted.
+    max_keys: int = 1_000_000
+    #: Keys idle longer than this (by event time, or by `now` when passed) are forgotten; 0: never.
+    key_ttl_s: float = 0.0
+    #: Score every n-th event of a key after its warm-up; the others only update its state.
+    stride: int = 1
+    #: Alert threshold; None: the manifest's calibrated one.
+    threshold: float | None = None
+    #: Consecutive scored events below the threshold that close an episode.
+    cooldown_events: int = 10
+    #: Larger JSON payloads are dead letters.
+    max_record_bytes: int = 65536
+
+    def __post_init__(self) -> None:
+        if self.max_batch < 1 or self.stride < 1:
+            raise ValueError("max_batch and stride must be at least 1")
+        if self.max_keys < self.max_batch:
+            raise ValueError("max_keys must be at least max_batch (a batch's keys must fit)")
+        if self.key_ttl_s < 0 or self.cooldown_events < 0 or self.max_record_bytes < 1:
+            raise ValueError("key_ttl_s and cooldown_events must be >= 0, max_record_bytes >= 1")
+
+
+@dataclass(slots=True)
+class Counters:
+    """Event and key counts; records == scored + warming_up + skipped_by_stride + dead_letters."""
+
+    records: int = 0
+    scored: int = 0
+    warming_up: int = 0
+    skipped_by_stride: int = 0
+    dead_letters: int = 0
+    alerts: int = 0
+    evicted_lru: int = 0
+    expired_ttl: int = 0
+
+    def add(self, other: Counters) -> None:
+        for name in self.__slots__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+@dataclass(slots=True)
+class BatchResult:
+    """Per event, in input order: key (None for dead letters), event time and score (NaN when
+    not known or not scored; the smoothed score that alerts compare with the threshold) and
+    `Status` code; plus the batch's alerts, dead letters and counters."""
+
+    keys: np.ndarray
+    times: np.ndarray
+    scores: np.ndarray
+    statuses: np.ndarray
+    alerts: list[Alert] = field(default_factory=list)
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+    counters: Counters = field(default_factory=Counters)
+
+    @classmethod
+    def concatenate(cls, parts: Sequence[BatchResult]) -> BatchResult:
+        counters = Counters()
+        for part in parts:
+            counters.add(part.counters)
+        return cls(
+            keys=np.concatenate([part.keys for part in parts]),
+            times=np.concatenate([part.times for part in parts]),
+            scores=np.concatenate([part.scores for part in parts]),
+            statuses=np.concatenate([part.statuses for part in parts]),
+            alerts=[alert for part in parts for alert in part.alerts],
+            dead_letters=[letter for part in parts for letter in part.dead_letters],
+            counters=counters,
+        )
+
+
+@dataclass(slots=True)
+class _Decoded:
+    """The good records of a batch, as arrays."""
+
+    index: np.ndarray  # position in the batch
+    key_ids: np.ndarray  # index into keys
+    keys: list[str]  # distinct keys, in order of first appearance
+    times: np.ndarray
+    raw: np.ndarray  # [events, width]
+
+
+class Engine:
+    """Scores a stream of records batch by batch, keeping each key's state between batches."""
+
+    def __init__(self, model: Scorer, options: EngineOptions | None = None) -> None:
+        self.options = options or EngineOptions()
+        self.model = model
+        self.arena = KeyArena(ArenaShape.for_manifest(model.manifest), self.options.max_keys)
+        self._tick = 0
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.model.manifest
+
+    @property
+    def threshold(self) -> float:
+        override = self.options.threshold
+        return self.manifest.scoring.threshold if override is None else override
+
+    @property
+    def keys(self) -> int:
+        """Keys with state now."""
+        return len(self.arena)
+
+    def swap_model(self, model: Scorer) -> bool:
+        """Serve `model` from the next batch on; True if the keys' state was kept.
+
+        State is kept only when the new model reads it the same way: same task, export
+        mode, window, features (with their statistics) and network shape.
+        """
+        reason = incompatibility(self.manifest, model.manifest)
+        self.model = model
+        if reason is not None:
+            self.arena = KeyArena(ArenaShape.for_manifest(model.manifest), self.options.max_keys)
+        log.info(
+            "model swapped",
+            model_version=model.manifest.model_version,
+            state="reset" if reason else "kept",
+            reason=reason,
+        )
+        return reason is None
+
+    def process(self, records: Sequence[InputRecord], now: float | None = None) -> BatchResult:
+        """Score a batch; larger batches than `max_batch` are processed in slices of it."""
+        size = self.options.max_batch
+        if len(records) <= size:
+            return self._process(records, now)
+        return BatchResult.concatenate(
+            [self._process(records[i : i + size], now) for i in range(0, len(records), size)]
+        )
+
+    # -- one batch --------------------------------------------------------------------------
+
+    def _process(self, records: Sequence[InputRecord], now: float | None) -> BatchResult:
+        self._tick += 1
+        n = len(records)
+        decoded, dead_letters = self._decode(records)
+        result = BatchResult(
+            keys=np.full(n, None, object),
+            times=np.full(n, np.nan),
+            scores=np.full(n, np.nan),
+            statuses=np.full(n, Status.DEAD_LETTER, np.int8),
+            dead_letters=dead_letters,
+            counters=Counters(records=n, dead_letters=len(dead_letters)),
+        )
+        if decoded.index.size:
+            _Batch(self, decoded, records, now, result).run()
+        return result
+
+    def _decode(self, records: Sequence[InputRecord]) -> tuple[_Decoded, list[DeadLetter]]:
+        decode = self.model.codec.decode
+        limit = self.options.max_record_bytes
+        ids: dict[str, int] = {}
+        index: list[int] = []
+        key_ids: list[int] = []
+        times: list[float] = []
+        values: list[list[float]] = []
+        dead: list[DeadLetter] = []
+        for position, record in enumerate(records):
+            payload = record.payload
+            try:
+                if isinstance(payload, bytes | str):
+                    payload = parse_json_record(payload, limit)
+                event = decode(payload, record.key)
+            except RecordError as error:
+                dead.append(DeadLetter.of(record, error.reason, error.detail))
+                continue
+            index.append(position)
+            key_ids.append(ids.setdefault(event.key, len(ids)))
+            times.append(event.time)
+            values.append(event.values)
+        width = len(self.manifest.features)
+        decoded = _Decoded(
+            np.array(index, np.intp),
+            np.array(key_ids, np.intp),
+            list(ids),
+            np.array(times, np.float64),
+            np.array(values, np.float64).reshape(len(values), width),
+        )
+        return decoded, dead
+
+
+class _Batch:
+    """The work on one batch's decoded events; lives for one `Engine._process` call."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        decoded: _Decoded,
+        records: Sequence[InputRecord],
+        now: float | None,
+        result: BatchResult,
+    ) -> None:
+        self.engine = engine
+        self.options = engine.options
+        self.model = engine.model
+        self.manifest = engine.manifest
+        self.arena = engine.arena
+        self.decoded = decoded
+        self.records = records
+        self.now = now
+        self.result = result
+        m = decoded.index.size
+        self.raw_scores = np.full(m, np.nan, np.float32)
+        forecasts = len(self.manifest.forecast_features) if self.manifest.task == "forecast" else 0
+        self.contrib = np.zeros((m, forecasts), np.float32)
+        self.sequence = np.zeros(m, np.int64)
+        self.status = np.zeros(m, np.int8)
+        # What the classify explanation re-scores: each scored event's window (window models)
+        # or incoming state (stateful models), as a row of `inputs`.
+        self.input_row = np.full(m, -1, np.intp)
+        self.inputs: list[tuple[np.ndarray, ...]] = []
+
+    def run(self) -> None:
+        decoded, counters = self.decoded, self.result.counters
+        self.slots = self._assign_slots()
+        self.rounds = _rounds(decoded.key_ids)
+        gaps, self.restart = self._gaps()
+        counters.expired_ttl += int(self.restart.sum())
+        self.x = self.model.codec.encode(decoded.raw, self.arena.stats_row[self.slots], gaps)
+        if self.manifest.export_mode == "window":
+            self._apply_windows()
+        else:
+            self._apply_steps()
+        smoothed, opened, peaks = self._alerting()
+
+        index = decoded.index
+        result = self.result
+        result.keys[index] = np.array(decoded.keys, object)[decoded.key_ids]
+        result.times[index] = decoded.times
+        result.statuses[index] = self.status
+        result.scores[index] = smoothed
+        counters.scored += int((self.status == Status.SCORED).sum())
+        counters.warming_up += int((self.status == Status.WARMING_UP).sum())
+        counters.skipped_by_stride += int((self.status == Status.SKIPPED_BY_STRIDE).sum())
+        result.alerts = self._alerts(np.flatnonzero(opened), smoothed, peaks)
+        counters.alerts += len(result.alerts)
+
+    def _assign_slots(self) -> np.ndarray:
+        """Each event's slot: expire idle keys, look keys up, allocate (evicting) new ones."""
+        arena, decoded, tick = self.arena, self.decoded, self.engine._tick
+        counters = self.result.counters
+        ttl = self.options.key_ttl_s
+        if ttl and self.now is not None:
+            counters.expired_ttl += arena.expire(self.now - ttl, tick)
+        slots = arena.lookup(decoded.keys)
+        arena.last_seen[slots[slots >= 0]] = tick
+        if ttl and self.now is None:
+            # Keys of this batch are spared: their events restart them one by one (`_gaps`).
+            counters.expired_ttl += arena.expire(float(decoded.times.max()) - ttl, tick)
+        new = np.flatnonzero(slots < 0)
+        slots[new], evicted = arena.allocate(
+            [decoded.keys[i] for i in new.tolist()], tick, self.model.codec.statistics_rows
+        )
+        counters.evicted_lru += evicted
+        return slots[decoded.key_ids]
+
+    def _gaps(self) -> tuple[np.ndarray, np.ndarray]:
+        """Seconds since each event's previous one of its key (0 for a first event), and
+        whether the event restarts its key's history because the key was idle past the TTL."""
+        times, slots = self.decoded.times, self.slots
+        first = self.rounds.first
+        previous = np.empty_like(times)
+        ordered = self.rounds.by_key
+        previous[ordered[1:]] = times[ordered[:-1]]  # wrong for first events, fixed next
+        previous[first] = self.arena.last_time[slots[first]]
+        has_previous = np.ones(times.size, bool)
+        has_previous[first] = self.arena.count[slots[first]] > 0
+        gaps = np.where(has_previous, times - previous, 0.0)
+        ttl = self.options.key_ttl_s
+        restart = np.zeros(times.size, bool)
+        if ttl and self.now is None:
+            restart = has_previous & (gaps > ttl)
+        return np.where(restart, 0.0, gaps), restart
+
+    def _advance(self, events: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Append one event per key to the arena; the events' slots and which are scored."""
+        arena, decoded = self.arena, self.decoded
+        slots = self.slots[events]
+        restart = self.restart[events]
+        if restart.any():
+            arena.reset_sequence(slots[restart])
+        count = arena.count[slots] + 1
+        arena.count[slots] = count
+        arena.last_time[slots] = decoded.times[events]
+        arena.touched[slots] = decoded.times[events] if self.now is None else self.now
+        self.sequence[events] = count
+        history = count - self.manifest.min_history
+        status = np.where(
+            history < 0,
+            Status.WARMING_UP,
+            np.where(history % self.options.stride == 0, Status.SCORED, Status.SKIPPED_BY_STRIDE),
+        )
+        self.status[events] = status
+        return slots, status == Status.SCORED
+
+    def _apply_windows(self) -> None:
+        arena, window = self.arena, self.manifest.window
+        steps = np.arange(window)
+        scored_events, windows, lengths = [], [], []
+        for events in self.rounds:
+            slots, scored = self._advance(events)
+            count = arena.count[slots]
+            arena.ring[slots, (count - 1) % window] = self.x[events]
+            if not scored.any():
+                continue
+            slots, count = slots[scored], count[scored]
+            length = np.minimum(count, window)
+            gathered = arena.ring[slots[:, None], ((count - length)[:, None] + steps) % window]
+            gathered[steps[None, :] >= length[:, None]] = 0.0
+            scored_events.append(events[scored])
+            windows.append(gathered)
+            lengths.append(length)
+        if not scored_events:
+            return
+        events = np.concatenate(scored_events)
+        inputs = (np.concatenate(windows), np.concatenate(lengths))
+        self._store(events, self.model.score_windows(*inputs, self.options.max_batch))
+        self.input_row[events] = np.arange(events.size)
+        self.inputs = [inputs]
+
+    def _apply_steps(self) -> None:
+        arena = self.arena
+        offset = 0
+        for events in self.rounds:
+            slots, scored = self._advance(events)
+            h, c = arena.h[:, slots], arena.c[:, slots]
+            out = self.model.step(self.x[events], h, c, self.options.max_batch)
+            arena.h[:, slots] = out.h
+            arena.c[:, slots] = out.c
+            self._store(events[scored], out, scored)
+            if self.manifest.task == "classify":
+                self.input_row[events] = offset + np.arange(events.size)
+                self.inputs.append((self.x[events], h, c))
+                offset += events.size
+
+    def _store(
+        self, events: np.ndarray, out: Scores, rows: np.ndarray | slice = slice(None)
+    ) -> None:
+        self.raw_scores[events] = out.score[rows]
+        if out.contrib is not None:
+            self.contrib[events] = out.contrib[rows]
+
+    def _alerting(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Smoothed scores, episode openings and episode peaks after each event, per event."""
+        arena, options = self.arena, self.options
+        m = self.decoded.index.size
+        smoothed = np.full(m, np.nan)
+        opened = np.zeros(m, bool)
+        peaks = np.full(m, np.nan)
+        alpha, threshold = self.manifest.scoring.smoothing, self.engine.threshold
+        for events in self.rounds:
+            restart = self.restart[events]
+            if restart.any():
+                arena.reset_scores(self.slots[events[restart]])
+            events = events[self.status[events] == Status.SCORED]
+            slots = self.slots[events]
+            scores = smooth(arena, slots, self.raw_scores[events].astype(np.float64), alpha)
+            smoothed[events] = scores
+            opened[events] = advance_episodes(
+                arena, slots, scores, threshold, options.cooldown_events
+            )
+            peaks[events] = arena.peak[slots]
+        return (
+            smoothed,
+            opened,
+            _episode_peaks(self.rounds.by_key, self.decoded.key_ids, opened, peaks),
+        )
+
+    def _alerts(self, events: np.ndarray, smoothed: np.ndarray, peaks: np.ndarray) -> list[Alert]:
+        if not events.size:
+            return []
+        manifest, decoded = self.manifest, self.decoded
+        if manifest.task == "forecast":
+            kind = "forecast_error_share"
+            explanations = forecast_shares(
+                self.contrib[events], [f.name for f in manifest.forecast_features]
+            )
+        else:
+            kind = "occlusion"
+            explanations = occlusion_effects(
+                self.raw_scores[events], self._occluded(events), [f.name for f in manifest.features]
+            )
+        threshold = self.engine.threshold
+        alerts = []
+        for event, explanation in zip(events.tolist(), explanations, strict=True):
+            key = decoded.keys[decoded.key_ids[event]]
+            time = float(decoded.times[event])
+            sequence = int(self.sequence[event])
+            alerts.append(
+                Alert(
+                    alert_id=alert_id(manifest.model_version, key, time, sequence),
+                    key=key,
+                    event_time=time,
+                    sequence=sequence,
+                    score=float(smoothed[event]),
+                    peak_score=float(peaks[event]),
+                    threshold=threshold,
+                    model_version=manifest.model_version,
+                    task=manifest.task,
+                    source=self.records[decoded.index[event]].source,
+                    explanation_kind=kind,
+                    explanation=explanation,
+                )
+            )
+        return alerts
+
+    def _occluded(self, events: np.ndarray) -> np.ndarray:
+        """Scores [alerts, features] with each feature of the alert event occluded in turn."""
+        values = occlusion_values(self.manifest)
+        width = values.size
+        rows = self.input_row[events]
+        feature = np.tile(np.arange(width), rows.size)
+        max_batch = self.options.max_batch
+        if self.manifest.export_mode == "window":
+            windows, lengths = (part[rows].repeat(width, axis=0) for part in self.inputs[0])
+            windows[np.arange(windows.shape[0]), lengths - 1, feature] = values[feature]
+            score = self.model.score_windows(windows, lengths, max_batch).score
+        else:
+            x, h, c = (
+                np.concatenate([part[i] for part in self.inputs], axis=0 if i == 0 else 1)
+                for i in range(3)
+            )
+            x = x[rows].repeat(width, axis=0)
+            x[np.arange(x.shape[0]), feature] = values[feature]
+            h, c = (state[:, rows].repeat(width, axis=1) for state in (h, c))
+            score = self.model.step(x, h, c, max_batch).score
+        return score.reshape(rows.size, width)
+
+
+@dataclass(frozen=True, slots=True)
+class _Rounds:
+    """Events grouped by their rank within their key: round r holds the r-th event of each key."""
+
+    by_key: np.ndarray  # events ordered by key, then by position in the batch
+    first: np.ndarray  # each key's first event in the batch
+    order: np.ndarray  # events ordered by rank
+    bounds: np.ndarray  # round r is order[bounds[r]:bounds[r + 1]]
+
+    def __iter__(self):
+        for start, stop in zip(self.bounds[:-1].tolist(), self.bounds[1:].tolist(), strict=True):
+            yield self.order[start:stop]
+
+
+def _rounds(key_ids: np.ndarray) -> _Rounds:
+    by_key = np.argsort(key_ids, kind="stable")
+    sorted_ids = key_ids[by_key]
+    starts = np.flatnonzero(np.r_[True, sorted_ids[1:] != sorted_ids[:-1]])
+    sizes = np.diff(np.r_[starts, key_ids.size])
+    rank = np.empty(key_ids.size, np.intp)
+    rank[by_key] = np.arange(key_ids.size) - np.repeat(starts, sizes)
+    order = np.argsort(rank, kind="stable")
+    bounds = np.searchsorted(rank[order], np.arange(int(sizes.max()) + 1))
+    return _Rounds(by_key, by_key[starts], order, np.r_[bounds, key_ids.size])
+
+
+def _episode_peaks(
+    by_key: np.ndarray, key_ids: np.ndarray, opened: np.ndarray, peaks: np.ndarray
+) -> np.ndarray:
+    """For each event that opened an episode, the episode's peak at its last event in the batch.
+
+    A key's events from one opening up to its next opening (or the end of the batch) form
+    the episode's segment; the peak stored after the segment's last scored event is the
+    episode's peak within the batch (it is not changed once the episode closed).
+    """
+    ids = key_ids[by_key]
+    scored = ~np.isnan(peaks[by_key])
+    breaks = opened[by_key] | np.r_[True, ids[1:] != ids[:-1]]
+    segment = np.cumsum(breaks) - 1
+    last = np.full(int(segment[-1]) + 1, -1, np.intp)
+    np.maximum.at(last, segment[scored], np.flatnonzero(scored))
+    starts = opened[by_key]
+    result = np.full(peaks.size, np.nan)
+    result[by_key[starts]] = peaks[by_key[last[segment[starts]]]]
+    return result
+
+
+def incompatibility(old: Manifest, new: Manifest) -> str | None:
+    """Why key state kept for `old` cannot serve `new`, or None when it can."""
+    checks = {
+        "task": (old.task, new.task),
+        "export mode": (old.export_mode, new.export_mode),
+        "window": (old.window, new.window),
+        "features": (old.features, new.features),
+        "per-key statistics": (old.per_key_statistics, new.per_key_statistics),
+        "network shape": (
+            (old.network.layers, old.network.hidden, old.network.bidirectional),
+            (new.network.layers, new.network.hidden, new.network.bidirectional),
+        ),
+    }
+    changed = [name for name, (before, after) in checks.items() if before != after]
+    return f"{', '.join(changed)} changed" if changed else None

@@ -1,0 +1,138 @@
+"""Records going into the engine, where they came from, and the ones it could not score.
+
+Files are read here too, for `detector replay` and `detector produce`: CSV and Parquet
+through pyarrow, one record (a dict) per row in file order; JSON lines as the raw bytes of
+each line, so that a malformed line reaches the engine exactly as it would from Kafka and
+becomes a dead letter with the same reason.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import orjson
+import pyarrow as pa
+import pyarrow.csv
+import pyarrow.parquet
+
+FileFormat = Literal["csv", "parquet", "jsonl"]
+SUFFIXES: dict[str, FileFormat] = {
+    ".csv": "csv",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "jsonl",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """Where a record came from: a Kafka topic, partition and offset, or a file and row."""
+
+    topic: str | None = None
+    partition: int | None = None
+    offset: int | None = None
+    file: str | None = None
+    row: int | None = None
+
+    def to_dict(self) -> dict[str, str | int]:
+        return {
+            name: value
+            for name in ("topic", "partition", "offset", "file", "row")
+            if (value := getattr(self, name)) is not None
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class InputRecord:
+    """One record for the engine: JSON bytes (as read from Kafka) or an already parsed mapping.
+
+    `key` overrides the record's key column, e.g. with the Kafka message key.
+    """
+
+    payload: bytes | str | Mapping[str, Any]
+    key: str | None = None
+    source: Source | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A record that could not be scored: its original bytes and a machine-readable reason."""
+
+    payload: bytes
+    reason: str
+    detail: str
+    source: Source | None = None
+
+    @classmethod
+    def of(cls, record: InputRecord, reason: str, detail: str) -> DeadLetter:
+        return cls(payload_bytes(record.payload), reason, detail, record.source)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form: the payload as text when it is UTF-8, else as base64."""
+        document: dict[str, Any] = {"reason": self.reason, "detail": self.detail}
+        try:
+            document["payload"] = self.payload.decode()
+        except UnicodeDecodeError:
+            document["payload_base64"] = base64.b64encode(self.payload).decode()
+        if self.source is not None:
+            document["source"] = self.source.to_dict()
+        return document
+
+
+def payload_bytes(payload: bytes | str | Mapping[str, Any]) -> bytes:
+    """The payload as bytes; a mapping is serialised as JSON (anything odd as its str)."""
+    if isinstance(payload, bytes):
+        return payload
+    if isinstance(payload, str):
+        return payload.encode()
+    try:
+        return orjson.dumps(payload, default=str, option=orjson.OPT_NON_STR_KEYS)
+    except TypeError:
+        return repr(payload).encode()
+
+
+def file_format(path: Path | str, requested: FileFormat | None = None) -> FileFormat:
+    """`requested`, or the format the file's suffix names."""
+    if requested is not None:
+        return requested
+    suffix = Path(path).suffix.lower()
+    if suffix not in SUFFIXES:
+        raise ValueError(
+            f"cannot tell the format of {Path(path).name!r} from its suffix; "
+            f"pass one of {sorted(set(SUFFIXES.values()))}"
+        )
+    return SUFFIXES[suffix]
+
+
+def read_records(
+    path: Path | str, fmt: FileFormat | None = None
+) -> list[dict[str, Any]] | list[bytes]:
+    """The records of a file in file order: dicts for CSV and Parquet, raw lines for JSON lines.
+
+    Blank lines of a JSON lines file are skipped. Timestamp columns of Parquet files become
+    ISO 8601 strings, which the codec parses like any other.
+    """
+    path = Path(path)
+    match file_format(path, fmt):
+        case "jsonl":
+            with path.open("rb") as lines:
+                return [line.rstrip(b"\r\n") for line in lines if line.strip()]
+        case "csv":
+            options = pyarrow.csv.ConvertOptions(timestamp_parsers=[], strings_can_be_null=True)
+            table = pyarrow.csv.read_csv(path, convert_options=options)
+        case "parquet":
+            table = pyarrow.parquet.read_table(path)
+    return _timestamps_as_text(table).to_pylist()
+
+
+def _timestamps_as_text(table: pa.Table) -> pa.Table:
+    for index, field in enumerate(table.schema):
+        if pa.types.is_timestamp(field.type) or pa.types.is_date(field.type):
+            table = table.set_column(index, field.name, table.column(index).cast(pa.string()))
+    return table

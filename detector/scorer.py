@@ -1,0 +1,196 @@
+"""One verified model file behind an onnxruntime session.
+
+`Scorer.load` checks the model contract (`load_model_file`) before onnxruntime ever sees the
+bytes, picks the execution providers, and runs one warm-up batch so that the first real
+batch does not pay for kernel selection and memory planning.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime
+import structlog
+
+from detector.features import FeatureCodec
+from detector.manifest import (
+    INPUT_C,
+    INPUT_EVENTS,
+    INPUT_H,
+    INPUT_LENGTHS,
+    OUTPUT_C,
+    OUTPUT_CONTRIB,
+    OUTPUT_H,
+    OUTPUT_SCORE,
+    Manifest,
+    ModelContractError,
+    load_model_file,
+)
+
+log = structlog.get_logger(__name__)
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+#: Rows of the warm-up batch run at load.
+WARM_UP_ROWS = 8
+
+
+def resolve_providers(requested: Sequence[str] = ("auto",)) -> list[str]:
+    """onnxruntime providers for `requested` names; "auto" means CUDA when usable, else CPU."""
+    available = onnxruntime.get_available_providers()
+    resolved: list[str] = []
+    for name in requested:
+        if name == "auto":
+            resolved += [CUDA, CPU] if CUDA in available else [CPU]
+        elif name in available:
+            resolved.append(name)
+        else:
+            raise ValueError(f"execution provider {name!r} is not available (have {available})")
+    return list(dict.fromkeys(resolved))
+
+
+@dataclass(frozen=True, slots=True)
+class Scores:
+    """Graph outputs for a batch: score [n]; contrib [n, n_forecast] for forecast models;
+    h, c [layers, n, hidden] after the step for stateful models."""
+
+    score: np.ndarray
+    contrib: np.ndarray | None = None
+    h: np.ndarray | None = None
+    c: np.ndarray | None = None
+
+
+class Scorer:
+    """Runs a model's graph on windows or single steps, in chunks of at most `max_batch` rows."""
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        session: onnxruntime.InferenceSession,
+        source: str = "<memory>",
+    ) -> None:
+        self.manifest = manifest
+        self.session = session
+        self.source = source
+        self.codec = FeatureCodec(manifest)
+        self._outputs = [output.name for output in session.get_outputs()]
+
+    @classmethod
+    def load(
+        cls,
+        path: Path | str,
+        providers: Sequence[str] = ("auto",),
+        intra_op_threads: int = 0,
+        inter_op_threads: int = 0,
+    ) -> Scorer:
+        """Verify and load a model file; `ModelContractError` when the file is refused.
+
+        Thread counts of 0 let onnxruntime choose (one per physical core).
+        """
+        manifest, data = load_model_file(path)
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = intra_op_threads
+        options.inter_op_num_threads = inter_op_threads
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3
+        chosen = resolve_providers(providers)
+        try:
+            session = onnxruntime.InferenceSession(data, options, providers=chosen)
+        except Exception as error:  # onnxruntime raises its own unrelated exception types
+            raise ModelContractError(path, f"onnxruntime cannot load the graph: {error}") from None
+        scorer = cls(manifest, session, str(path))
+        scorer.warm_up()
+        log.info(
+            "model loaded",
+            path=str(path),
+            model_version=manifest.model_version,
+            task=manifest.task,
+            export_mode=manifest.export_mode,
+            providers=session.get_providers(),
+        )
+        return scorer
+
+    @property
+    def providers(self) -> list[str]:
+        return self.session.get_providers()
+
+    def warm_up(self) -> None:
+        """Score a batch of zeros once, so that the first real batch runs at full speed."""
+        manifest = self.manifest
+        width = len(manifest.features)
+        if manifest.export_mode == "window":
+            lengths = np.full(WARM_UP_ROWS, manifest.window, np.int64)
+            self.score_windows(
+                np.zeros((WARM_UP_ROWS, manifest.window, width), np.float32), lengths
+            )
+        else:
+            h, c = self.zero_state(WARM_UP_ROWS)
+            self.step(np.zeros((WARM_UP_ROWS, width), np.float32), h, c)
+
+    def zero_state(self, rows: int) -> tuple[np.ndarray, np.ndarray]:
+        """h and c of keys never seen before."""
+        network = self.manifest.network
+        shape = (network.layers, rows, network.hidden)
+        return np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+
+    def score_windows(self, x: np.ndarray, lengths: np.ndarray, max_batch: int = 4096) -> Scores:
+        """Scores of right-padded windows x [n, window, width] with `lengths` [n] real steps."""
+        chunks = [
+            self._run(
+                {
+                    INPUT_EVENTS: np.ascontiguousarray(x[start : start + max_batch], np.float32),
+                    INPUT_LENGTHS: np.ascontiguousarray(
+                        lengths[start : start + max_batch], np.int64
+                    ),
+                }
+            )
+            for start in range(0, len(x), max_batch)
+        ]
+        return self._join(chunks, state_axis=None)
+
+    def step(self, x: np.ndarray, h: np.ndarray, c: np.ndarray, max_batch: int = 4096) -> Scores:
+        """One event per key, x [n, width], from the keys' states h, c [layers, n, hidden]."""
+        chunks = [
+            self._run(
+                {
+                    INPUT_EVENTS: np.ascontiguousarray(x[start : start + max_batch], np.float32),
+                    INPUT_H: np.ascontiguousarray(h[:, start : start + max_batch], np.float32),
+                    INPUT_C: np.ascontiguousarray(c[:, start : start + max_batch], np.float32),
+                }
+            )
+            for start in range(0, len(x), max_batch)
+        ]
+        return self._join(chunks, state_axis=1)
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(self._outputs, self.session.run(None, feeds), strict=True))
+
+    def _join(self, chunks: list[dict[str, np.ndarray]], state_axis: int | None) -> Scores:
+        if not chunks:
+            return self._empty()
+        if len(chunks) == 1:
+            out = chunks[0]
+        else:
+            out = {
+                name: np.concatenate(
+                    [chunk[name] for chunk in chunks],
+                    axis=state_axis if name in (OUTPUT_H, OUTPUT_C) else 0,
+                )
+                for name in self._outputs
+            }
+        return Scores(
+            out[OUTPUT_SCORE], out.get(OUTPUT_CONTRIB), out.get(OUTPUT_H), out.get(OUTPUT_C)
+        )
+
+    def _empty(self) -> Scores:
+        contrib = (
+            np.zeros((0, len(self.manifest.forecast_features)), np.float32)
+            if self.manifest.task == "forecast"
+            else None
+        )
+        stateful = self.manifest.export_mode == "stateful"
+        h, c = self.zero_state(0) if stateful else (None, None)
+        return Scores(np.zeros(0, np.float32), contrib, h, c)
