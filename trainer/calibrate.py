@@ -1,0 +1,118 @@
+"""Choosing the alert threshold on the validation split, and the per-key smoothing it assumes.
+
+An event alerts when its (smoothed) score is at or above the threshold, as in
+`trainer.metrics`. Pure numpy.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from trainer.metrics import precision_recall_curve, roc_curve
+
+
+class CalibrationError(ValueError):
+    """The validation split cannot support the configured threshold method."""
+
+
+def calibrate(
+    scores: np.ndarray,
+    labels: np.ndarray | None,
+    method: str,
+    target: float | None,
+) -> tuple[float, str]:
+    """(threshold, description for `manifest.scoring.calibration`)."""
+    scores = np.asarray(scores, np.float64)
+    if not scores.size:
+        raise CalibrationError("no validation windows to calibrate the threshold on")
+    if method == "quantile":
+        return quantile_threshold(scores, labels, _require(target, method))
+    if labels is None:
+        raise CalibrationError(f"threshold method {method!r} needs labels")
+    labels = np.asarray(labels, bool)
+    if not labels.any():
+        raise CalibrationError(
+            f"the validation split has no positive events; {method!r} cannot be calibrated "
+            "(use method 'quantile' or a larger validation split)"
+        )
+    if method == "max_f1":
+        return max_f1_threshold(scores, labels)
+    if method == "precision":
+        return precision_threshold(scores, labels, _require(target, method))
+    if method == "fpr":
+        return fpr_threshold(scores, labels, _require(target, method))
+    raise ValueError(f"unknown threshold method {method!r}")
+
+
+def max_f1_threshold(scores: np.ndarray, labels: np.ndarray) -> tuple[float, str]:
+    precision, recall, thresholds = precision_recall_curve(labels, scores)
+    f1 = np.divide(
+        2 * precision * recall,
+        precision + recall,
+        out=np.zeros_like(precision),
+        where=precision + recall > 0,
+    )
+    best = int(np.argmax(f1))
+    return float(thresholds[best]), f"max_f1: validation F1={f1[best]:.3f}"
+
+
+def precision_threshold(scores: np.ndarray, labels: np.ndarray, target: float) -> tuple[float, str]:
+    """The lowest threshold (most recall) whose precision reaches `target`.
+
+    When none does, the threshold of the best precision, and the description says so.
+    """
+    precision, recall, thresholds = precision_recall_curve(labels, scores)
+    reached = np.flatnonzero(precision >= target)
+    if reached.size:
+        best = int(reached[-1])
+        return float(thresholds[best]), (
+            f"precision>={target:g}: validation recall={recall[best]:.3f}"
+        )
+    best = int(np.argmax(precision))
+    return float(thresholds[best]), (
+        f"precision>={target:g} unreachable; best validation precision={precision[best]:.3f}"
+    )
+
+
+def fpr_threshold(scores: np.ndarray, labels: np.ndarray, target: float) -> tuple[float, str]:
+    """The lowest threshold whose false-positive rate stays at or below `target`."""
+    fpr, tpr, thresholds = roc_curve(labels, scores)
+    best = int(np.flatnonzero(fpr <= target)[-1])  # fpr[0] == 0, so there is one
+    threshold = float(thresholds[best])
+    if not np.isfinite(threshold):  # only "alert on nothing" qualifies: just above the top
+        threshold = float(np.nextafter(scores.max(), np.inf))
+    return threshold, f"fpr<={target:g}: validation recall={tpr[best]:.3f}"
+
+
+def quantile_threshold(
+    scores: np.ndarray, labels: np.ndarray | None, quantile: float
+) -> tuple[float, str]:
+    """The `quantile` of the scores of normal events (label 0, or all without labels)."""
+    normal = scores if labels is None else scores[~np.asarray(labels, bool)]
+    if not normal.size:
+        raise CalibrationError("the validation split has no normal events")
+    return float(np.quantile(normal, quantile)), f"quantile={quantile:g}"
+
+
+def smooth_per_key(scores: np.ndarray, keys: np.ndarray, alpha: float) -> np.ndarray:
+    """EWMA of successive scores within each key, as the detector smooths them.
+
+    `scores` must be in event order within each key; each key starts from its first score.
+    """
+    scores = np.asarray(scores, np.float64)
+    if alpha >= 1.0 or not scores.size:
+        return scores
+    smoothed = np.empty_like(scores)
+    # The recurrence is sequential by nature; one pass over the validation scores is cheap.
+    starts = np.r_[True, keys[1:] != keys[:-1]]
+    previous = 0.0
+    for i, (score, first) in enumerate(zip(scores.tolist(), starts.tolist(), strict=True)):
+        previous = score if first else alpha * score + (1 - alpha) * previous
+        smoothed[i] = previous
+    return smoothed
+
+
+def _require(target: float | None, method: str) -> float:
+    if target is None:
+        raise CalibrationError(f"threshold method {method!r} needs a target")
+    return target

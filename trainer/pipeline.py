@@ -1,0 +1,260 @@
+"""End to end: data files and a configuration in, one verified model file and its metrics out."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from detector import __version__
+from detector.manifest import Manifest, Scoring, TrainingSummary, write_model
+from trainer.calibrate import calibrate, smooth_per_key
+from trainer.config import TrainConfig
+from trainer.data import SPLIT_NAMES, TEST, TRAIN, VALIDATION, Events, Windows, load_events
+from trainer.export import build_onnx, check_parity, onnx_scores, quantize_model
+from trainer.fit import (
+    History,
+    distributed_context,
+    fit,
+    fit_residual_variance,
+    predict,
+    resolve_device,
+    seed_everything,
+)
+from trainer.metrics import at_threshold, average_precision, roc_auc
+from trainer.network import SequenceNet
+
+#: Validation windows the exported graph is checked against torch on.
+PARITY_WINDOWS = 512
+
+
+@dataclass(frozen=True)
+class SplitScores:
+    """Scores of one split's windows, as the detector would alert on them (smoothed)."""
+
+    scores: np.ndarray
+    labels: np.ndarray | None
+    keys: np.ndarray
+    times: np.ndarray
+    #: forecast only: squared scaled error per forecast feature [n, n_forecast].
+    contrib: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What `train` produced: enough for `trainer.report` to plot and describe the model."""
+
+    manifest: Manifest
+    model_path: Path
+    metrics_path: Path
+    history: History
+    validation: SplitScores
+    test: SplitScores
+    metrics: dict
+
+
+def train(
+    config: TrainConfig,
+    data_paths: list[Path],
+    out: Path,
+    *,
+    epochs: int | None = None,
+    int8: bool = False,
+    progress: bool = True,
+) -> TrainResult | None:
+    """Load, split, fit statistics, train, calibrate, export with a parity check, write metrics.
+
+    Under torchrun every rank trains its shard; only rank 0 calibrates and writes, and the
+    other ranks return None.
+    """
+    out = Path(out)
+    if epochs is not None:
+        config = config.model_copy(
+            update={"training": config.training.model_copy(update={"epochs": epochs})}
+        )
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+    events = load_events(config, data_paths)
+    timings["load_seconds"] = time.perf_counter() - clock
+
+    device = resolve_device(config.training.device)
+    seed_everything(config.training.seed, device)
+    net = SequenceNet.from_manifest(events.manifest)
+    train_windows = events.windows(TRAIN).sample(config.training.max_windows, config.training.seed)
+    validation_windows = events.windows(VALIDATION)
+    clock = time.perf_counter()
+    with distributed_context(device) as distributed:
+        history = fit(
+            net,
+            train_windows,
+            validation_windows,
+            config.training,
+            device=device,
+            distributed=distributed,
+            progress=progress,
+        )
+    timings["train_seconds"] = time.perf_counter() - clock
+    if not distributed.is_main:
+        return None
+    if net.task == "forecast":
+        fit_residual_variance(net, train_windows, device)
+
+    clock = time.perf_counter()
+    validation = _split_scores(net, validation_windows, device, config)
+    test = _split_scores(net, events.windows(TEST), device, config)
+    threshold, description = calibrate(
+        validation.scores,
+        validation.labels,
+        config.threshold.method,
+        config.threshold.resolved_target,
+    )
+    timings["calibrate_seconds"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    manifest = events.manifest
+    model = build_onnx(net, manifest)
+    parity_set = validation_windows if len(validation_windows) else train_windows
+    parity_set = parity_set.sample(PARITY_WINDOWS, config.training.seed)
+    parity = check_parity(model, net, manifest, *parity_set.arrays(), path=out)
+    quantisation = None
+    if int8:
+        model, validation, test, threshold, description, quantisation = _quantise(
+            model, manifest, config, validation_windows, events.windows(TEST), validation, threshold
+        )
+    metrics = {
+        "validation": _split_metrics(validation, threshold, history.best_validation_loss),
+        "test": _split_metrics(test, threshold, None),
+    }
+    manifest = manifest.model_copy(
+        update={
+            "scoring": Scoring(
+                semantics=manifest.scoring.semantics,
+                threshold=threshold,
+                calibration=description,
+                smoothing=config.threshold.smoothing,
+            ),
+            "training": _summary(events, metrics),
+            "trainer_version": __version__,
+        }
+    )
+    manifest = write_model(model, manifest, out)
+    timings["export_seconds"] = time.perf_counter() - clock
+
+    report = {
+        "model": out.name,
+        "model_version": manifest.model_version,
+        "task": manifest.task,
+        "export_mode": manifest.export_mode,
+        "threshold": threshold,
+        "calibration": description,
+        "parity_max_difference": parity,
+        "int8": quantisation,
+        "windows": {
+            name: len(events.windows(split))
+            for name, split in zip(SPLIT_NAMES, (TRAIN, VALIDATION, TEST), strict=True)
+        },
+        "trained_windows": len(train_windows),
+        "metrics": metrics,
+        "history": [asdict(record) for record in history.epochs],
+        "best_epoch": history.best_epoch,
+        "stopped_early": history.stopped_early,
+        "timings": timings,
+    }
+    metrics_path = out.with_name("metrics.json")
+    metrics_path.write_text(json.dumps(report, indent=2, allow_nan=False, default=_finite) + "\n")
+    return TrainResult(manifest, out, metrics_path, history, validation, test, report)
+
+
+def _split_scores(
+    net: SequenceNet, windows: Windows, device: torch.device, config: TrainConfig
+) -> SplitScores:
+    out = predict(net, windows, device)
+    contrib = None if out.contrib is None else out.contrib.numpy()
+    return _scored(windows, out.score.numpy(), contrib, config)
+
+
+def _scored(
+    windows: Windows, scores: np.ndarray, contrib: np.ndarray | None, config: TrainConfig
+) -> SplitScores:
+    keys = windows.keys
+    smoothed = smooth_per_key(scores, keys, config.threshold.smoothing)
+    return SplitScores(smoothed, windows.labels, keys, windows.times, contrib)
+
+
+def _quantise(
+    model: onnx.ModelProto,
+    manifest: Manifest,
+    config: TrainConfig,
+    validation_windows: Windows,
+    test_windows: Windows,
+    validation: SplitScores,
+    threshold: float,
+) -> tuple[onnx.ModelProto, SplitScores, SplitScores, float, str, dict]:
+    """The int8 model, its scores, a threshold recalibrated on them, and what changed."""
+    quantized = quantize_model(model)
+    scored = [
+        _scored(windows, *onnx_scores(quantized, manifest, *windows.arrays()), config)
+        for windows in (validation_windows, test_windows)
+    ]
+    new_threshold, description = calibrate(
+        scored[0].scores,
+        scored[0].labels,
+        config.threshold.method,
+        config.threshold.resolved_target,
+    )
+    change = {
+        "max_abs_validation_score_change": float(
+            np.max(np.abs(scored[0].scores - validation.scores), initial=0.0)
+        ),
+        "float_threshold": threshold,
+        "int8_threshold": new_threshold,
+        "float_bytes": model.ByteSize(),
+        "int8_bytes": quantized.ByteSize(),
+    }
+    if validation.labels is not None and validation.labels.any():
+        change["float_validation_auprc"] = average_precision(validation.labels, validation.scores)
+        change["int8_validation_auprc"] = average_precision(scored[0].labels, scored[0].scores)
+    return quantized, scored[0], scored[1], new_threshold, description, change
+
+
+def _split_metrics(split: SplitScores, threshold: float, loss: float | None) -> dict[str, float]:
+    metrics: dict[str, float] = {"windows": float(len(split.scores))}
+    if loss is not None:
+        metrics["loss"] = loss
+    if split.scores.size:
+        metrics["alert_rate"] = float(np.mean(split.scores >= threshold))
+    if split.labels is not None and split.scores.size:
+        metrics["auprc"] = average_precision(split.labels, split.scores)
+        metrics["auroc"] = roc_auc(split.labels, split.scores)
+        metrics |= at_threshold(split.labels, split.scores, threshold).to_dict()
+    return {name: float(value) for name, value in metrics.items() if math.isfinite(value)}
+
+
+def _summary(events: Events, metrics: dict) -> TrainingSummary:
+    training = events.split == TRAIN
+    times = events.times[training]
+    labels = events.labels
+    return TrainingSummary(
+        rows=int(training.sum()),
+        keys=len(np.unique(events.keys[training])),
+        positives=None if labels is None else int(labels[training].sum()),
+        time_range=(float(times.min()), float(times.max())),
+        metrics={
+            f"{split}_{name}": value
+            for split, values in metrics.items()
+            for name, value in values.items()
+        },
+    )
+
+
+def _finite(value: object) -> object:
+    """JSON fallback for numpy scalars."""
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
