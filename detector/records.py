@@ -9,7 +9,7 @@ becomes a dead letter with the same reason.
 from __future__ import annotations
 
 import base64
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -111,12 +111,15 @@ def file_format(path: Path | str, requested: FileFormat | None = None) -> FileFo
 
 
 def read_records(
-    path: Path | str, fmt: FileFormat | None = None
+    path: Path | str, fmt: FileFormat | None = None, numeric_columns: Collection[str] = ()
 ) -> list[dict[str, Any]] | list[bytes]:
     """The records of a file in file order: dicts for CSV and Parquet, raw lines for JSON lines.
 
     Blank lines of a JSON lines file are skipped. Timestamp columns of Parquet files become
-    ISO 8601 strings, which the codec parses like any other.
+    ISO 8601 strings, which the codec parses like any other. CSV cells have no type: pyarrow
+    types a column by all its cells, so one malformed cell turns a column of numbers into
+    text; the cells of `numeric_columns` that read as numbers are numbers again, so that only
+    the malformed record is refused.
     """
     path = Path(path)
     match file_format(path, fmt):
@@ -126,9 +129,26 @@ def read_records(
         case "csv":
             options = pyarrow.csv.ConvertOptions(timestamp_parsers=[], strings_can_be_null=True)
             table = pyarrow.csv.read_csv(path, convert_options=options)
+            texts = [
+                name
+                for name in numeric_columns
+                if name in table.column_names and pa.types.is_string(table.schema.field(name).type)
+            ]
+            return _numbers_from_text(table.to_pylist(), texts)
         case "parquet":
-            table = pyarrow.parquet.read_table(path)
-    return _timestamps_as_text(table).to_pylist()
+            return _timestamps_as_text(pyarrow.parquet.read_table(path)).to_pylist()
+
+
+def _numbers_from_text(rows: list[dict[str, Any]], columns: list[str]) -> list[dict[str, Any]]:
+    for row in rows if columns else ():
+        for column in columns:
+            text = row[column]
+            if text is not None:
+                try:
+                    row[column] = float(text)
+                except ValueError:
+                    continue
+    return rows
 
 
 def _timestamps_as_text(table: pa.Table) -> pa.Table:

@@ -1,0 +1,102 @@
+"""`detector inspect-model`: what a model file holds and how this machine would run it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from detector.manifest import (
+    CategoricalFeature,
+    Feature,
+    Manifest,
+    ModelContractError,
+    NumericFeature,
+    load_model_file,
+)
+from detector.scorer import resolve_providers
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "inspect-model",
+        help="show a model's manifest and the execution providers that would run it",
+        description="Verify a model file and show its manifest.",
+    )
+    parser.add_argument("model", type=Path, help="model file (.onnx)")
+    parser.add_argument("--json", action="store_true", help="print JSON for machines")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        manifest, _ = load_model_file(args.model)
+    except ModelContractError as error:
+        Console(stderr=True).print(f"[red]refused model:[/red] {error}")
+        return 2
+    providers = resolve_providers()
+    if args.json:
+        document = {
+            "model_version": manifest.model_version,
+            "providers": providers,
+            "manifest": json.loads(manifest.to_json()),
+        }
+        print(json.dumps(document, indent=2))
+        return 0
+    console = Console()
+    console.print(overview(manifest, providers))
+    console.print(features(manifest))
+    return 0
+
+
+def overview(manifest: Manifest, providers: list[str]) -> Table:
+    network, scoring, training = manifest.network, manifest.scoring, manifest.training
+    table = Table(title=f"model {manifest.model_version}", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    rows = {
+        "task": manifest.task,
+        "export mode": manifest.export_mode,
+        "key / time columns": f"{manifest.columns.key} / {manifest.columns.time} "
+        f"({manifest.columns.time_unit})",
+        "window / min history": f"{manifest.window} / {manifest.min_history}",
+        "network": f"LSTM {network.layers}x{network.hidden}"
+        + (" bidirectional" if network.bidirectional else "")
+        + (" layer-norm" if network.layer_norm else ""),
+        "score": scoring.semantics,
+        "threshold": f"{scoring.threshold:.6g} ({scoring.calibration})",
+        "smoothing": f"{scoring.smoothing:g}",
+        "per-key statistics": f"{len(manifest.per_key_statistics or {})} keys",
+        "trained on": f"{training.rows:,} rows, {training.keys:,} keys",
+        "metrics": ", ".join(f"{k}={v:.4g}" for k, v in training.metrics.items()) or "-",
+        "created": f"{manifest.created_at:%Y-%m-%d %H:%M:%S %Z} by {manifest.trainer_version}",
+        "graph sha256": manifest.graph_sha256,
+        "providers": ", ".join(providers),
+    }
+    for name, value in rows.items():
+        table.add_row(name, value)
+    return table
+
+
+def features(manifest: Manifest) -> Table:
+    table = Table(title="features")
+    for column in ("#", "name", "kind", "details"):
+        table.add_column(column)
+    for index, feature in enumerate(manifest.features):
+        table.add_row(str(index), feature.name, feature.kind, describe(feature))
+    return table
+
+
+def describe(feature: Feature) -> str:
+    if isinstance(feature, CategoricalFeature):
+        return (
+            f"{len(feature.vocabulary)} labels, embedding {feature.embedding_dim}, "
+            f"missing: {feature.missing}"
+        )
+    text = f"mean {feature.mean:.4g}, std {feature.std:.4g}"
+    if isinstance(feature, NumericFeature):
+        text += f", missing: {feature.missing}" + (", forecast" if feature.forecast else "")
+    return text
