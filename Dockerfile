@@ -1,0 +1,79 @@
+# syntax=docker/dockerfile:1
+#
+# seqsentinel images. Every Python install step is deploy/install.sh, which the tests run without
+# Docker.
+#
+#   docker build -t seqsentinel-detector .                                  # runtime (default)
+#   docker build --target trainer -t seqsentinel-trainer .                  # adds torch
+#   docker build --build-arg VARIANT=gpu -t seqsentinel-detector:gpu .      # CUDA, onnxruntime-gpu
+#
+# The runtime runs as uid 10001 with a read-only root: it writes only under /tmp and reads its
+# model from /models (mount a volume there), e.g.
+#   docker run --read-only --tmpfs /tmp -v models:/models:ro --env-file detector.env seqsentinel-detector
+
+# cpu or gpu: picks the base image and the onnxruntime package.
+ARG VARIANT=cpu
+ARG CPU_BASE_IMAGE=python:3.11-slim-bookworm
+ARG GPU_BASE_IMAGE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04
+
+FROM ${CPU_BASE_IMAGE} AS base-cpu
+
+FROM ${GPU_BASE_IMAGE} AS base-gpu
+# CUDA images carry no Python: Ubuntu's own, with venv for the install step. Its version follows
+# the pinned base image, so the packages are not pinned again.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install --yes --no-install-recommends python3 python3-venv \
+    && rm -rf /var/lib/apt/lists/*
+
+# What both images share: the service user and the folders it may write. base-cpu and base-gpu are
+# stages of this file, tagged through the ARGs above.
+# hadolint ignore=DL3006
+FROM base-${VARIANT} AS base
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    HOME=/tmp \
+    PATH=/opt/seqsentinel/bin:$PATH
+RUN groupadd --system --gid 10001 seqsentinel \
+    && useradd --system --uid 10001 --gid 10001 --home-dir /tmp --no-create-home \
+        --shell /usr/sbin/nologin seqsentinel \
+    && install --directory --owner 10001 --group 10001 /models
+
+# Builds the virtual environment; only /opt/seqsentinel leaves this stage.
+FROM base AS build
+ARG VARIANT
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY detector/ detector/
+COPY trainer/ trainer/
+COPY deploy/install.sh deploy/install.sh
+
+FROM build AS build-runtime
+RUN deploy/install.sh --runtime --variant "${VARIANT}" --venv /opt/seqsentinel
+
+FROM build AS build-trainer
+RUN deploy/install.sh --trainer --variant "${VARIANT}" --venv /opt/seqsentinel
+
+# `trainer retrain` in the retraining job; writes the promoted model under /models.
+FROM base AS trainer
+COPY --from=build-trainer /opt/seqsentinel /opt/seqsentinel
+ENV MPLCONFIGDIR=/tmp/matplotlib
+USER 10001:10001
+WORKDIR /tmp
+ENTRYPOINT ["trainer"]
+CMD ["--help"]
+
+# The detector daemon: no torch, onnxruntime only. Last, so that it is the default target.
+FROM base AS runtime
+COPY --from=build-runtime /opt/seqsentinel /opt/seqsentinel
+ENV SEQSENTINEL_MODEL__PATH=/models/model.onnx
+USER 10001:10001
+WORKDIR /tmp
+EXPOSE 8080
+# Python's standard library only: slim images have no curl. A non-2xx answer or no answer fails.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
+    CMD ["python3", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('SEQSENTINEL_HTTP__PORT', '8080') + '/healthz', timeout=4)"]
+ENTRYPOINT ["detector"]
+CMD ["run"]
