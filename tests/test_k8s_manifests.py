@@ -24,7 +24,10 @@ yaml = pytest.importorskip("yaml", reason="PyYAML (a test-only dependency) is no
 K8S = Path(__file__).resolve().parents[1] / "deploy" / "k8s"
 BASE = K8S / "base"
 OVERLAYS = {name: K8S / "overlays" / name for name in ("cpu", "gpu")}
-SERVICE_UID = 10001
+#: The uid the detector image runs as (its last USER): pods must use the same for the volumes.
+SERVICE_UID = int(
+    re.findall(r"^USER (\d+):", (K8S.parents[1] / "Dockerfile").read_text(), re.M)[-1]
+)
 GPU = "nvidia.com/gpu"
 
 Resource = dict[str, Any]
