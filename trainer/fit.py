@@ -97,11 +97,13 @@ def resolve_device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
-def seed_everything(seed: int, device: torch.device) -> None:
-    """Fixed seeds and deterministic kernels: two CPU runs give identical weights."""
+def seed_everything(seed: int) -> None:
+    """Fixed seeds: initial weights, dropout and shuffling repeat exactly on the CPU.
+
+    The CPU kernels used here (LSTM, linear, embedding) are deterministic already, so the
+    costly global `torch.use_deterministic_algorithms` switch is not needed; a test holds it.
+    """
     torch.manual_seed(seed)
-    if device.type == "cpu":
-        torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def fit(
@@ -116,7 +118,7 @@ def fit(
 ) -> History:
     """Train `net` in place; on return it holds the weights of the best validation epoch."""
     net.to(device)
-    loss_fn = _loss_function(net.task, config, train.labels)
+    loss_fn = make_loss(net.task, config, train.labels)
     model: nn.Module = net
     if distributed.enabled:
         model = DistributedDataParallel(
@@ -217,7 +219,7 @@ def fit_residual_variance(net: SequenceNet, windows: Windows, device: torch.devi
 def evaluate_loss(
     net: SequenceNet,
     windows: Windows,
-    loss_fn: _Loss,
+    loss_fn: Loss,
     device: torch.device,
 ) -> float:
     """The training loss on `windows`, in evaluation mode (no dropout)."""
@@ -231,7 +233,7 @@ def evaluate_loss(
     return total / max(len(windows), 1)
 
 
-class _Loss:
+class Loss:
     """Classify: BCE with logits (positive-weighted) or focal loss; forecast: MSE."""
 
     def __init__(self, task: str, kind: str, gamma: float, pos_weight: float) -> None:
@@ -252,7 +254,7 @@ class _Loss:
         return weighted.mean()
 
 
-def _loss_function(task: str, config: TrainingConfig, labels: np.ndarray | None) -> _Loss:
+def make_loss(task: str, config: TrainingConfig, labels: np.ndarray | None) -> Loss:
     pos_weight = 1.0
     if task == "classify":
         positives = float(labels.sum()) if labels is not None else 0.0
@@ -260,7 +262,7 @@ def _loss_function(task: str, config: TrainingConfig, labels: np.ndarray | None)
             pos_weight = (len(labels) - positives) / positives if positives else 1.0
         else:
             pos_weight = float(config.pos_weight)
-    return _Loss(task, config.loss, config.focal_gamma, pos_weight)
+    return Loss(task, config.loss, config.focal_gamma, pos_weight)
 
 
 def _batch(

@@ -84,7 +84,7 @@ def train(
     timings["load_seconds"] = time.perf_counter() - clock
 
     device = resolve_device(config.training.device)
-    seed_everything(config.training.seed, device)
+    seed_everything(config.training.seed)
     net = SequenceNet.from_manifest(events.manifest)
     train_windows = events.windows(TRAIN).sample(config.training.max_windows, config.training.seed)
     validation_windows = events.windows(VALIDATION)
