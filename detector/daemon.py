@@ -1,0 +1,591 @@
+"""The `detector run` daemon: poll a micro-batch, score it, publish, and only then commit.
+
+One thread does the Kafka work. Each round it takes a new model if the watcher has one ready,
+collects records until `batching.max_batch` or `batching.max_latency_ms`, hands their raw
+bytes to the engine, sends the alerts and dead letters, waits until the broker acknowledged
+every one of them, and then commits the offsets they cover. Nothing is committed that is not
+acknowledged, so a crash or an outage at any point repeats work (alerts with the same
+`alert_id`) but loses none.
+
+kafka-python 3 runs the consumer's network I/O, and the rebalance listener, on its own
+thread, and only while this thread waits in `poll()` or `close()`; the listener may therefore
+finish and commit the batch in hand without locks, but must not call the consumer's
+blocking methods (it awaits `commit_async` instead).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import orjson
+import structlog
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.consumer.subscription_state import AsyncConsumerRebalanceListener
+from kafka.errors import CommitFailedError, KafkaError
+from kafka.future import Future
+from kafka.structs import OffsetAndMetadata
+
+from detector.alerts import Alert
+from detector.config import Settings
+from detector.engine import Counters, Engine, EngineOptions
+from detector.kafka_io import TopicError, ensure_topics, make_admin, make_consumer, make_producer
+from detector.logs import bind_model_version
+from detector.manifest import ModelContractError
+from detector.model_watch import ModelWatcher, load_scorer
+from detector.ops_http import Health, OpsServer
+from detector.records import DeadLetter, InputRecord, Source
+from detector.scorer import Scorer
+from detector.systemd import SystemdNotifier
+from detector.telemetry import Metrics
+
+__all__ = ["CRASH_BEFORE_COMMIT_ENV", "Daemon", "engine_options"]
+
+log = structlog.get_logger(__name__)
+
+#: How long an idle poll waits; bounds how late a stop request or a new model is noticed.
+IDLE_POLL_MS = 200
+#: One wait for acknowledgements; the wait is repeated until they come (or shutdown ends).
+FLUSH_STEP_S = 1.0
+COMMIT_TIMEOUT_MS = 5_000
+PROBE_INTERVAL_S = 2.0
+PROBE_TIMEOUT_MS = 2_000
+STATUS_INTERVAL_S = 10.0
+#: Fault injection for the crash test only: when "1", the process kills itself (SIGKILL)
+#: right before its first offset commit, after that batch's alerts were acknowledged.
+CRASH_BEFORE_COMMIT_ENV = "SEQSENTINEL_TESTING_CRASH_BEFORE_COMMIT"
+EXIT_OK, EXIT_FAILURE = 0, 1
+
+
+def engine_options(settings: Settings) -> EngineOptions:
+    return EngineOptions(
+        max_batch=settings.batching.max_batch,
+        max_keys=settings.state.max_keys,
+        key_ttl_s=settings.state.key_ttl_s,
+        stride=settings.scoring.stride,
+        threshold=settings.scoring.threshold,
+        cooldown_events=settings.scoring.cooldown_events,
+        max_record_bytes=settings.scoring.max_record_bytes,
+    )
+
+
+class Outgoing(NamedTuple):
+    """One message to publish: an alert or a dead letter."""
+
+    topic: str
+    key: bytes | None
+    value: bytes
+    headers: list[tuple[str, bytes]]
+    alert: Alert | None = None
+
+
+def alert_message(topic: str, alert: Alert) -> Outgoing:
+    return Outgoing(topic, alert.key.encode(), orjson.dumps(alert.to_dict()), [], alert)
+
+
+def dead_letter_message(topic: str, letter: DeadLetter) -> Outgoing:
+    """The original bytes, untouched, with why and where from in the headers."""
+    source = letter.source or Source()
+    headers = [("reason", letter.reason.encode()), ("detail", letter.detail.encode())]
+    headers += [
+        (f"source_{name}", str(value).encode())
+        for name, value in (
+            ("topic", source.topic),
+            ("partition", source.partition),
+            ("offset", source.offset),
+        )
+        if value is not None
+    ]
+    return Outgoing(topic, None, letter.payload, headers)
+
+
+@dataclass
+class InHand:
+    """Records polled but not processed, and offsets processed and acknowledged but not
+    committed: together, what a revocation or a shutdown must settle."""
+
+    records: list[InputRecord] = field(default_factory=list)
+    polled: dict[TopicPartition, int] = field(default_factory=dict)  # next offset
+    acked: dict[TopicPartition, int] = field(default_factory=dict)
+
+    def add(self, polled: dict[TopicPartition, list[Any]], keyed: bool) -> None:
+        """Polled messages as engine records; `keyed`: the message key is the entity key."""
+        records = self.records
+        for partition, messages in polled.items():
+            topic, number = partition.topic, partition.partition
+            records += [
+                InputRecord(
+                    message.value,
+                    message.key.decode(errors="replace") if keyed and message.key else None,
+                    Source(topic, number, message.offset),
+                )
+                for message in messages
+            ]
+            self.polled[partition] = messages[-1].offset + 1
+
+    def drop(self, partitions: Iterable[TopicPartition]) -> None:
+        """Forget lost partitions: their new owner processes them from the committed offset."""
+        lost = set(partitions)
+        self.records = [
+            record
+            for record in self.records
+            if record.source is None
+            or TopicPartition(record.source.topic, record.source.partition) not in lost
+        ]
+        for offsets in (self.polled, self.acked):
+            for partition in lost:
+                offsets.pop(partition, None)
+
+
+class Backoff:
+    """Exponential delays between retries, reset after a success."""
+
+    def __init__(self, first: float = 0.2, most: float = 5.0) -> None:
+        self.first, self.most = first, most
+        self.delay = first
+
+    def next(self) -> float:
+        delay, self.delay = self.delay, min(self.delay * 2, self.most)
+        return delay
+
+    def reset(self) -> None:
+        self.delay = self.first
+
+
+class Daemon:
+    """Consumes `topics.input`, publishes to `topics.alerts` and `topics.dead_letters`."""
+
+    def __init__(self, settings: Settings, notifier: SystemdNotifier | None = None) -> None:
+        self.settings = settings
+        self.notifier = notifier or SystemdNotifier.from_environment()
+        self.metrics = Metrics()
+        self.health = Health()
+        self.ops = OpsServer(settings.http.host, settings.http.port, self.health, self.metrics)
+        self.engine: Engine | None = None
+        self.watcher: ModelWatcher | None = None
+        self.consumer: KafkaConsumer | None = None
+        self.producer: KafkaProducer | None = None
+        self.in_hand = InHand()
+        self.totals = Counters()
+        self._stop = threading.Event()
+        self._stop_by: float | None = None
+        self._keyed = settings.kafka.key_field is None
+        self._crash_before_commit = os.environ.get(CRASH_BEFORE_COMMIT_ENV) == "1"
+        self._commit_backoff = Backoff()
+        self._next_commit = 0.0
+        self._next_probe = 0.0
+        self._next_status = 0.0
+        self._next_watchdog = 0.0
+        self._watchdog_interval = self.notifier.watchdog_interval()
+        self._announced_ready = False
+
+    # -- control, from signal handlers ---------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """Finish the batch in hand, commit and leave; `processing.shutdown_timeout_s` from now."""
+        if not self._stop.is_set():
+            self._stop_by = time.monotonic() + self.settings.processing.shutdown_timeout_s
+            self._stop.set()
+
+    def request_reload(self) -> None:
+        if self.watcher is not None:
+            self.watcher.request()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def _out_of_time(self) -> bool:
+        return self._stop_by is not None and time.monotonic() >= self._stop_by
+
+    # -- life cycle --------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Serve until asked to stop; the exit status (0: everything processed was committed)."""
+        log.info("starting", settings=self.settings.masked())
+        self.ops.start()
+        log.info("ops endpoints listening", host=self.settings.http.host, port=self.ops.port)
+        try:
+            failure = self._start()
+            if failure is not None:
+                return failure
+            while not self._stop.is_set():
+                self._round()
+            return self._shutdown()
+        finally:
+            if self.watcher is not None:
+                self.watcher.stop()
+            self.ops.stop()
+            self.notifier.close()
+
+    def _start(self) -> int | None:
+        """Load the model, then connect; an exit status when the daemon cannot serve."""
+        if self.settings.processing.guarantee != "at_least_once":
+            log.error(
+                "processing.guarantee exactly_once is not supported yet; use at_least_once "
+                "(alerts carry deterministic alert_id values for de-duplication)"
+            )
+            return EXIT_FAILURE
+        try:
+            scorer = load_scorer(self.settings.model)
+            self.engine = Engine(scorer, engine_options(self.settings))
+        except (ModelContractError, ValueError) as error:
+            log.error("cannot serve the model", error=str(error))
+            return EXIT_FAILURE
+        self._serving(scorer)
+        self.watcher = ModelWatcher(
+            self.settings.model, scorer.manifest.model_version, self._model_refused
+        )
+        self.watcher.start()
+        try:
+            self._connect()
+        except TopicError as error:
+            log.error("cannot start", error=str(error))
+            return EXIT_FAILURE
+        return None
+
+    def _serving(self, scorer: Scorer) -> None:
+        manifest = scorer.manifest
+        key_field = self.settings.kafka.key_field
+        if key_field is not None and key_field != manifest.columns.key:
+            log.warning(
+                "kafka.key_field differs from the model's key column, which is what is read",
+                key_field=key_field,
+                model_key_column=manifest.columns.key,
+            )
+        bind_model_version(manifest.model_version)
+        self.metrics.set_model(manifest, scorer.source)
+        self.health.model_version = manifest.model_version
+        self.health.model_loaded = True
+
+    def _model_refused(self, error: str) -> None:
+        self.metrics.model_reloads.labels("refused").inc()
+
+    def _connect(self) -> None:
+        """Check the topics and create the clients, retrying while the broker is unreachable."""
+        settings = self.settings
+        backoff = Backoff(0.5, 10.0)
+        while not self._stop.is_set():
+            self.health.beat()
+            producer = consumer = None
+            try:
+                admin = make_admin(settings)
+                try:
+                    created = ensure_topics(admin, settings)
+                finally:
+                    admin.close()
+                if created:
+                    log.info("created topics", topics=created)
+                producer = make_producer(settings)
+                for topic in (settings.topics.alerts, settings.topics.dead_letters):
+                    producer.partitions_for(topic)  # metadata now: send() never waits for it
+                consumer = make_consumer(settings)
+                consumer.subscribe([settings.topics.input], listener=_Rebalance(self))
+            except KafkaError as error:
+                for client in (producer, consumer):
+                    if client is not None:
+                        client.close()
+                delay = backoff.next()
+                self.health.broker_reachable = False
+                log.warning("Kafka is not reachable; retrying", error=str(error), retry_in_s=delay)
+                self._stop.wait(delay)
+                continue
+            self.producer, self.consumer = producer, consumer
+            self.health.broker_reachable = True
+            log.info(
+                "connected",
+                input=settings.topics.input,
+                group_id=settings.kafka.group_id,
+                alerts=settings.topics.alerts,
+                dead_letters=settings.topics.dead_letters,
+            )
+            return
+
+    def _shutdown(self) -> int:
+        """Settle what is in hand within the shutdown budget, commit, leave the group."""
+        self.notifier.stopping()
+        log.info("stopping: finishing the batch in hand")
+        clean = True
+        if self.consumer is not None:
+            if self.in_hand.records:
+                clean = self._settle_records()
+            clean = self._commit_until_done() and clean
+            remaining_ms = int(max(1.0, (self._stop_by or 0) - time.monotonic()) * 1000)
+            self.consumer.close(autocommit=False, timeout_ms=remaining_ms)
+        if self.producer is not None:
+            self.producer.close(timeout=max(1.0, (self._stop_by or 0) - time.monotonic()))
+        if clean:
+            log.info("stopped; every processed record is committed", **self._summary())
+            return EXIT_OK
+        log.error(
+            "stopped before everything was acknowledged and committed; "
+            "the uncommitted records will be processed again at the next start",
+            **self._summary(),
+        )
+        return EXIT_FAILURE
+
+    # -- one round -------------------------------------------------------------------------
+
+    def _round(self) -> None:
+        self._tick()
+        assert self.watcher is not None and self.engine is not None
+        if (scorer := self.watcher.take()) is not None:
+            self.engine.swap_model(scorer)
+            self._serving(scorer)
+            self.metrics.model_reloads.labels("loaded").inc()
+        try:
+            self._collect()
+        except KafkaError as error:
+            log.warning("poll failed", error=str(error))
+        if self.in_hand.records and not self._stop.is_set():
+            self._settle_records()
+        self._try_commit()
+        self._probe()
+
+    def _collect(self) -> None:
+        """Poll until a batch is full, `max_latency_ms` passed since its first record, the
+        stream is idle, or a stop is requested."""
+        assert self.consumer is not None
+        batching = self.settings.batching
+        hand = self.in_hand
+        first_at: float | None = None
+        while len(hand.records) < batching.max_batch and not self._stop.is_set():
+            if first_at is None:
+                timeout_ms = IDLE_POLL_MS
+            else:
+                timeout_ms = batching.max_latency_ms - (time.monotonic() - first_at) * 1000
+                if timeout_ms <= 0:
+                    return
+            polled = self.consumer.poll(
+                timeout_ms=int(timeout_ms), max_records=batching.max_batch - len(hand.records)
+            )
+            self.health.beat()
+            if polled:
+                hand.add(polled, self._keyed)
+                first_at = first_at or time.monotonic()
+            elif first_at is None:
+                return
+
+    def _settle_records(self) -> bool:
+        """Score the records in hand and publish the results; their offsets become committable
+        once every alert and dead letter is acknowledged. False if that did not happen."""
+        assert self.engine is not None
+        records, polled = self.in_hand.records, self.in_hand.polled
+        self.in_hand.records, self.in_hand.polled = [], {}
+        started = time.perf_counter()
+        result = self.engine.process(records)
+        seconds = time.perf_counter() - started
+        self.totals.add(result.counters)
+        self.metrics.observe_batch(result.counters, len(records), seconds, self.engine.keys)
+        topics = self.settings.topics
+        outgoing = [alert_message(topics.alerts, alert) for alert in result.alerts]
+        outgoing += [dead_letter_message(topics.dead_letters, d) for d in result.dead_letters]
+        if not self._publish(outgoing):
+            return False
+        self.in_hand.acked.update(polled)
+        return True
+
+    def _publish(self, outgoing: list[Outgoing]) -> bool:
+        """Send and wait for every acknowledgement, sending again what failed; False only when
+        the shutdown budget ran out first."""
+        assert self.producer is not None
+        backoff = Backoff()
+        pending = outgoing
+        while pending:
+            futures = [self._send(message) for message in pending]
+            while not all(future.is_done for future in futures):
+                if self._out_of_time():
+                    return False
+                self._tick()
+                try:
+                    self.producer.flush(timeout=FLUSH_STEP_S)
+                except KafkaError:
+                    self.health.broker_reachable = False
+            acked = [m for m, f in zip(pending, futures, strict=True) if f.succeeded()]
+            now = time.time()
+            self.metrics.observe_alerts(now - m.alert.event_time for m in acked if m.alert)
+            pending = [m for m, f in zip(pending, futures, strict=True) if f.failed()]
+            if pending:
+                errors = {str(f.exception) for f in futures if f.failed()}
+                log.warning("publishing failed; sending again", count=len(pending), errors=errors)
+                self.metrics.publish_retries.inc(len(pending))
+                self.health.broker_reachable = False
+                if self._out_of_time():
+                    return False
+                time.sleep(backoff.next())
+        return True
+
+    def _send(self, message: Outgoing) -> Future:
+        assert self.producer is not None
+        try:
+            return self.producer.send(
+                message.topic, value=message.value, key=message.key, headers=message.headers
+            )
+        except KafkaError as error:  # buffer full or no metadata for max_block_ms
+            return Future().failure(error)
+
+    # -- commits ---------------------------------------------------------------------------
+
+    def _try_commit(self) -> None:
+        """Commit the acknowledged offsets now, unless a failed commit is still backing off."""
+        if self.in_hand.acked and time.monotonic() >= self._next_commit:
+            self._commit_once()
+
+    def _commit_until_done(self) -> bool:
+        """At shutdown: retry the commit until it succeeds or the budget is spent."""
+        while self.in_hand.acked:
+            if self._commit_once() is False or self._out_of_time():
+                return not self.in_hand.acked
+            time.sleep(max(0.0, self._next_commit - time.monotonic()))
+        return True
+
+    def _commit_once(self) -> bool | None:
+        """True: committed; None: failed, retry later; False: the group moved on without us."""
+        assert self.consumer is not None
+        offsets = self._offsets()
+        if self._crash_before_commit:
+            log.warning("fault injection: crashing before the first commit", offsets=str(offsets))
+            os.kill(os.getpid(), signal.SIGKILL)
+        try:
+            self.consumer.commit(offsets, timeout_ms=COMMIT_TIMEOUT_MS)
+        except CommitFailedError as error:
+            self.metrics.commit_failures.inc()
+            log.warning(
+                "commit refused after a rebalance; the new owner processes these records again",
+                error=str(error),
+            )
+            self.in_hand.acked.clear()
+            return False
+        except KafkaError as error:
+            self.metrics.commit_failures.inc()
+            self.health.broker_reachable = False
+            delay = self._commit_backoff.next()
+            self._next_commit = time.monotonic() + delay
+            log.warning("commit failed; retrying", error=str(error), retry_in_s=delay)
+            return None
+        self.in_hand.acked.clear()
+        self._commit_backoff.reset()
+        self.health.broker_reachable = True
+        return True
+
+    def _offsets(self) -> dict[TopicPartition, OffsetAndMetadata]:
+        return {tp: OffsetAndMetadata(n, "", -1) for tp, n in self.in_hand.acked.items()}
+
+    # -- health, lag, systemd --------------------------------------------------------------
+
+    def _tick(self) -> None:
+        """The loop is alive: feed the liveness probe and systemd's watchdog, update STATUS."""
+        self.health.beat()
+        now = time.monotonic()
+        if self._watchdog_interval and now >= self._next_watchdog:
+            self.notifier.watchdog()
+            self._next_watchdog = now + self._watchdog_interval
+        if now >= self._next_status:
+            self._next_status = now + STATUS_INTERVAL_S
+            summary = self._summary()
+            self.notifier.status(
+                f"model {summary['model_version']}: {summary['partitions']} partitions, "
+                f"{summary['records']} records, {summary['alerts']} alerts, "
+                f"{summary['dead_letters']} dead letters"
+            )
+        if not self._announced_ready and self.health.not_ready_reason() is None:
+            self._announced_ready = True
+            self.notifier.ready()
+            log.info("ready", partitions=self.health.partitions)
+
+    def _probe(self) -> None:
+        """Every few seconds: ask the broker for the end offsets (reachability and lag)."""
+        assert self.consumer is not None
+        now = time.monotonic()
+        if now < self._next_probe:
+            return
+        self._next_probe = now + PROBE_INTERVAL_S
+        assigned = self.consumer.assignment()
+        self.health.partitions = len(assigned)
+        if not assigned:
+            return
+        try:
+            ends = self.consumer.end_offsets(list(assigned), timeout_ms=PROBE_TIMEOUT_MS)
+            positions = {
+                tp: self.consumer.position(tp, timeout_ms=PROBE_TIMEOUT_MS) for tp in assigned
+            }
+        except KafkaError as error:
+            if self.health.broker_reachable:
+                log.warning("the Kafka broker stopped answering", error=str(error))
+            self.health.broker_reachable = False
+            return
+        if not self.health.broker_reachable:
+            log.info("the Kafka broker answers again")
+        self.health.broker_reachable = True
+        self.metrics.set_lag({tp: max(0, ends[tp] - positions[tp]) for tp in assigned})
+
+    def _summary(self) -> dict[str, Any]:
+        totals = self.totals
+        return {
+            "model_version": self.health.model_version,
+            "partitions": self.health.partitions,
+            "records": totals.records,
+            "alerts": totals.alerts,
+            "dead_letters": totals.dead_letters,
+        }
+
+    # -- rebalances, called on the consumer's network thread -------------------------------
+
+    def partitions_revoked(self) -> dict[TopicPartition, OffsetAndMetadata]:
+        """Settle what is in hand; the offsets to commit before the partitions go."""
+        if self.in_hand.records and not self._stop.is_set():
+            self._settle_records()
+        offsets = self._offsets()
+        self.in_hand.acked.clear()
+        return offsets
+
+    def partitions_assigned(self, partitions: set[TopicPartition]) -> None:
+        assert self.consumer is not None
+        self.health.partitions = len(self.consumer.assignment())
+        self._next_probe = 0.0
+        if partitions:
+            log.info("partitions assigned", partitions=_names(partitions))
+
+    def partitions_lost(self, partitions: set[TopicPartition]) -> None:
+        self.in_hand.drop(partitions)
+        self.metrics.forget_partitions(partitions)
+        assert self.consumer is not None
+        self.health.partitions = len(self.consumer.assignment())
+        log.warning("partitions lost", partitions=_names(partitions))
+
+
+def _names(partitions: Iterable[TopicPartition]) -> list[str]:
+    return sorted(f"{tp.topic}[{tp.partition}]" for tp in partitions)
+
+
+class _Rebalance(AsyncConsumerRebalanceListener):
+    """Commits what is in hand before partitions are revoked; async, so that the awaited
+    commit runs on the network thread the listener itself is called on."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        daemon = self.daemon
+        if not revoked:
+            return
+        offsets = daemon.partitions_revoked()
+        if offsets and daemon.consumer is not None:
+            try:
+                await daemon.consumer.commit_async(offsets)
+            except KafkaError as error:
+                daemon.metrics.commit_failures.inc()
+                log.warning("commit before revocation failed", error=str(error))
+        daemon.metrics.forget_partitions(revoked)
+        log.info("partitions revoked", partitions=_names(revoked))
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        self.daemon.partitions_assigned(assigned)
+
+    async def on_partitions_lost(self, lost: set[TopicPartition]) -> None:
+        self.daemon.partitions_lost(lost)
