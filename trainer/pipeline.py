@@ -160,6 +160,7 @@ def train(
             for name, split in zip(SPLIT_NAMES, (TRAIN, VALIDATION, TEST), strict=True)
         },
         "trained_windows": len(train_windows),
+        "processes": distributed.world_size,
         "metrics": metrics,
         "history": [asdict(record) for record in history.epochs],
         "best_epoch": history.best_epoch,
