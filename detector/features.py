@@ -67,7 +67,10 @@ def parse_event_time(value: object, unit: str, column: str) -> float:
     if isinstance(value, bool) or value is None:
         raise RecordError("bad_timestamp", f"{column!r} must be a number or ISO 8601 string")
     if isinstance(value, int | float):
-        seconds = float(value) / 1000.0 if unit == "ms" else float(value)
+        try:
+            seconds = float(value) / 1000.0 if unit == "ms" else float(value)
+        except OverflowError:  # an int beyond the range of floats: refused just below
+            seconds = math.inf
     elif isinstance(value, str):
         try:
             parsed = datetime.fromisoformat(value)
@@ -193,7 +196,10 @@ class FeatureCodec:
                 raise RecordError(
                     "wrong_type", f"{name!r} must be a number, got {type(value).__name__}"
                 )
-            number = float(value)
+            try:
+                number = float(value)
+            except OverflowError:  # an int beyond the range of floats
+                number = math.inf
             if not math.isfinite(number):
                 raise RecordError("not_finite", f"{name!r} is {value!r}")
             return number

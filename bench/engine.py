@@ -1,0 +1,156 @@
+"""Engine throughput and memory against a naive per-event baseline.
+
+    python bench/engine.py [--events 200000] [--keys 10000] [--baseline-events 5000]
+
+The model: 8 features (6 numeric, 1 categorical, time delta), LSTM hidden 64 x 2 layers,
+window 32, every event scored (min_history 1, stride 1). Events are JSON bytes, as from
+Kafka, spread uniformly over the keys. The baseline is what one would write first: a
+Python list per key holding its encoded events and one onnxruntime call per event on the
+window graph. Memory per key is measured with tracemalloc over the engine's own state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+import tracemalloc
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import orjson
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from detector.engine import Engine, EngineOptions
+from detector.features import parse_json_record
+from detector.manifest import (
+    CategoricalFeature,
+    Columns,
+    Manifest,
+    Network,
+    NumericFeature,
+    Scoring,
+    TimeDeltaFeature,
+    TrainingSummary,
+)
+from detector.records import InputRecord
+from detector.scorer import Scorer
+from trainer.export import export_model
+from trainer.network import SequenceNet
+
+NUMERIC = [f"x{i}" for i in range(6)]
+CHANNELS = ["web", "app", "pos", "atm"]
+
+
+def manifest(export_mode: str) -> Manifest:
+    features = [NumericFeature(name=name) for name in NUMERIC]
+    features += [CategoricalFeature(name="channel", vocabulary=CHANNELS), TimeDeltaFeature()]
+    return Manifest(
+        task="classify",
+        export_mode=export_mode,
+        columns=Columns(key="device", time="ts"),
+        features=features,
+        window=32,
+        min_history=1,
+        network=Network(hidden=64, layers=2),
+        scoring=Scoring(semantics="probability", threshold=0.99, calibration="bench"),
+        training=TrainingSummary(rows=0, keys=0),
+        trainer_version="bench",
+    )
+
+
+def load(folder: Path, export_mode: str) -> Scorer:
+    torch.manual_seed(0)
+    spec = manifest(export_mode)
+    path = folder / f"{export_mode}.onnx"
+    export_model(SequenceNet.from_manifest(spec), spec, path)
+    return Scorer.load(path, providers=["CPUExecutionProvider"])
+
+
+def make_events(count: int, keys: int, seed: int = 0) -> list[InputRecord]:
+    rng = np.random.default_rng(seed)
+    key = rng.integers(0, keys, count)
+    values = rng.normal(0.0, 1.0, (count, len(NUMERIC))).round(4)
+    channel = rng.integers(0, len(CHANNELS), count)
+    records = []
+    for i in range(count):
+        document = {"device": f"dev-{key[i]}", "ts": 1_700_000_000.0 + i * 0.01}
+        document |= dict(zip(NUMERIC, values[i].tolist(), strict=True))
+        document["channel"] = CHANNELS[channel[i]]
+        records.append(InputRecord(orjson.dumps(document)))
+    return records
+
+
+def baseline(scorer: Scorer, records: list[InputRecord]) -> float:
+    """Events/s of the naive loop: decode, encode, per-key list, one call per event."""
+    codec, spec = scorer.codec, scorer.manifest
+    history: dict[str, list[np.ndarray]] = defaultdict(list)
+    last: dict[str, float] = {}
+    started = time.perf_counter()
+    for record in records:
+        event = codec.decode(parse_json_record(record.payload, 65536))
+        gap = event.time - last.get(event.key, event.time)
+        last[event.key] = event.time
+        row = codec.encode(np.array([event.values]), codec.statistics_rows([event.key]), [gap])
+        events = history[event.key]
+        events.append(row[0])
+        del events[: -spec.window]
+        window = np.zeros((1, spec.window, codec.width), np.float32)
+        window[0, : len(events)] = events
+        scorer.score_windows(window, np.array([len(events)]))
+    return len(records) / (time.perf_counter() - started)
+
+
+def run(scorer: Scorer, records: list[InputRecord], batch: int) -> Engine:
+    engine = Engine(scorer, EngineOptions(max_batch=batch))
+    for start in range(0, len(records), batch):
+        engine.process(records[start : start + batch])
+    return engine
+
+
+def engine_rate(scorer: Scorer, records: list[InputRecord], batch: int) -> float:
+    """Events/s of the engine."""
+    started = time.perf_counter()
+    run(scorer, records, batch)
+    return len(records) / (time.perf_counter() - started)
+
+
+def bytes_per_key(scorer: Scorer, records: list[InputRecord], batch: int) -> int:
+    """Memory the engine holds per key after the run (tracemalloc, in a run of its own)."""
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    engine = run(scorer, records, batch)
+    # Only the engine's state is still allocated: all else of the run has been freed.
+    per_key = (tracemalloc.get_traced_memory()[0] - before) // engine.keys
+    tracemalloc.stop()
+    return per_key
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=200_000)
+    parser.add_argument("--keys", type=int, default=10_000)
+    parser.add_argument("--baseline-events", type=int, default=5_000)
+    parser.add_argument("--batch", type=int, default=4096)
+    args = parser.parse_args()
+    records = make_events(args.events, args.keys)
+    with tempfile.TemporaryDirectory() as folder:
+        window, stateful = load(Path(folder), "window"), load(Path(folder), "stateful")
+        base = baseline(window, records[: args.baseline_events])
+        rows = [("baseline (per-event call)", base, None)]
+        for name, scorer in (("window", window), ("stateful", stateful)):
+            rate = engine_rate(scorer, records, args.batch)
+            rows.append((name, rate, bytes_per_key(scorer, records, args.batch)))
+    table = Table(title=f"{args.events:,} events, {args.keys:,} keys, batch {args.batch}")
+    for column in ("path", "events/s", "x baseline", "bytes/key"):
+        table.add_column(column, justify="right")
+    for name, rate, per_key in rows:
+        table.add_row(name, f"{rate:,.0f}", f"{rate / base:.1f}", f"{per_key:,}" if per_key else "-")
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    main()

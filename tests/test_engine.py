@@ -1,0 +1,341 @@
+"""The streaming engine: warm-up, stride, eviction, expiry, episodes, alerts, dead letters."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pytest
+from model_factory import KEY, TIME, event, load_random, make_manifest
+
+from detector.alerts import alert_id
+from detector.engine import Engine, EngineOptions, Status
+from detector.features import UNKNOWN_CODE
+from detector.records import InputRecord, Source
+from detector.scorer import Scorer
+
+S, W, K, D = Status.SCORED, Status.WARMING_UP, Status.SKIPPED_BY_STRIDE, Status.DEAD_LETTER
+T0 = 1_700_000_000.0
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="module")
+def classify(folder: Path) -> Scorer:
+    return load_random(folder / "classify.onnx", make_manifest(min_history=2), seed=1)
+
+
+@pytest.fixture(scope="module")
+def classify_stateful(folder: Path) -> Scorer:
+    manifest = make_manifest(export_mode="stateful", min_history=2)
+    return load_random(folder / "classify-stateful.onnx", manifest, seed=1)
+
+
+def records(*events: dict) -> list[InputRecord]:
+    return [InputRecord(orjson.dumps(e)) for e in events]
+
+
+def stream(keys: str, start: float = T0, step: float = 7.0) -> list[InputRecord]:
+    """One event per character of `keys` (the key), `step` seconds apart, varied amounts."""
+    return records(
+        *(
+            event(key, start + i * step, amount=10.0 + 37.0 * (i % 5), merchant="casino")
+            for i, key in enumerate(keys)
+        )
+    )
+
+
+def statuses(engine: Engine, batches: list[list[InputRecord]], now: float | None = None) -> str:
+    """Status letters of the events of `batches` fed in turn: S W K D."""
+    letters = {S: "S", W: "W", K: "K", D: "D"}
+    return "".join(
+        letters[Status(code)] for batch in batches for code in engine.process(batch, now).statuses
+    )
+
+
+def test_warm_up_then_every_stride_th_event_is_scored(classify: Scorer) -> None:
+    engine = Engine(classify, EngineOptions(stride=3))
+    result = engine.process(stream("aaaaaaaab"))
+    assert "".join("SWKD"[code] for code in result.statuses) == "WSKKSKKSW"
+    assert np.isnan(result.scores[result.statuses != S]).all()
+    assert not np.isnan(result.scores[result.statuses == S]).any()
+    counters = result.counters
+    assert (counters.scored, counters.warming_up, counters.skipped_by_stride) == (3, 2, 4)
+    assert counters.records == 9 == counters.scored + counters.warming_up + 4
+
+
+def test_least_recently_seen_keys_are_evicted_when_full(classify: Scorer) -> None:
+    engine = Engine(classify, EngineOptions(max_batch=2, max_keys=3))
+    assert statuses(engine, [stream("ab"), stream("c"), stream("a")]) == "WWWS"
+    result = engine.process(stream("d"))  # full: b is the least recently seen
+    assert result.counters.evicted_lru == 1
+    assert engine.keys == 3
+    assert statuses(engine, [stream("a"), stream("c")]) == "SS"
+    assert statuses(engine, [stream("b")]) == "W"  # forgotten: warming up again
+
+
+def test_a_batch_with_more_new_keys_than_free_slots_evicts_them_all_at_once(
+    classify: Scorer,
+) -> None:
+    engine = Engine(classify, EngineOptions(max_batch=4, max_keys=4))
+    engine.process(stream("abcd"))
+    result = engine.process(stream("efgh"))
+    assert result.counters.evicted_lru == 4
+    assert sorted(engine.arena.lookup(list("efgh"))) == [0, 1, 2, 3]
+
+
+def test_keys_idle_past_the_ttl_restart_by_event_time(classify: Scorer) -> None:
+    options = EngineOptions(key_ttl_s=100.0)
+    events = records(event("a", T0, 10.0), event("a", T0 + 50, 20.0), event("a", T0 + 500, 30.0))
+    one_batch = Engine(classify, options).process(events)
+    assert "".join("SWKD"[c] for c in one_batch.statuses) == "WSW"
+    assert one_batch.counters.expired_ttl == 1
+    assert statuses(Engine(classify, options), [[e] for e in events]) == "WSW"
+
+
+def test_idle_keys_are_swept_by_the_newest_event_time_or_by_now(classify: Scorer) -> None:
+    by_event_time = Engine(classify, EngineOptions(key_ttl_s=100.0))
+    by_event_time.process(records(event("a", T0, 1.0), event("b", T0 + 60, 1.0)))
+    swept = by_event_time.process(records(event("c", T0 + 150, 1.0)))
+    assert swept.counters.expired_ttl == 1  # a (idle 150 s); b (90 s) stays
+    assert by_event_time.keys == 2
+
+    by_now = Engine(classify, EngineOptions(key_ttl_s=100.0))
+    assert statuses(by_now, [stream("a")], now=1000.0) == "W"
+    assert statuses(by_now, [stream("b")], now=1050.0) == "W"
+    result = by_now.process(stream("ba"), now=1120.0)  # a idle 120 s by the clock, b 70 s
+    assert "".join("SWKD"[c] for c in result.statuses) == "SW"
+    assert result.counters.expired_ttl == 1
+
+
+def test_same_key_events_in_one_batch_are_applied_in_order(classify: Scorer) -> None:
+    events = stream("abaabba")
+    whole = Engine(classify).process(events)
+    engine = Engine(classify)
+    one_by_one = np.concatenate([engine.process([e]).scores for e in events])
+    np.testing.assert_allclose(whole.scores, one_by_one, rtol=1e-6)
+    assert list(whole.keys) == list("abaabba")
+    np.testing.assert_array_equal(whole.times, T0 + 7.0 * np.arange(7))
+
+
+def test_bad_records_become_dead_letters_and_the_rest_is_scored(classify: Scorer) -> None:
+    good = [event("a", T0 + i, 10.0 * i) for i in range(4)]
+    bad: list[tuple[bytes | dict, str]] = [
+        (b'{"account": "a",', "not_json"),
+        (b"[1, 2]", "not_object"),
+        (orjson.dumps(event("a", T0, 1.0) | {"pad": "x" * 300}), "too_large"),
+        (orjson.dumps({TIME: T0, "amount": 1.0, "merchant": "fuel"}), "missing_key"),
+        (orjson.dumps({KEY: "a", TIME: T0, "merchant": "fuel"}), "missing_feature"),
+        (orjson.dumps(event("a", T0, 1.0) | {"amount": "12"}), "wrong_type"),
+        (event("a", T0, float("nan")), "not_finite"),
+        (event("a", T0, 10**400), "not_finite"),
+        (orjson.dumps(event("a", -5.0, 1.0)), "bad_timestamp"),
+        (orjson.dumps(event("a", 10**400, 1.0) | {TIME: "yesterday"}), "bad_timestamp"),
+        (event("a", 10**400, 1.0), "bad_timestamp"),
+    ]
+    batch = [InputRecord(orjson.dumps(good[0]))]
+    for row, (payload, _) in enumerate(bad):
+        batch.append(InputRecord(payload, source=Source(file="f.jsonl", row=row)))
+        if row % 4 == 0:
+            batch.append(InputRecord(orjson.dumps(good[len(batch) % 3 + 1])))
+    clean = [record for record in batch if record.source is None]
+    options = EngineOptions(max_record_bytes=200)
+    result = Engine(classify, options).process(batch)
+    expected = Engine(classify, options).process(clean)
+
+    assert [letter.reason for letter in result.dead_letters] == [reason for _, reason in bad]
+    assert [letter.source.row for letter in result.dead_letters] == list(range(len(bad)))
+    assert result.dead_letters[0].payload == bad[0][0]
+    assert orjson.loads(result.dead_letters[6].payload)["amount"] is None  # NaN re-serialised
+    dead = np.array([record.source is not None for record in batch])
+    assert (result.statuses[dead] == D).all()
+    assert all(key is None for key in result.keys[dead])
+    np.testing.assert_array_equal(result.scores[~dead], expected.scores)
+    counters = result.counters
+    assert counters.dead_letters == len(bad)
+    assert counters.records == len(batch) == counters.dead_letters + counters.scored + 1
+
+
+def test_stateful_scores_equal_window_scores_while_history_fits(
+    classify: Scorer, classify_stateful: Scorer, folder: Path
+) -> None:
+    events = stream("abcabbcaabbaccb" + "aa")  # a: 7 events at the end, beyond window 6
+    window = Engine(classify).process(events)
+    stateful = Engine(classify_stateful).process(events)
+    fits = np.ones(len(events), bool)
+    fits[-1] = False
+    np.testing.assert_array_equal(window.statuses, stateful.statuses)
+    np.testing.assert_allclose(window.scores[fits], stateful.scores[fits], rtol=1e-5, atol=1e-6)
+    assert abs(window.scores[-1] - stateful.scores[-1]) > 1e-6  # the window forgot event 1
+
+    forecast = make_manifest("forecast", window=6)
+    window = Engine(load_random(folder / "fw.onnx", forecast, seed=3)).process(events)
+    stateful_manifest = forecast.model_copy(update={"export_mode": "stateful"})
+    stateful = Engine(load_random(folder / "fs.onnx", stateful_manifest, seed=3)).process(events)
+    np.testing.assert_array_equal(window.statuses, stateful.statuses)
+    np.testing.assert_allclose(window.scores[fits], stateful.scores[fits], rtol=1e-5, atol=1e-6)
+
+
+def scored_threshold(scorer: Scorer, events: list[InputRecord]) -> tuple[np.ndarray, float]:
+    """The scores of `events` and a threshold that some of them cross, some not."""
+    scores = Engine(scorer, EngineOptions(threshold=np.inf)).process(events).scores
+    return scores, float(np.nanquantile(scores, 0.6))
+
+
+def reference_episodes(
+    keys: np.ndarray, scores: np.ndarray, threshold: float, cooldown: int
+) -> list[tuple[int, float]]:
+    """(opening event, peak score) of each episode, by a plain per-key state machine."""
+    episodes: list[tuple[int, float]] = []
+    open_episode: dict[str, int] = {}  # key -> index into episodes
+    below: dict[str, int] = {}
+    for i, (key, score) in enumerate(zip(keys, scores, strict=True)):
+        if np.isnan(score):
+            continue
+        if score >= threshold:
+            below[key] = 0
+            if key not in open_episode:
+                open_episode[key] = len(episodes)
+                episodes.append((i, score))
+            opened, peak = episodes[open_episode[key]]
+            episodes[open_episode[key]] = (opened, max(peak, score))
+        elif key in open_episode:
+            below[key] += 1
+            if below[key] >= cooldown:
+                del open_episode[key]
+    return episodes
+
+
+def test_one_alert_per_episode_closed_by_cooldown(classify: Scorer) -> None:
+    events = stream("ab" * 40, step=3.0)
+    scores, threshold = scored_threshold(classify, events)
+    options = EngineOptions(threshold=threshold, cooldown_events=2)
+    result = Engine(classify, options).process(events)
+    np.testing.assert_array_equal(result.scores, scores)
+    expected = reference_episodes(result.keys, scores, threshold, cooldown=2)
+    assert len(expected) >= 3
+    alerts = result.alerts
+    assert [(a.key, a.event_time) for a in alerts] == [
+        (result.keys[i], T0 + 3.0 * i) for i, _ in expected
+    ]
+    assert [a.score for a in alerts] == [scores[i] for i, _ in expected]
+    assert [a.peak_score for a in alerts] == [peak for _, peak in expected]
+    assert all(a.threshold == threshold for a in alerts)
+    assert result.counters.alerts == len(alerts)
+    longer = Engine(classify, EngineOptions(threshold=threshold, cooldown_events=6))
+    assert len(longer.process(events).alerts) < len(alerts)
+
+
+def test_smoothing_is_an_ewma_of_each_keys_raw_scores(folder: Path) -> None:
+    events = stream("aabab")
+    raw = Engine(load_random(folder / "raw.onnx", make_manifest(), seed=4)).process(events)
+    smooth_manifest = make_manifest(smoothing=0.25)
+    smoothed = Engine(load_random(folder / "ewma.onnx", smooth_manifest, seed=4)).process(events)
+    a0, a1, b0, a2, b1 = raw.scores
+    want = [a0, 0.25 * a1 + 0.75 * a0, b0, 0.25 * a2 + 0.75 * (0.25 * a1 + 0.75 * a0)]
+    want.append(0.25 * b1 + 0.75 * b0)
+    np.testing.assert_allclose(smoothed.scores, want, rtol=1e-6)
+
+
+def test_alert_ids_are_deterministic_and_content_derived(classify: Scorer, folder: Path) -> None:
+    events = stream("abc" * 10)
+    _, threshold = scored_threshold(classify, events)
+    options = EngineOptions(threshold=threshold)
+    first = Engine(classify, options).process(events).alerts
+    again = Engine(classify, options).process(events).alerts
+    assert first and [a.alert_id for a in first] == [a.alert_id for a in again]
+    alert = first[0]
+    assert alert.alert_id == alert_id(
+        alert.model_version, alert.key, alert.event_time, alert.sequence
+    )
+    assert len({a.alert_id for a in first}) == len(first)
+    other = load_random(folder / "other.onnx", make_manifest(min_history=2), seed=9)
+    assert other.manifest.model_version != alert.model_version
+    assert alert.to_dict()["model_version"] == classify.manifest.model_version
+
+
+def single_key_window(scorer: Scorer, events: list[InputRecord]) -> np.ndarray:
+    """The window [1, window, width] ending at the last event of a one-key stream."""
+    codec = scorer.codec
+    decoded = [codec.decode(orjson.loads(record.payload)) for record in events]
+    times = np.array([d.time for d in decoded])
+    x = codec.encode(
+        np.array([d.values for d in decoded]),
+        codec.statistics_rows([d.key for d in decoded]),
+        np.diff(times, prepend=times[0]),
+    )
+    window = np.zeros((1, scorer.manifest.window, codec.width), np.float32)
+    window[0, : len(x)] = x
+    return window
+
+
+def test_classify_alerts_are_explained_by_occluding_the_last_event(
+    classify: Scorer, classify_stateful: Scorer
+) -> None:
+    events = stream("aaaa", step=900.0)
+    engine = Engine(classify, EngineOptions(threshold=-1.0))
+    alert = engine.process(events[:3]).alerts[0]
+    assert (alert.sequence, alert.explanation_kind) == (2, "occlusion")
+    window = single_key_window(classify, events[:2])
+    base = classify.score_windows(window, np.array([2])).score[0]
+    want = {}
+    for index, feature in enumerate(classify.manifest.features):
+        occluded = window.copy()
+        occluded[0, 1, index] = UNKNOWN_CODE if feature.kind == "categorical" else 0.0
+        want[feature.name] = base - classify.score_windows(occluded, np.array([2])).score[0]
+    got = {a.feature: a.value for a in alert.explanation}
+    assert got == pytest.approx(want, abs=1e-6)
+    sizes = [abs(a.value) for a in alert.explanation]
+    assert sizes == sorted(sizes, reverse=True)
+    assert max(abs(v) for v in want.values()) > 1e-4
+
+    stateful = Engine(classify_stateful, EngineOptions(threshold=-1.0)).process(events[:3])
+    same = {a.feature: a.value for a in stateful.alerts[0].explanation}
+    assert same == pytest.approx(got, abs=1e-5)
+
+
+def test_forecast_alerts_are_explained_by_shares_of_the_error(folder: Path) -> None:
+    scorer = load_random(folder / "forecast.onnx", make_manifest("forecast"), seed=5)
+    events = stream("aaa")
+    alerts = Engine(scorer, EngineOptions(threshold=-1.0)).process(events).alerts
+    assert len(alerts) == 1 and alerts[0].explanation_kind == "forecast_error_share"
+    window = single_key_window(scorer, events[:2])
+    contrib = scorer.score_windows(window, np.array([2])).contrib[0]
+    shares = {a.feature: a.value for a in alerts[0].explanation}
+    assert shares == pytest.approx(
+        {"amount": contrib[0] / contrib.sum(), "items": contrib[1] / contrib.sum()}
+    )
+    assert sum(shares.values()) == pytest.approx(1.0)
+
+
+def test_swap_keeps_state_for_a_compatible_model_and_resets_it_otherwise(
+    classify: Scorer, folder: Path
+) -> None:
+    manifest = make_manifest(min_history=3)
+    engine = Engine(load_random(folder / "v1.onnx", manifest, seed=1))
+    assert statuses(engine, [stream("aa")]) == "WW"
+    assert engine.swap_model(load_random(folder / "v2.onnx", manifest, seed=2)) is True
+    assert statuses(engine, [stream("a")]) == "S"
+    wider = make_manifest(min_history=3, window=8)
+    assert engine.swap_model(load_random(folder / "v3.onnx", wider, seed=2)) is False
+    assert engine.keys == 0
+    assert statuses(engine, [stream("a")]) == "W"
+
+
+def test_batches_larger_than_max_batch_are_processed_in_slices(classify: Scorer) -> None:
+    events = stream("abcabcabca")
+    sliced = Engine(classify, EngineOptions(max_batch=3, max_keys=3)).process(events)
+    whole = Engine(classify).process(events)
+    np.testing.assert_array_equal(sliced.scores, whole.scores)
+    assert sliced.counters.records == 10 and sliced.counters.scored == 7
+
+
+def test_options_are_validated() -> None:
+    with pytest.raises(ValueError, match="max_keys"):
+        EngineOptions(max_batch=10, max_keys=5)
+    with pytest.raises(ValueError, match="stride"):
+        EngineOptions(stride=0)
