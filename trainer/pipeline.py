@@ -168,7 +168,9 @@ def train(
         "timings": timings,
     }
     metrics_path = out.with_name("metrics.json")
-    metrics_path.write_text(json.dumps(report, indent=2, allow_nan=False, default=_finite) + "\n")
+    metrics_path.write_text(
+        json.dumps(report, indent=2, allow_nan=False, default=_json_default) + "\n"
+    )
     return TrainResult(manifest, out, metrics_path, history, validation, test, report)
 
 
@@ -254,7 +256,7 @@ def _summary(events: Events, metrics: dict) -> TrainingSummary:
     )
 
 
-def _finite(value: object) -> object:
+def _json_default(value: object) -> object:
     """JSON fallback for numpy scalars."""
     if isinstance(value, np.generic):
         return value.item()
