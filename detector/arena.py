@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import repeat
 
 import numpy as np
 
@@ -124,8 +125,7 @@ class KeyArena:
 
     def lookup(self, keys: Sequence[str]) -> np.ndarray:
         """The slot of each key, -1 for keys without one."""
-        slots = self._slots
-        return np.fromiter((slots.get(key, -1) for key in keys), np.intp, len(keys))
+        return np.fromiter(map(self._slots.get, keys, repeat(-1)), np.intp, len(keys))
 
     def allocate(
         self, keys: Sequence[str], tick: int, statistics_rows: Callable[[Sequence[str]], np.ndarray]
