@@ -200,7 +200,7 @@ class Engine:
             counters=Counters(records=n, dead_letters=len(dead_letters)),
         )
         if decoded.index.size:
-            _Batch(self, decoded, records, now, result).run()
+            _Batch(self, self._tick, decoded, records, now, result).run()
         return result
 
     def _decode(self, records: Sequence[InputRecord]) -> tuple[_Decoded, list[DeadLetter]]:
@@ -242,15 +242,23 @@ class Engine:
 class _Batch:
     """The work on one batch's decoded events; lives for one `Engine._process` call."""
 
+    # Set by `run`, per decoded event: its slot, whether it restarts its key (TTL), its inputs.
+    slots: np.ndarray
+    restart: np.ndarray
+    x: np.ndarray
+    rounds: _Rounds
+
     def __init__(
         self,
         engine: Engine,
+        tick: int,
         decoded: _Decoded,
         records: Sequence[InputRecord],
         now: float | None,
         result: BatchResult,
     ) -> None:
         self.engine = engine
+        self.tick = tick
         self.options = engine.options
         self.model = engine.model
         self.manifest = engine.manifest
@@ -297,7 +305,7 @@ class _Batch:
 
     def _assign_slots(self) -> np.ndarray:
         """Each event's slot: expire idle keys, look keys up, allocate (evicting) new ones."""
-        arena, decoded, tick = self.arena, self.decoded, self.engine._tick
+        arena, decoded, tick = self.arena, self.decoded, self.tick
         counters = self.result.counters
         ttl = self.options.key_ttl_s
         if ttl and self.now is not None:
