@@ -1,0 +1,235 @@
+"""`detector run` against the real local broker: the data path, crash recovery and outages.
+
+The daemon runs as a real subprocess with a small model trained for the session; what it
+publishes is compared with what `detector replay` gives for the same events and model.
+"""
+
+from __future__ import annotations
+
+import collections
+import signal
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+from daemon_support import (
+    DaemonProcess,
+    encoded,
+    fully_committed,
+    group_offsets,
+    read_topic,
+    replay_alert_ids,
+    running,
+    send,
+    send_events,
+    sensor_events,
+    train_model,
+    wait_for,
+)
+from kafka_support import LocalBroker, TopicFactory
+
+from detector.daemon import CRASH_BEFORE_COMMIT_ENV
+from detector.manifest import load_model_file
+
+pytestmark = pytest.mark.kafka
+
+#: How long the broker stays down in the outage test (its restart adds several seconds).
+OUTAGE_S = 12.0
+
+#: (Kafka key, value, the reason the engine gives it).
+MALFORMED: list[tuple[bytes | None, bytes, str]] = [
+    (b"dev-7-00", b"{not json", "not_json"),
+    (b"dev-7-01", b"[1, 2, 3]", "not_object"),
+    (
+        b"dev-7-02",
+        b'{"device": "dev-7-02", "ts": "yesterday", "temperature": 1, "vibration": 2}',
+        "bad_timestamp",
+    ),
+    (
+        b"dev-7-03",
+        b'{"device": "dev-7-03", "ts": 1704067300, "temperature": "hot", "vibration": 2}',
+        "wrong_type",
+    ),
+    (
+        b"dev-7-04",
+        b'{"device": "dev-7-04", "ts": 1704067300, "temperature": 20}',
+        "missing_feature",
+    ),
+    (None, b'{"ts": 1704067300, "temperature": 20, "vibration": 2}', "missing_key"),
+]
+
+
+@pytest.fixture(scope="session")
+def sensor_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return train_model(tmp_path_factory.getbasetemp() / "daemon-models")
+
+
+def faulty_events() -> list[bytes]:
+    return encoded(sensor_events(6, 60, seed=7, faults=3))
+
+
+@pytest.fixture(scope="module")
+def served(kafka_bootstrap, kafka_topic_factory, sensor_model, tmp_path_factory) -> dict:
+    """One daemon run over good and malformed events on two partitions, stopped with SIGTERM."""
+    topic = kafka_topic_factory(partitions=2, prefix="daemon")
+    good = faulty_events()
+    send_events(kafka_bootstrap, topic, good[:150])
+    send(kafka_bootstrap, topic, [v for _, v, _ in MALFORMED], [k for k, _, _ in MALFORMED])
+    send_events(kafka_bootstrap, topic, good[150:])
+    daemon = DaemonProcess(kafka_bootstrap, topic, sensor_model, tmp_path_factory.mktemp("run"))
+    expected = replay_alert_ids(sensor_model, good)
+    with running(daemon):
+        daemon.wait_ready()
+        wait_for(lambda: fully_committed(kafka_bootstrap, daemon.group, topic), 60, "the commit")
+        alerts = read_topic(kafka_bootstrap, daemon.alerts_topic, at_least=len(expected))
+        dead = read_topic(kafka_bootstrap, daemon.dead_letters_topic, at_least=len(MALFORMED))
+        wait_for(
+            lambda: daemon.metrics().get(("seqsentinel_consumer_lag", _partition(topic, 1))) == 0,
+            15,
+            "the lag probe",
+        )
+        metrics = daemon.metrics()
+        status = daemon.stop()
+    return {
+        "topic": topic,
+        "good": good,
+        "expected": expected,
+        "alerts": alerts,
+        "dead": dead,
+        "metrics": metrics,
+        "status": status,
+        "daemon": daemon,
+        "offsets": group_offsets(kafka_bootstrap, daemon.group, topic),
+    }
+
+
+def _partition(topic: str, number: int) -> tuple[tuple[str, str], ...]:
+    return (("partition", str(number)), ("topic", topic))
+
+
+def _outcome(name: str) -> tuple[str, tuple[tuple[str, str], ...]]:
+    return ("seqsentinel_records_total", (("outcome", name),))
+
+
+def test_alerts_are_the_ones_replay_gives(served, sensor_model):
+    alerts = [message.json() for message in served["alerts"]]
+    version = load_model_file(sensor_model)[0].model_version
+    assert served["expected"], "the faulty devices must raise alerts for this test to mean much"
+    assert {alert["alert_id"] for alert in alerts} == served["expected"]
+    assert len(alerts) == len(served["expected"])  # no duplicates without a crash
+    for message, alert in zip(served["alerts"], alerts, strict=True):
+        assert message.key == alert["key"].encode()
+        assert alert["model_version"] == version
+        assert alert["source"]["topic"] == served["topic"]
+    # Faults were injected into the first three devices: each of them is caught.
+    assert {f"dev-7-{k:02d}" for k in range(3)} <= {alert["key"] for alert in alerts}
+
+
+def test_every_malformed_record_is_a_dead_letter_with_its_reason(served):
+    dead = served["dead"]
+    assert len(dead) == len(MALFORMED)
+    by_value = {message.value: message for message in dead}
+    for _, value, reason in MALFORMED:
+        message = by_value[value]  # the original bytes, untouched
+        assert message.headers["reason"].decode() == reason
+        assert message.headers["detail"]
+        assert message.headers["source_topic"].decode() == served["topic"]
+        assert int(message.headers["source_partition"]) in (0, 1)
+        assert int(message.headers["source_offset"]) >= 0
+
+
+def test_metrics_count_what_was_sent(served):
+    metrics, good = served["metrics"], served["good"]
+    scored = metrics[_outcome("scored")]
+    warming_up = metrics[_outcome("warming_up")]
+    assert scored + warming_up == len(good)
+    assert warming_up == 6 * 3  # six devices, min_history 4: three events each before scoring
+    assert metrics[_outcome("dead_letter")] == len(MALFORMED)
+    assert metrics[_outcome("skipped")] == 0
+    assert metrics[("seqsentinel_alerts_total", ())] == len(served["expected"])
+    assert metrics[("seqsentinel_alert_latency_seconds_count", ())] == len(served["expected"])
+    assert metrics[("seqsentinel_active_keys", ())] == 6
+    assert metrics[("seqsentinel_batch_records_sum", ())] == len(good) + len(MALFORMED)
+    for partition in (0, 1):
+        assert metrics[("seqsentinel_consumer_lag", _partition(served["topic"], partition))] == 0
+
+
+def test_sigterm_exits_zero_after_committing_everything(served):
+    assert served["status"] == 0, served["daemon"].tail()
+    committed, ends = served["offsets"]
+    assert committed == ends
+    assert sum(ends.values()) == len(served["good"]) + len(MALFORMED)
+    events = [event["event"] for event in served["daemon"].log_events()]
+    assert "stopped; every processed record is committed" in events
+
+
+def test_crash_before_commit_repeats_alerts_with_the_same_ids(
+    kafka_bootstrap, kafka_topic_factory, sensor_model, tmp_path
+):
+    topic = kafka_topic_factory(partitions=1, prefix="crash")
+    good = faulty_events()
+    send_events(kafka_bootstrap, topic, good)
+    expected = replay_alert_ids(sensor_model, good)
+    crashing = DaemonProcess(
+        kafka_bootstrap,
+        topic,
+        sensor_model,
+        tmp_path,
+        settings={"BATCHING__MAX_LATENCY_MS": "1000"},  # everything in one batch
+        env={CRASH_BEFORE_COMMIT_ENV: "1"},
+    )
+    with running(crashing):
+        assert crashing.wait(60) == -signal.SIGKILL, crashing.tail()
+    first = {m.json()["alert_id"] for m in read_topic(kafka_bootstrap, crashing.alerts_topic)}
+    assert first == expected  # published and acknowledged...
+    committed, _ = group_offsets(kafka_bootstrap, crashing.group, topic)
+    assert committed == {0: None}  # ...but never committed
+
+    with running(DaemonProcess(kafka_bootstrap, topic, sensor_model, tmp_path)) as daemon:
+        wait_for(lambda: fully_committed(kafka_bootstrap, daemon.group, topic), 60, "commit")
+        assert daemon.stop() == 0
+    ids = [m.json()["alert_id"] for m in read_topic(kafka_bootstrap, daemon.alerts_topic)]
+    assert collections.Counter(ids) == {alert_id: 2 for alert_id in expected}
+
+
+@pytest.mark.slow
+def test_broker_outage_mid_stream_loses_no_alert(sensor_model, tmp_path_factory):
+    broker = LocalBroker(tmp_path_factory.mktemp("outage-broker"))
+    broker.start()
+    topics = TopicFactory(broker.bootstrap)
+    try:
+        topic = topics(partitions=1, prefix="outage")
+        good = faulty_events()
+        thirds = [good[:120], good[120:240], good[240:]]
+        daemon = DaemonProcess(broker.bootstrap, topic, sensor_model, tmp_path_factory.mktemp("o"))
+        with running(daemon):
+            daemon.wait_ready()
+            send_events(broker.bootstrap, topic, thirds[0])
+            wait_for(lambda: fully_committed(broker.bootstrap, daemon.group, topic), 60, "commit")
+            # The second third arrives just before the broker goes: the daemon is scoring,
+            # publishing or committing it while the broker stops.
+            send_events(broker.bootstrap, topic, thirds[1])
+            broker.stop()
+            down_since = time.monotonic()
+            status, body = wait_for(lambda: _not_ready(daemon), 30, "/readyz to report it")
+            assert status == 503 and "broker" in orjson.loads(body)["reason"]
+            time.sleep(max(0.0, OUTAGE_S - (time.monotonic() - down_since)))
+            assert daemon.get("/healthz")[0] == 200  # alive: waiting is not being stuck
+            assert _not_ready(daemon)
+            broker.start()
+            daemon.wait_ready(90)
+            send_events(broker.bootstrap, topic, thirds[2])
+            wait_for(lambda: fully_committed(broker.bootstrap, daemon.group, topic), 90, "commit")
+            assert daemon.stop() == 0, daemon.tail()
+        alerts = read_topic(broker.bootstrap, daemon.alerts_topic)
+        received = {message.json()["alert_id"] for message in alerts}
+        assert replay_alert_ids(sensor_model, good) <= received
+    finally:
+        topics.close()
+        broker.stop()
+
+
+def _not_ready(daemon: DaemonProcess) -> tuple[int, bytes] | None:
+    status, body = daemon.get("/readyz")
+    return (status, body) if status == 503 else None
