@@ -1,0 +1,235 @@
+"""Operating `detector run`: readiness, refusals at start, and hot model reload.
+
+The daemon runs as a real subprocess against the session's broker; the model watcher is
+also tested on its own, in process, where its timing can be controlled.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+from daemon_support import (
+    DaemonProcess,
+    encoded,
+    fully_committed,
+    read_topic,
+    replay_alert_ids,
+    running,
+    send_events,
+    sensor_events,
+    train_model,
+    wait_for,
+)
+from kafka_support import free_ports
+
+from detector.config import ModelSettings
+from detector.manifest import ModelContractError, load_model_file
+from detector.model_watch import ModelWatcher, file_sha256, load_scorer
+
+
+@pytest.fixture(scope="session")
+def sensor_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return train_model(tmp_path_factory.getbasetemp() / "daemon-models")
+
+
+@pytest.fixture(scope="session")
+def other_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Trained like `sensor_model` with another seed: the same contract, another version."""
+    return train_model(tmp_path_factory.getbasetemp() / "daemon-models", seed=1)
+
+
+def version(model: Path) -> str:
+    return load_model_file(model)[0].model_version
+
+
+def replace(target: Path, source: Path | bytes) -> None:
+    """Replace a file atomically, as the trainer's --promote-to does."""
+    partial = target.with_name(f".{target.name}.partial")
+    if isinstance(source, bytes):
+        partial.write_bytes(source)
+    else:
+        shutil.copyfile(source, partial)
+    partial.replace(target)
+
+
+def log_order(daemon: DaemonProcess, *events: str) -> list[int]:
+    """Index in the daemon's log of the first line with each event."""
+    logged = [line["event"] for line in daemon.log_events()]
+    return [logged.index(event) for event in events]
+
+
+@pytest.mark.kafka
+def test_ready_only_once_the_model_is_loaded_and_partitions_are_assigned(
+    kafka_bootstrap, kafka_topic_factory, sensor_model, tmp_path
+):
+    topic = kafka_topic_factory(partitions=3, prefix="ready")
+    daemon = DaemonProcess(kafka_bootstrap, topic, sensor_model, tmp_path)
+    seen: list[tuple[int, dict]] = []
+
+    def answered_ready() -> bool:
+        status, body = daemon.get("/readyz")
+        if status:
+            seen.append((status, orjson.loads(body)))
+        return status == 200
+
+    with running(daemon):
+        wait_for(answered_ready, 60, "/readyz to answer 200", every=0.02)
+        wait_for(lambda: "ready" in [line["event"] for line in daemon.log_events()], 10, "READY")
+        assert daemon.stop() == 0
+    assert {status for status, _ in seen} <= {200, 503}
+    for status, document in seen:
+        assert document["ready"] is (status == 200)
+        if status == 503:
+            assert document["reason"]
+    ready = seen[-1][1]
+    assert ready["partitions"] == 3
+    assert ready["model_version"] == version(sensor_model)
+    model, assigned, announced = log_order(daemon, "model loaded", "partitions assigned", "ready")
+    assert model < assigned < announced
+
+
+@pytest.mark.kafka
+def test_not_ready_but_alive_while_the_broker_cannot_be_reached(sensor_model, tmp_path):
+    nowhere = f"127.0.0.1:{free_ports(1)[0]}"
+    daemon = DaemonProcess(nowhere, "events", sensor_model, tmp_path)
+    with running(daemon):
+        wait_for(lambda: daemon.get("/readyz")[0] == 503, 30, "/readyz to answer")
+        time.sleep(1.0)  # a few connection attempts
+        status, body = daemon.get("/readyz")
+        assert status == 503
+        assert orjson.loads(body)["reason"] == "the Kafka broker is not reachable"
+        assert orjson.loads(body)["model_version"] == version(sensor_model)
+        assert daemon.get("/healthz")[0] == 200
+        started = time.monotonic()
+        assert daemon.stop() == 0
+        assert time.monotonic() - started < 10
+
+
+@pytest.mark.kafka
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        ("missing input topic", "does not exist"),
+        ("output topics missing, creation off", "kafka.create_topics is off"),
+        ("corrupt model", "not an ONNX model"),
+    ],
+)
+def test_start_is_refused_with_a_clear_reason(
+    kafka_bootstrap, kafka_topic_factory, sensor_model, tmp_path, case, expected
+):
+    topic = kafka_topic_factory(prefix="refuse")
+    model, settings = sensor_model, {}
+    if case == "missing input topic":
+        topic = f"{topic}-absent"
+    elif case == "output topics missing, creation off":
+        settings = {"KAFKA__CREATE_TOPICS": "false"}
+    else:
+        model = tmp_path / "corrupt.onnx"
+        model.write_bytes(b"\x00 this is not a model")
+    daemon = DaemonProcess(kafka_bootstrap, topic, model, tmp_path, settings=settings)
+    with running(daemon):
+        assert daemon.wait(60) == 1
+    errors = [line for line in daemon.log_events() if line["level"] == "error"]
+    assert errors and expected in errors[-1]["error"], daemon.tail()
+
+
+@pytest.mark.kafka
+def test_sighup_swaps_in_a_new_model_and_a_corrupt_one_is_refused(
+    kafka_bootstrap, kafka_topic_factory, sensor_model, other_model, tmp_path
+):
+    served = tmp_path / "model.onnx"
+    shutil.copyfile(sensor_model, served)
+    topic = kafka_topic_factory(prefix="reload")
+    daemon = DaemonProcess(
+        kafka_bootstrap, topic, served, tmp_path, settings={"MODEL__RELOAD_INTERVAL_S": "0"}
+    )
+    # Each phase brings devices never seen before, so the phase's alerts are what a fresh
+    # replay with the model serving it gives.
+    phases = [encoded(sensor_events(4, 40, seed=seed, faults=2)) for seed in (21, 22, 23)]
+
+    def run_phase(events: list[bytes], model: Path) -> None:
+        expected = replay_alert_ids(model, events)
+        assert expected
+        before = len(read_topic(kafka_bootstrap, daemon.alerts_topic, timeout=5))
+        send_events(kafka_bootstrap, topic, events)
+        wait_for(lambda: fully_committed(kafka_bootstrap, daemon.group, topic), 30, "commit")
+        alerts = read_topic(kafka_bootstrap, daemon.alerts_topic, before + len(expected))
+        new = [message.json() for message in alerts[before:]]
+        assert {alert["alert_id"] for alert in new} == expected
+        assert {alert["model_version"] for alert in new} == {version(model)}
+
+    def reloads(result: str) -> float:
+        return daemon.metrics().get(("seqsentinel_model_reloads_total", (("result", result),)), 0)
+
+    def info_version() -> str:
+        samples = daemon.metrics()
+        return next(
+            dict(labels)["model_version"]
+            for name, labels in samples
+            if name == "seqsentinel_model_info"
+        )
+
+    with running(daemon):
+        daemon.wait_ready()
+        run_phase(phases[0], sensor_model)
+
+        replace(served, other_model)
+        time.sleep(0.5)
+        assert info_version() == version(sensor_model)  # no polling: waits for SIGHUP
+        daemon.signal(signal.SIGHUP)
+        wait_for(lambda: info_version() == version(other_model), 30, "the new model")
+        assert reloads("loaded") == 1
+        run_phase(phases[1], other_model)
+
+        replace(served, b"\x08\x07 truncated protobuf")
+        daemon.signal(signal.SIGHUP)
+        wait_for(lambda: reloads("refused") == 1, 30, "the corrupt model to be refused")
+        assert info_version() == version(other_model)
+        assert daemon.ready()
+        run_phase(phases[2], other_model)
+        assert daemon.stop() == 0
+    events = [line["event"] for line in daemon.log_events()]
+    assert "new model file refused; the serving model stays" in events
+
+
+def test_watcher_loads_a_changed_file_once_and_keeps_serving_on_a_bad_one(
+    sensor_model, other_model, tmp_path
+):
+    served = tmp_path / "model.onnx"
+    shutil.copyfile(sensor_model, served)
+    refused: list[str] = []
+    settings = ModelSettings(
+        path=served, providers=["CPUExecutionProvider"], reload_interval_s=0.05
+    )
+    watcher = ModelWatcher(settings, version(sensor_model), refused.append)
+    watcher.start()
+    try:
+        time.sleep(0.2)
+        assert watcher.take() is None  # unchanged file: nothing to load
+        replace(served, other_model)
+        scorer = wait_for(watcher.take, 10, "the changed file to be loaded")
+        assert scorer.manifest.model_version == version(other_model)
+        time.sleep(0.2)
+        assert watcher.take() is None  # loaded once, not at every check
+
+        replace(served, b"not a model")
+        wait_for(lambda: refused, 10, "the bad file to be refused")
+        assert "not an ONNX model" in refused[0]
+        replace(served, other_model)  # touched again, same version as the serving one
+        time.sleep(0.3)
+        assert watcher.take() is None and len(refused) == 1
+    finally:
+        watcher.stop()
+
+
+def test_allow_list_admits_only_listed_model_files(sensor_model, other_model):
+    allowed = [file_sha256(sensor_model)]
+    settings = ModelSettings(path=sensor_model, providers=["CPUExecutionProvider"])
+    assert load_scorer(settings.model_copy(update={"allowed_sha256": allowed})).manifest
+    with pytest.raises(ModelContractError, match=r"not in model\.allowed_sha256"):
+        load_scorer(settings.model_copy(update={"path": other_model, "allowed_sha256": allowed}))
