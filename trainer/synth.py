@@ -272,7 +272,7 @@ def _inject_faults(
 
 FRAUD_SCENARIOS = ("card_testing", "amount_spike", "spree")
 #: Fraud episodes per customer per day, and the share of each scenario.
-FRAUD_RATE = 0.01
+FRAUD_RATE = 0.02
 FRAUD_MIX = (0.4, 0.3, 0.3)
 #: Share of honest payments followed by a second one at the same terminal minutes later.
 REPEAT_RATE = 0.04
@@ -396,13 +396,13 @@ def _fraud_payments(
     count = victim.size
     kind = rng.choice(len(FRAUD_SCENARIOS), count, p=FRAUD_MIX)
     begin = START + rng.uniform(0, days * DAY - DAY / 4, count)
-    # Card testing: 4-10 probes of a few dollars, tens of seconds apart, then maybe a
-    # cash-out. Amount spike: 1-3 payments many times the usual, within hours. Spree: 3-7
+    # Card testing: 5-15 probes of a few dollars, tens of seconds apart, then maybe a
+    # cash-out. Amount spike: 1-3 payments many times the usual, within hours. Spree: 4-8
     # payments a few times the usual at unfamiliar terminals, minutes apart.
     cash_out = (kind == 0) & (rng.random(count) < 0.5)
     length = cash_out + np.choose(
         kind,
-        [rng.integers(4, 11, count), rng.integers(1, 4, count), rng.integers(3, 8, count)],
+        [rng.integers(5, 16, count), rng.integers(1, 4, count), rng.integers(4, 9, count)],
     )
     event = np.repeat(np.arange(count), length)
     position = _position_in_group(length)

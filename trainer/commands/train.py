@@ -46,6 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     # Imported here so that `trainer --help` does not pay for loading torch.
     from trainer.pipeline import train
+    from trainer.report import write_training_report
 
     try:
         config = load_train_config(args.config)
@@ -65,6 +66,8 @@ def run(args: argparse.Namespace) -> int:
     manifest = result.manifest
     print(f"wrote {result.model_path} (model {manifest.model_version})")
     print(f"wrote {result.metrics_path}")
+    for path in write_training_report(result, result.model_path.parent):
+        print(f"wrote {path}")
     print(f"threshold {manifest.scoring.threshold:.6g}: {manifest.scoring.calibration}")
     for name, value in sorted(manifest.training.metrics.items()):
         print(f"  {name} = {value:.4g}")
