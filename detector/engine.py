@@ -362,22 +362,16 @@ class _Batch:
         return slots, status == Status.SCORED
 
     def _apply_windows(self) -> None:
-        arena, window = self.arena, self.manifest.window
-        steps = np.arange(window)
+        arena = self.arena
         scored_events, windows, lengths = [], [], []
         for events in self.rounds:
             slots, scored = self._advance(events)
-            count = arena.count[slots]
-            arena.ring[slots, (count - 1) % window] = self.x[events]
-            if not scored.any():
-                continue
-            slots, count = slots[scored], count[scored]
-            length = np.minimum(count, window)
-            gathered = arena.ring[slots[:, None], ((count - length)[:, None] + steps) % window]
-            gathered[steps[None, :] >= length[:, None]] = 0.0
-            scored_events.append(events[scored])
-            windows.append(gathered)
-            lengths.append(length)
+            arena.append(slots, self.x[events])
+            if scored.any():
+                gathered, length = arena.windows(slots[scored])
+                scored_events.append(events[scored])
+                windows.append(gathered)
+                lengths.append(length)
         if not scored_events:
             return
         events = np.concatenate(scored_events)
@@ -391,10 +385,9 @@ class _Batch:
         offset = 0
         for events in self.rounds:
             slots, scored = self._advance(events)
-            h, c = arena.h[:, slots], arena.c[:, slots]
+            h, c = arena.state(slots)
             out = self.model.step(self.x[events], h, c, self.options.max_batch)
-            arena.h[:, slots] = out.h
-            arena.c[:, slots] = out.c
+            arena.set_state(slots, out.h, out.c)
             self._store(events[scored], out, scored)
             if self.manifest.task == "classify":
                 self.input_row[events] = offset + np.arange(events.size)

@@ -93,3 +93,25 @@ def test_state_per_key_is_small() -> None:
     window = KeyArena(ArenaShape(ring=(32, 8)), max_keys=10)
     assert stateful.nbytes_per_slot() == 2 * 2 * 64 * 4 + 70
     assert window.nbytes_per_slot() == 32 * 8 * 4 + 70
+
+
+def test_ring_windows_are_the_last_events_oldest_first_right_padded() -> None:
+    arena = KeyArena(WINDOW_SHAPE, max_keys=4)
+    slots, _ = add(arena, ["long", "short"], 1)
+    for step in range(6):
+        members = slots if step < 2 else slots[:1]
+        arena.count[members] += 1
+        arena.append(members, np.full((members.size, 3), step + 1.0, np.float32))
+    windows, lengths = arena.windows(slots)
+    np.testing.assert_array_equal(lengths, [4, 2])
+    np.testing.assert_array_equal(windows[:, :, 0], [[3, 4, 5, 6], [1, 2, 0, 0]])
+
+
+def test_lstm_state_is_gathered_and_scattered_per_slot() -> None:
+    arena = KeyArena(STATE_SHAPE, max_keys=4)
+    slots, _ = add(arena, ["a", "b", "c"], 1)
+    h = np.arange(2 * 2 * 5, dtype=np.float32).reshape(2, 2, 5)
+    arena.set_state(slots[[2, 0]], h, -h)
+    got_h, got_c = arena.state(slots[[0, 1, 2]])
+    np.testing.assert_array_equal(got_h, np.stack([h[:, 1], np.zeros((2, 5)), h[:, 0]], axis=1))
+    np.testing.assert_array_equal(got_c, -got_h)
