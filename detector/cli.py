@@ -9,7 +9,14 @@ from collections.abc import Sequence
 from detector import __version__
 
 #: Sub-command modules of `detector.commands`, in the order `--help` lists them.
-COMMAND_MODULES: tuple[str, ...] = ("check_config", "replay", "inspect_model", "run", "produce")
+COMMAND_MODULES: tuple[str, ...] = (
+    "check_config",
+    "replay",
+    "inspect_model",
+    "run",
+    "produce",
+    "tail_alerts",
+)
 
 
 def build_parser(

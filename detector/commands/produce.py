@@ -26,7 +26,7 @@ from detector.config import add_config_argument, load_settings_or_exit
 from detector.features import RecordError, parse_event_time
 from detector.records import SUFFIXES, read_records
 
-#: Records between two progress updates (and rate checks at high rates).
+#: Most records between two progress updates.
 CHUNK = 1000
 
 
@@ -104,18 +104,18 @@ def _send_all(
     failed: list[Exception] = []
     started = time.monotonic()
     columns = (BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    # With a rate, send about 50 ms worth at a time and wait for the schedule to catch up.
+    step = max(1, min(CHUNK, int(args.rate / 20))) if args.rate else CHUNK
     with Progress(*columns, console=console, transient=True) as bar:
         task = bar.add_task("produce", total=len(records))
-        for start in range(0, len(records), CHUNK):
-            for record, document in zip(
-                records[start : start + CHUNK], documents[start : start + CHUNK], strict=True
-            ):
+        for start in range(0, len(records), step):
+            done = min(start + step, len(records))
+            for record, document in zip(records[start:done], documents[start:done], strict=True):
                 value = record if isinstance(record, bytes) else orjson.dumps(record)
                 future = producer.send(args.topic, value=value, key=_key(document, args))
                 future.add_errback(failed.append)
-            bar.update(task, completed=min(start + CHUNK, len(records)))
+            bar.update(task, completed=done)
             if args.rate:
-                done = min(start + CHUNK, len(records))
                 time.sleep(max(0.0, started + done / args.rate - time.monotonic()))
         producer.flush()
     seconds = time.monotonic() - started

@@ -1,0 +1,163 @@
+"""`detector produce` and `detector tail-alerts`, run as commands against the real broker."""
+
+from __future__ import annotations
+
+import csv
+import random
+import re
+import subprocess
+import sys
+
+import orjson
+import pyarrow as pa
+import pyarrow.parquet
+import pytest
+from daemon_support import read_topic, send
+
+from detector.commands.tail_alerts import describe
+
+pytestmark = pytest.mark.kafka
+
+
+def detector(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "detector", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def rows(count: int) -> list[dict]:
+    return [
+        {"device": f"dev-{i % 3}", "ts": 1_704_067_200 + 60 * i, "temperature": 20.5 + i}
+        for i in range(count)
+    ]
+
+
+def test_csv_goes_out_in_time_order_keyed_by_the_key_column(
+    kafka_bootstrap, kafka_topic_factory, tmp_path
+):
+    topic = kafka_topic_factory(partitions=1, prefix="produce-csv")
+    expected = rows(50)
+    shuffled = random.Random(3).sample(expected, len(expected))
+    path = tmp_path / "events.csv"
+    with path.open("w", newline="") as out:
+        writer = csv.DictWriter(out, fieldnames=list(expected[0]))
+        writer.writeheader()
+        writer.writerows(shuffled)
+    result = detector(
+        "produce",
+        f"--input={path}",
+        f"--topic={topic}",
+        f"--bootstrap-servers={kafka_bootstrap}",
+        "--key-column=device",
+        "--time-column=ts",
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"sent 50 records to {topic}" in result.stderr
+    messages = read_topic(kafka_bootstrap, topic, at_least=50)
+    assert [message.json() for message in messages] == expected
+    assert [message.key for message in messages] == [row["device"].encode() for row in expected]
+
+
+def test_json_lines_go_out_byte_for_byte_in_file_order(
+    kafka_bootstrap, kafka_topic_factory, tmp_path
+):
+    topic = kafka_topic_factory(partitions=1, prefix="produce-jsonl")
+    lines = [orjson.dumps(row) for row in rows(5)]
+    lines.insert(2, b'{"device": "dev-9", broken')
+    path = tmp_path / "events.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    result = detector(
+        "produce",
+        f"--input={path}",
+        f"--topic={topic}",
+        f"--bootstrap-servers={kafka_bootstrap}",
+        "--key-column=device",
+    )
+    assert result.returncode == 0, result.stderr
+    messages = read_topic(kafka_bootstrap, topic, at_least=len(lines))
+    assert [message.value for message in messages] == lines
+    assert [message.key for message in messages] == [
+        b"dev-0",
+        b"dev-1",
+        None,  # no key can be read from a malformed line
+        b"dev-2",
+        b"dev-0",
+        b"dev-1",
+    ]
+
+
+def test_rate_limits_parquet_input(kafka_bootstrap, kafka_topic_factory, tmp_path):
+    topic = kafka_topic_factory(partitions=1, prefix="produce-rate")
+    expected = rows(40)
+    path = tmp_path / "events.parquet"
+    pyarrow.parquet.write_table(pa.Table.from_pylist(expected), path)
+    result = detector(
+        "produce",
+        f"--input={path}",
+        f"--topic={topic}",
+        f"--bootstrap-servers={kafka_bootstrap}",
+        "--rate=50",
+    )
+    assert result.returncode == 0, result.stderr
+    seconds = float(re.search(r"in ([\d.]+) s", result.stderr).group(1))
+    assert seconds >= 0.75  # 40 records at 50 per second
+    messages = read_topic(kafka_bootstrap, topic, at_least=40)
+    assert [message.json() for message in messages] == expected
+    assert {message.key for message in messages} == {None}
+
+
+def test_produce_refuses_a_file_it_cannot_read(kafka_bootstrap, tmp_path):
+    result = detector(
+        "produce",
+        f"--input={tmp_path / 'absent.csv'}",
+        "--topic=nowhere",
+        f"--bootstrap-servers={kafka_bootstrap}",
+    )
+    assert result.returncode == 2
+    assert "cannot read" in result.stderr
+
+
+def test_tail_alerts_prints_one_line_per_alert(kafka_bootstrap, kafka_topic_factory):
+    topic = kafka_topic_factory(partitions=1, prefix="tail")
+    alerts = [
+        {
+            "alert_id": f"id-{i}",
+            "key": f"dev-{i}",
+            "event_time": 1_704_067_200.0 + i,
+            "score": 12.5 + i,
+            "threshold": 4.0,
+            "model_version": "abcdef012345",
+            "explanation_kind": "forecast_error_share",
+            "explanation": [
+                {"feature": "temperature", "value": 0.9},
+                {"feature": "vibration", "value": 0.1},
+            ],
+        }
+        for i in range(2)
+    ]
+    send(kafka_bootstrap, topic, [orjson.dumps(a) for a in alerts], [b"dev-0", b"dev-1"])
+    result = detector(
+        "tail-alerts",
+        f"--topic={topic}",
+        f"--bootstrap-servers={kafka_bootstrap}",
+        "--from-beginning",
+        "--max=2",
+        "--idle-timeout=20",
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [describe(alert) for alert in alerts]
+    assert describe(alerts[1]) == (
+        "2024-01-01T00:00:01Z  dev-1  score 13.5 >= 4  model abcdef012345  "
+        "forecast_error_share: temperature 0.90, vibration 0.10"
+    )
+
+
+def test_daemon_commands_are_registered():
+    """The commands the demo script runs are listed by `detector --help`."""
+    result = detector("--help")
+    for command in ("run", "produce", "tail-alerts"):
+        assert re.search(rf"^\s+{command}\s", result.stdout, re.MULTILINE), result.stdout
