@@ -7,6 +7,7 @@ import random
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import orjson
 import pyarrow as pa
@@ -29,6 +30,18 @@ def detector(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def produce(
+    path: Path, topic: str, bootstrap: str, *options: str
+) -> subprocess.CompletedProcess[str]:
+    return detector(
+        "produce",
+        f"--input={path}",
+        f"--topic={topic}",
+        f"--bootstrap-servers={bootstrap}",
+        *options,
+    )
+
+
 def rows(count: int) -> list[dict]:
     return [
         {"device": f"dev-{i % 3}", "ts": 1_704_067_200 + 60 * i, "temperature": 20.5 + i}
@@ -47,14 +60,7 @@ def test_csv_goes_out_in_time_order_keyed_by_the_key_column(
         writer = csv.DictWriter(out, fieldnames=list(expected[0]))
         writer.writeheader()
         writer.writerows(shuffled)
-    result = detector(
-        "produce",
-        f"--input={path}",
-        f"--topic={topic}",
-        f"--bootstrap-servers={kafka_bootstrap}",
-        "--key-column=device",
-        "--time-column=ts",
-    )
+    result = produce(path, topic, kafka_bootstrap, "--key-column=device", "--time-column=ts")
     assert result.returncode == 0, result.stderr
     assert f"sent 50 records to {topic}" in result.stderr
     messages = read_topic(kafka_bootstrap, topic, at_least=50)
@@ -70,13 +76,7 @@ def test_json_lines_go_out_byte_for_byte_in_file_order(
     lines.insert(2, b'{"device": "dev-9", broken')
     path = tmp_path / "events.jsonl"
     path.write_bytes(b"\n".join(lines) + b"\n")
-    result = detector(
-        "produce",
-        f"--input={path}",
-        f"--topic={topic}",
-        f"--bootstrap-servers={kafka_bootstrap}",
-        "--key-column=device",
-    )
+    result = produce(path, topic, kafka_bootstrap, "--key-column=device")
     assert result.returncode == 0, result.stderr
     messages = read_topic(kafka_bootstrap, topic, at_least=len(lines))
     assert [message.value for message in messages] == lines
@@ -95,13 +95,7 @@ def test_rate_limits_parquet_input(kafka_bootstrap, kafka_topic_factory, tmp_pat
     expected = rows(40)
     path = tmp_path / "events.parquet"
     pyarrow.parquet.write_table(pa.Table.from_pylist(expected), path)
-    result = detector(
-        "produce",
-        f"--input={path}",
-        f"--topic={topic}",
-        f"--bootstrap-servers={kafka_bootstrap}",
-        "--rate=50",
-    )
+    result = produce(path, topic, kafka_bootstrap, "--rate=50")
     assert result.returncode == 0, result.stderr
     seconds = float(re.search(r"in ([\d.]+) s", result.stderr).group(1))
     assert seconds >= 0.75  # 40 records at 50 per second
@@ -111,12 +105,7 @@ def test_rate_limits_parquet_input(kafka_bootstrap, kafka_topic_factory, tmp_pat
 
 
 def test_produce_refuses_a_file_it_cannot_read(kafka_bootstrap, tmp_path):
-    result = detector(
-        "produce",
-        f"--input={tmp_path / 'absent.csv'}",
-        "--topic=nowhere",
-        f"--bootstrap-servers={kafka_bootstrap}",
-    )
+    result = produce(tmp_path / "absent.csv", "nowhere", kafka_bootstrap)
     assert result.returncode == 2
     assert "cannot read" in result.stderr
 
