@@ -5,7 +5,7 @@ VENV := .venv
 VENV_PYTHON := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: venv kafka-jars test lint
+.PHONY: venv kafka-jars test lint demo
 
 # The stamp is newer than pyproject.toml once everything is installed: a repeated run does
 # nothing, and torch's large download happens only once (pip keeps satisfied requirements).
@@ -29,3 +29,8 @@ test: venv kafka-jars
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+# The whole detector end to end on this machine: local Kafka, a model trained on synthetic
+# sensors, `detector run`, `detector produce`, and the alerts printed as they arrive.
+demo: venv kafka-jars
+	PYTHON=$(VENV_PYTHON) deploy/demo.sh
