@@ -177,6 +177,7 @@ class Daemon:
         self._keyed = settings.kafka.key_field is None
         self._crash_before_commit = os.environ.get(CRASH_BEFORE_COMMIT_ENV) == "1"
         self._commit_backoff = Backoff()
+        self._poll_backoff = Backoff()
         self._next_commit = 0.0
         self._next_probe = 0.0
         self._next_status = 0.0
@@ -341,7 +342,11 @@ class Daemon:
         try:
             self._collect()
         except KafkaError as error:
-            log.warning("poll failed", error=str(error))
+            delay = self._poll_backoff.next()
+            log.warning("poll failed; retrying", error=str(error), retry_in_s=delay)
+            time.sleep(delay)
+        else:
+            self._poll_backoff.reset()
         if self.in_hand.records and not self._stop.is_set():
             self._settle_records()
         self._try_commit()
@@ -539,7 +544,9 @@ class Daemon:
     def partitions_revoked(self) -> dict[TopicPartition, OffsetAndMetadata]:
         """Settle what is in hand; the offsets to commit before the partitions go."""
         if self.in_hand.records and not self._stop.is_set():
-            self._settle_records()
+            records = len(self.in_hand.records)
+            if self._settle_records():
+                log.info("settled the records in hand before a revocation", records=records)
         offsets = self._offsets()
         self.in_hand.acked.clear()
         return offsets

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -193,6 +194,45 @@ def test_crash_before_commit_repeats_alerts_with_the_same_ids(
     assert collections.Counter(ids) == {alert_id: 2 for alert_id in expected}
 
 
+def test_a_revocation_commits_the_records_in_hand_so_none_is_scored_twice(
+    kafka_bootstrap, kafka_topic_factory, sensor_model, tmp_path
+):
+    topic = kafka_topic_factory(partitions=4, prefix="rebalance")
+    events = encoded(sensor_events(8, 60, seed=11))
+    # The first member collects for seconds, so it has records in hand when the second joins.
+    first = DaemonProcess(
+        kafka_bootstrap,
+        topic,
+        sensor_model,
+        tmp_path,
+        settings={"BATCHING__MAX_LATENCY_MS": "4000"},
+    )
+    second = DaemonProcess(kafka_bootstrap, topic, sensor_model, tmp_path)
+    chunks = [events[i : i + 40] for i in range(0, len(events), 40)]
+
+    def send_slowly() -> None:  # over several seconds, while the second member joins
+        for chunk in chunks:
+            send_events(kafka_bootstrap, topic, chunk)
+            time.sleep(0.5)
+
+    sender = threading.Thread(target=send_slowly)
+    with running(first):
+        first.wait_ready()
+        sender.start()
+        with running(second):
+            second.wait_ready()
+            sender.join()
+            wait_for(lambda: fully_committed(kafka_bootstrap, first.group, topic), 60, "commit")
+            counts = [_records(daemon) for daemon in (first, second)]
+            assert second.stop() == 0
+        assert first.stop() == 0
+    assert sum(counts) == len(events)  # every record scored exactly once between the two
+    assert all(counts), counts  # and both had partitions
+    logged = [line["event"] for line in first.log_events()]
+    assert "settled the records in hand before a revocation" in logged
+    assert "commit before revocation failed" not in logged
+
+
 @pytest.mark.slow
 def test_broker_outage_mid_stream_loses_no_alert(sensor_model, tmp_path_factory):
     broker = LocalBroker(tmp_path_factory.mktemp("outage-broker"))
@@ -228,6 +268,12 @@ def test_broker_outage_mid_stream_loses_no_alert(sensor_model, tmp_path_factory)
     finally:
         topics.close()
         broker.stop()
+
+
+def _records(daemon: DaemonProcess) -> float:
+    return sum(
+        v for (name, _), v in daemon.metrics().items() if name == "seqsentinel_records_total"
+    )
 
 
 def _not_ready(daemon: DaemonProcess) -> tuple[int, bytes] | None:

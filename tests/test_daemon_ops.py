@@ -94,9 +94,18 @@ def test_ready_only_once_the_model_is_loaded_and_partitions_are_assigned(
 
 
 @pytest.mark.kafka
-def test_not_ready_but_alive_while_the_broker_cannot_be_reached(sensor_model, tmp_path):
+def test_not_ready_but_alive_while_the_broker_cannot_be_reached_and_no_secret_logged(
+    sensor_model, tmp_path
+):
     nowhere = f"127.0.0.1:{free_ports(1)[0]}"
-    daemon = DaemonProcess(nowhere, "events", sensor_model, tmp_path)
+    secret = "hunter2-do-not-log"
+    sasl = {
+        "KAFKA__SECURITY_PROTOCOL": "SASL_PLAINTEXT",
+        "KAFKA__SASL_MECHANISM": "PLAIN",
+        "KAFKA__SASL_USERNAME": "detector",
+        "KAFKA__SASL_PASSWORD": secret,
+    }
+    daemon = DaemonProcess(nowhere, "events", sensor_model, tmp_path, settings=sasl)
     with running(daemon):
         wait_for(lambda: daemon.get("/readyz")[0] == 503, 30, "/readyz to answer")
         time.sleep(1.0)  # a few connection attempts
@@ -108,6 +117,10 @@ def test_not_ready_but_alive_while_the_broker_cannot_be_reached(sensor_model, tm
         started = time.monotonic()
         assert daemon.stop() == 0
         assert time.monotonic() - started < 10
+    starting = next(line for line in daemon.log_events() if line["event"] == "starting")
+    assert starting["settings"]["kafka"]["sasl_password"] == "**********"
+    assert starting["settings"]["kafka"]["sasl_username"] == "detector"
+    assert secret not in daemon.log.read_text()
 
 
 @pytest.mark.kafka
