@@ -93,7 +93,11 @@ def smooth(arena: KeyArena, slots: np.ndarray, scores: np.ndarray, alpha: float)
 def advance_episodes(
     arena: KeyArena, slots: np.ndarray, scores: np.ndarray, threshold: float, cooldown: int
 ) -> np.ndarray:
-    """Apply one scored event per slot to the episode state; True where an episode opened."""
+    """Apply one scored event per slot to the episode state; True where an episode opened.
+
+    An open episode closes at its `cooldown`-th consecutive score below the threshold (at
+    the first one when `cooldown` is 0 or 1); the peak is the highest score while open.
+    """
     above = scores >= threshold
     was_open = arena.in_episode[slots]
     opened = above & ~was_open
