@@ -12,6 +12,7 @@ from model_factory import KEY, TIME, event, load_random, make_manifest
 from detector.alerts import alert_id
 from detector.engine import Engine, EngineOptions, Status
 from detector.features import UNKNOWN_CODE
+from detector.manifest import KeyStatistics
 from detector.records import InputRecord, Source
 from detector.scorer import Scorer
 
@@ -339,3 +340,16 @@ def test_options_are_validated() -> None:
         EngineOptions(max_batch=10, max_keys=5)
     with pytest.raises(ValueError, match="stride"):
         EngineOptions(stride=0)
+
+
+def test_keys_with_their_own_statistics_are_normalised_with_them(folder: Path) -> None:
+    statistics = {"a": KeyStatistics(mean=[200.0, 0.0], std=[5.0, 1.0])}
+    manifest = make_manifest(min_history=2, per_key_statistics=statistics)
+    scorer = load_random(folder / "per-key.onnx", manifest, seed=6)
+    events = stream("abab")
+    result = Engine(scorer).process(events)
+    for key, rows in (("a", [0, 2]), ("b", [1, 3])):
+        window = single_key_window(scorer, [events[i] for i in rows])
+        want = scorer.score_windows(window, np.array([2])).score[0]
+        assert result.scores[rows[1]] == pytest.approx(want, abs=1e-6), key
+    np.testing.assert_array_equal(scorer.codec.statistics_rows(["a", "b"]), [1, 0])
