@@ -95,7 +95,6 @@ def replay_records(
     inverse = np.empty(total, np.intp)
     inverse[order] = np.arange(total)
     counters = result.counters
-    keys = result.keys[inverse]
     summary = ReplaySummary(
         events=total,
         keys=len(set(result.keys[result.statuses != Status.DEAD_LETTER].tolist())),
@@ -110,7 +109,7 @@ def replay_records(
     )
     return ReplayResult(
         rows=np.arange(total),
-        keys=keys,
+        keys=result.keys[inverse],
         times=result.times[inverse],
         scores=result.scores[inverse],
         statuses=result.statuses[inverse],
