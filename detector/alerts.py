@@ -42,7 +42,10 @@ class Alert:
     `score` is the (smoothed) score of the event that opened the episode. `peak_score` is the
     highest score of the episode among the events of the batch in which it opened (from the
     opening event until it closed or the batch ended); later events of the same episode raise
-    no new alert and do not change it.
+    no new alert and do not change it. `sequence` numbers the event among its key's events
+    since the key's state began (it starts again after the key is evicted or expires); with
+    the model version, the key and the event time it makes `alert_id`, so replaying the same
+    events gives the same ids.
     """
 
     alert_id: str
