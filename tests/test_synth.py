@@ -103,6 +103,7 @@ def test_transaction_columns_and_fraud_scenarios(payments: Dataset) -> None:
         "customer_id",
         "ts",
         "amount",
+        "log_amount",
         "terminal_id",
         "hour",
         "is_fraud",
