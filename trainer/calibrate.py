@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from trainer.metrics import precision_recall_curve, roc_curve
+from trainer.metrics import precision_recall_curve, roc_curve, runs
+
+#: Candidate thresholds of the dynamic method, in standard deviations above the mean
+#: (the range and step of Hundman et al. 2018); the last one is also the fallback.
+DYNAMIC_Z = np.arange(2.5, 12.0 + 1e-9, 0.5)
 
 
 class CalibrationError(ValueError):
@@ -20,13 +24,20 @@ def calibrate(
     labels: np.ndarray | None,
     method: str,
     target: float | None,
+    keys: np.ndarray | None = None,
 ) -> tuple[float, str]:
-    """(threshold, description for `manifest.scoring.calibration`)."""
+    """(threshold, description for `manifest.scoring.calibration`).
+
+    `keys` (each score's key, scores in event order within a key) lets the dynamic method
+    count anomalous sequences per key; without it the scores are one sequence.
+    """
     scores = np.asarray(scores, np.float64)
     if not scores.size:
         raise CalibrationError("no validation windows to calibrate the threshold on")
     if method == "quantile":
         return quantile_threshold(scores, labels, _require(target, method))
+    if method == "dynamic":
+        return dynamic_threshold(scores, labels, keys)
     if labels is None:
         raise CalibrationError(f"threshold method {method!r} needs labels")
     labels = np.asarray(labels, bool)
@@ -92,6 +103,40 @@ def quantile_threshold(
     if not normal.size:
         raise CalibrationError("the validation split has no normal events")
     return float(np.quantile(normal, quantile)), f"quantile={quantile:g}"
+
+
+def dynamic_threshold(
+    scores: np.ndarray, labels: np.ndarray | None, keys: np.ndarray | None = None
+) -> tuple[float, str]:
+    """Nonparametric threshold of Hundman et al. (2018) on the (smoothed) normal scores.
+
+    Among mean + z·std for z in `DYNAMIC_Z`, the one whose removal of the scores above it
+    cuts the mean and the spread the most, per event and per sequence (squared) it flags:
+    (Δmean/mean + Δstd/std) / (#above + #sequences²). Fitted once on normal data rather than
+    per window of live errors, so that the detector needs no buffer of past errors per key
+    and an alert can be reproduced from the manifest alone. With nothing above any
+    candidate, the largest candidate.
+    """
+    normal = np.ones(scores.size, bool) if labels is None else ~np.asarray(labels, bool)
+    if not normal.any():
+        raise CalibrationError("the validation split has no normal events")
+    values = scores[normal]
+    groups = None if keys is None else np.asarray(keys)[normal]
+    mean, std = float(values.mean()), float(values.std())
+    best_z, best_gain = float(DYNAMIC_Z[-1]), -np.inf
+    if std > 0 and mean > 0:
+        for z in DYNAMIC_Z.tolist():
+            above = values >= mean + z * std
+            flagged = int(above.sum())
+            if not flagged or flagged == values.size:
+                continue
+            rest = values[~above]
+            cut = (mean - rest.mean()) / mean + (std - rest.std()) / std
+            gain = cut / (flagged + len(runs(above, groups)) ** 2)
+            if gain > best_gain:
+                best_z, best_gain = z, gain
+    threshold = mean + best_z * std
+    return float(threshold), f"dynamic: mean+{best_z:g}std of validation scores"
 
 
 def smooth_per_key(scores: np.ndarray, keys: np.ndarray, alpha: float) -> np.ndarray:

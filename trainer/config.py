@@ -27,7 +27,15 @@ from detector.manifest import (
 )
 
 #: Default target of each threshold method, when `[threshold] target` is not given.
-DEFAULT_TARGETS = {"max_f1": None, "precision": 0.9, "fpr": 0.01, "quantile": 0.995}
+DEFAULT_TARGETS = {
+    "max_f1": None,
+    "precision": 0.9,
+    "fpr": 0.01,
+    "quantile": 0.995,
+    "dynamic": None,
+}
+#: Threshold methods that need no labels: they look at the scores of normal events only.
+UNSUPERVISED_METHODS = ("quantile", "dynamic")
 
 
 class ConfigError(ValueError):
@@ -164,7 +172,8 @@ class TrainingConfig(_Section):
 
 
 class ThresholdConfig(_Section):
-    method: Literal["max_f1", "precision", "fpr", "quantile"] = "max_f1"
+    #: dynamic: the nonparametric threshold of Hundman et al. (2018) on normal scores.
+    method: Literal["max_f1", "precision", "fpr", "quantile", "dynamic"] = "max_f1"
     #: precision: minimum precision; fpr: maximum false-positive rate; quantile: of normal scores.
     target: float | None = Field(default=None, gt=0, lt=1)
     #: EWMA alpha the detector applies to successive scores of a key (1.0: none).
@@ -191,9 +200,10 @@ class TrainConfig(_Section):
             isinstance(f, NumericFeatureConfig) and f.forecast for f in self.data.features
         ):
             raise ValueError("a forecast model needs at least one numeric feature with forecast")
-        if not labelled and self.threshold.method != "quantile":
+        if not labelled and self.threshold.method not in UNSUPERVISED_METHODS:
             raise ValueError(
-                f"threshold.method {self.threshold.method!r} needs labels; use 'quantile'"
+                f"threshold.method {self.threshold.method!r} needs labels; "
+                "use 'quantile' or 'dynamic'"
             )
         return self
 

@@ -231,3 +231,23 @@ def key_time_order(keys: np.ndarray, times: np.ndarray) -> tuple[np.ndarray, np.
     _, codes = np.unique(np.asarray(keys, dtype=object), return_inverse=True)
     order = np.lexsort((np.arange(len(codes)), np.asarray(times, np.float64), codes))
     return order, codes[order]
+
+
+def episode_flags(above: np.ndarray, groups: np.ndarray | None, cooldown: int) -> np.ndarray:
+    """Whether each scored event is inside an alert episode, as the detector's engine tracks it.
+
+    An episode opens at an event at or above the threshold and closes at the `cooldown`-th
+    consecutive event below it (`detector.alerts.advance_episodes`), so an event is inside
+    one when an event at most `cooldown - 1` scored events before it, of its key, was above.
+    Positions as in `runs`: each key's scored events contiguous and in time order. The runs
+    of the result are the episodes, one alert each.
+    """
+    above = np.asarray(above, bool)
+    positions = np.arange(above.size)
+    last_above = np.maximum.accumulate(np.where(above, positions, -1))
+    if groups is not None and above.size:
+        groups = np.asarray(groups)
+        starts = np.flatnonzero(np.r_[True, groups[1:] != groups[:-1]])
+        key_start = np.repeat(starts, np.diff(np.r_[starts, above.size]))
+        last_above = np.where(last_above >= key_start, last_above, -1)
+    return (last_above >= 0) & (positions - last_above < max(cooldown, 1))

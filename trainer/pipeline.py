@@ -113,6 +113,7 @@ def train(
         validation.labels,
         config.threshold.method,
         config.threshold.resolved_target,
+        validation.keys,
     )
     timings["calibrate_seconds"] = time.perf_counter() - clock
 
@@ -210,6 +211,7 @@ def _quantise(
         scored[0].labels,
         config.threshold.method,
         config.threshold.resolved_target,
+        scored[0].keys,
     )
     change = {
         "max_abs_validation_score_change": float(
