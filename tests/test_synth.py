@@ -112,7 +112,7 @@ def test_transaction_columns_and_fraud_scenarios(payments: Dataset) -> None:
     for table in (payments.train, payments.test):
         fraud, scenario = _column(table, "is_fraud"), _column(table, "scenario")
         np.testing.assert_array_equal(fraud == 1, scenario != "none")
-        assert 0.002 < fraud.mean() < 0.05
+        assert 0.01 < fraud.mean() < 0.1
         assert set(scenario) == {"none", *FRAUD_SCENARIOS}
         hour = _column(table, "hour")
         assert hour.min() >= 0 and hour.max() <= 23
