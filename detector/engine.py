@@ -14,7 +14,7 @@ replay and the tests drive the very same code. A batch goes through four steps:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 
@@ -497,7 +497,7 @@ class _Rounds:
     order: np.ndarray  # events ordered by rank
     bounds: np.ndarray  # round r is order[bounds[r]:bounds[r + 1]]
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[np.ndarray]:
         for start, stop in zip(self.bounds[:-1].tolist(), self.bounds[1:].tolist(), strict=True):
             yield self.order[start:stop]
 
