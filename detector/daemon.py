@@ -543,7 +543,7 @@ class Daemon:
 
     def partitions_revoked(self) -> dict[TopicPartition, OffsetAndMetadata]:
         """Settle what is in hand; the offsets to commit before the partitions go."""
-        if self.in_hand.records and not self._stop.is_set():
+        if self.in_hand.records:
             records = len(self.in_hand.records)
             if self._settle_records():
                 log.info("settled the records in hand before a revocation", records=records)
@@ -580,6 +580,9 @@ class _Rebalance(AsyncConsumerRebalanceListener):
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         daemon = self.daemon
         if not revoked:
+            return
+        if daemon.stopping:  # closing: the shutdown has committed, or could not
+            daemon.metrics.forget_partitions(revoked)
             return
         offsets = daemon.partitions_revoked()
         if offsets and daemon.consumer is not None:

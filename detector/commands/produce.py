@@ -49,7 +49,9 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--key-column", help="column whose value is the message key")
     parser.add_argument("--time-column", help="send in the order of this column (stable)")
     parser.add_argument(
-        "--rate", type=float, help="at most this many records per second (default: as fast as)"
+        "--rate",
+        type=float,
+        help="at most this many records per second (default: as fast as possible)",
     )
     add_config_argument(parser)
     parser.set_defaults(handler=produce)

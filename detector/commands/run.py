@@ -21,8 +21,9 @@ def register(subparsers: Any) -> None:
             "events with the model, publish alerts to topics.alerts and unreadable records to "
             "topics.dead_letters, and commit offsets once the broker acknowledged every output. "
             "Serves /healthz, /readyz and /metrics on http.host:http.port. SIGTERM or SIGINT: "
-            "finish the batch in hand, commit, leave the group and exit 0. SIGHUP: reload the "
-            "model file (it is also reloaded when it changes)."
+            "finish the batch in hand, commit, leave the group and exit 0 (1 when the shutdown "
+            "budget ran out first, or when the daemon cannot start: model refused, topic "
+            "missing). SIGHUP: reload the model file (it is also reloaded when it changes)."
         ),
     )
     add_config_argument(parser)
