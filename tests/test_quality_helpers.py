@@ -20,14 +20,26 @@ def test_dynamic_threshold_separates_a_burst_from_noise() -> None:
     rng = np.random.default_rng(0)
     scores = np.abs(rng.normal(1.0, 0.1, 2000))
     scores[1000:1010] = 5.0  # one short burst of large errors
-    threshold, description = dynamic_threshold(scores, None)
+    threshold, description = dynamic_threshold(scores, None, prune=0.0)
     mean, std = scores.mean(), scores.std()
     # Above the noise, below the burst: the burst is the one sequence it flags.
     assert scores[:1000].max() < threshold <= 5.0
     z = (threshold - mean) / std
     assert z in DYNAMIC_Z
-    assert description == f"dynamic: mean+{z:g}std of validation scores"
+    assert description == f"dynamic: max(mean+{z:g}std, (1+0)·max below) of validation scores"
     assert len(runs(scores >= threshold)) == 1
+
+
+def test_dynamic_threshold_prunes_peaks_close_to_the_normal_ones() -> None:
+    rng = np.random.default_rng(2)
+    scores = np.abs(rng.normal(1.0, 0.1, 2000))
+    scores[1000:1010] = 5.0
+    epsilon = dynamic_threshold(scores, None, prune=0.0)[0]
+    largest_normal = scores[scores < epsilon].max()
+    # The floor: a live peak must beat the largest normal score below ε by the margin.
+    assert dynamic_threshold(scores, None, prune=0.13)[0] == max(epsilon, 1.13 * largest_normal)
+    assert dynamic_threshold(scores, None, prune=0.9)[0] == pytest.approx(1.9 * largest_normal)
+    assert calibrate(scores, None, "dynamic", 0.9) == dynamic_threshold(scores, None, None, 0.9)
 
 
 def test_dynamic_threshold_prefers_few_sequences_and_ignores_labeled_events() -> None:
@@ -37,10 +49,9 @@ def test_dynamic_threshold_prefers_few_sequences_and_ignores_labeled_events() ->
     scores[2000:2030] = 6.0  # one sustained anomaly, labeled
     labels = np.zeros(scores.size)
     labels[2000:2030] = 1
-    threshold, _ = dynamic_threshold(scores, labels)
-    assert threshold == dynamic_threshold(scores[labels == 0], None)[0]
+    threshold, _ = dynamic_threshold(scores, labels, prune=0.0)
+    assert threshold == dynamic_threshold(scores[labels == 0], None, prune=0.0)[0]
     assert threshold < 2.0  # with the labeled burst gone, the spikes are what stands out
-    assert calibrate(scores, labels, "dynamic", None) == dynamic_threshold(scores, labels, None)
 
 
 def test_dynamic_threshold_counts_sequences_per_key() -> None:
@@ -48,8 +59,8 @@ def test_dynamic_threshold_counts_sequences_per_key() -> None:
     scores[::2] = 1.2
     scores[19], scores[20] = 9.0, 9.0
     keys = np.repeat(["a", "b"], 20)
-    one_key = dynamic_threshold(scores, None)[0]
-    two_keys = dynamic_threshold(scores, None, keys)[0]
+    one_key = dynamic_threshold(scores, None, prune=0.0)[0]
+    two_keys = dynamic_threshold(scores, None, keys, prune=0.0)[0]
     assert one_key == pytest.approx(two_keys)  # same spikes either way...
     assert len(runs(scores >= one_key)) == 1
     assert len(runs(scores >= two_keys, keys)) == 2  # ...but split at the key boundary
@@ -68,7 +79,7 @@ def test_dynamic_is_an_unsupervised_method_in_the_config() -> None:
         "model": {"task": "forecast", "min_history": 2},
         "threshold": {"method": "dynamic"},
     }
-    assert TrainConfig.model_validate(document).threshold.resolved_target is None
+    assert TrainConfig.model_validate(document).threshold.resolved_target == 0.13
     document["threshold"] = {"method": "max_f1"}
     with pytest.raises(ValueError, match="'quantile' or 'dynamic'"):
         TrainConfig.model_validate(document)

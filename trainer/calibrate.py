@@ -37,7 +37,7 @@ def calibrate(
     if method == "quantile":
         return quantile_threshold(scores, labels, _require(target, method))
     if method == "dynamic":
-        return dynamic_threshold(scores, labels, keys)
+        return dynamic_threshold(scores, labels, keys, _require(target, method))
     if labels is None:
         raise CalibrationError(f"threshold method {method!r} needs labels")
     labels = np.asarray(labels, bool)
@@ -106,16 +106,21 @@ def quantile_threshold(
 
 
 def dynamic_threshold(
-    scores: np.ndarray, labels: np.ndarray | None, keys: np.ndarray | None = None
+    scores: np.ndarray,
+    labels: np.ndarray | None,
+    keys: np.ndarray | None = None,
+    prune: float = 0.13,
 ) -> tuple[float, str]:
     """Nonparametric threshold of Hundman et al. (2018) on the (smoothed) normal scores.
 
-    Among mean + z·std for z in `DYNAMIC_Z`, the one whose removal of the scores above it
+    Among ε = mean + z·std for z in `DYNAMIC_Z`, the one whose removal of the scores above it
     cuts the mean and the spread the most, per event and per sequence (squared) it flags:
-    (Δmean/mean + Δstd/std) / (#above + #sequences²). Fitted once on normal data rather than
-    per window of live errors, so that the detector needs no buffer of past errors per key
-    and an alert can be reproduced from the manifest alone. With nothing above any
-    candidate, the largest candidate.
+    (Δmean/mean + Δstd/std) / (#above + #sequences²). Their pruning keeps an anomalous
+    sequence only when its peak exceeds the largest score below ε by the fraction `prune`;
+    live, that is a floor on the threshold: (1 + prune) · max(scores below ε). Fitted once
+    on normal data rather than per window of live errors, so that the detector keeps no
+    buffer of past errors per key and an alert can be reproduced from the manifest alone.
+    With nothing above any candidate, the largest candidate.
     """
     normal = np.ones(scores.size, bool) if labels is None else ~np.asarray(labels, bool)
     if not normal.any():
@@ -135,8 +140,12 @@ def dynamic_threshold(
             gain = cut / (flagged + len(runs(above, groups)) ** 2)
             if gain > best_gain:
                 best_z, best_gain = z, gain
-    threshold = mean + best_z * std
-    return float(threshold), f"dynamic: mean+{best_z:g}std of validation scores"
+    epsilon = mean + best_z * std
+    below = values[values < epsilon]
+    floor = (1 + prune) * float(below.max()) if below.size else epsilon
+    return max(epsilon, floor), (
+        f"dynamic: max(mean+{best_z:g}std, (1+{prune:g})·max below) of validation scores"
+    )
 
 
 def smooth_per_key(scores: np.ndarray, keys: np.ndarray, alpha: float) -> np.ndarray:

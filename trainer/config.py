@@ -32,7 +32,7 @@ DEFAULT_TARGETS = {
     "precision": 0.9,
     "fpr": 0.01,
     "quantile": 0.995,
-    "dynamic": None,
+    "dynamic": 0.13,
 }
 #: Threshold methods that need no labels: they look at the scores of normal events only.
 UNSUPERVISED_METHODS = ("quantile", "dynamic")
@@ -174,7 +174,8 @@ class TrainingConfig(_Section):
 class ThresholdConfig(_Section):
     #: dynamic: the nonparametric threshold of Hundman et al. (2018) on normal scores.
     method: Literal["max_f1", "precision", "fpr", "quantile", "dynamic"] = "max_f1"
-    #: precision: minimum precision; fpr: maximum false-positive rate; quantile: of normal scores.
+    #: precision: minimum precision; fpr: maximum false-positive rate; quantile: of normal scores;
+    #: dynamic: the pruning margin over the largest normal score below the chosen threshold.
     target: float | None = Field(default=None, gt=0, lt=1)
     #: EWMA alpha the detector applies to successive scores of a key (1.0: none).
     smoothing: float = Field(default=1.0, gt=0, le=1)
