@@ -6,8 +6,10 @@ also tested on its own, in process, where its timing can be controlled.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -25,9 +27,12 @@ from daemon_support import (
     train_model,
     wait_for,
 )
+from kafka import TopicPartition
+from kafka.consumer.fetcher import ConsumerRecord
 from kafka_support import free_ports
 
 from detector.config import ModelSettings
+from detector.daemon import InHand
 from detector.manifest import ModelContractError, load_model_file
 from detector.model_watch import ModelWatcher, file_sha256, load_scorer
 
@@ -246,3 +251,57 @@ def test_allow_list_admits_only_listed_model_files(sensor_model, other_model):
     assert load_scorer(settings.model_copy(update={"allowed_sha256": allowed})).manifest
     with pytest.raises(ModelContractError, match=r"not in model\.allowed_sha256"):
         load_scorer(settings.model_copy(update={"path": other_model, "allowed_sha256": allowed}))
+
+
+@pytest.mark.kafka
+def test_systemd_hears_ready_watchdog_status_and_stopping(
+    kafka_bootstrap, kafka_topic_factory, sensor_model, tmp_path
+):
+    address = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as listener:
+        listener.bind(str(address))
+        listener.settimeout(0.2)
+        topic = kafka_topic_factory(prefix="systemd")
+        daemon = DaemonProcess(
+            kafka_bootstrap,
+            topic,
+            sensor_model,
+            tmp_path,
+            env={"NOTIFY_SOCKET": str(address), "WATCHDOG_USEC": "1000000"},
+        )
+        heard: list[str] = []
+
+        def hear(message: str, since: int = 0) -> bool:
+            """Receive what comes; whether `message` was heard at position `since` or later."""
+            with contextlib.suppress(TimeoutError):
+                heard.extend(listener.recv(4096).decode().splitlines())
+            return message in heard[since:]
+
+        with running(daemon):
+            wait_for(lambda: hear("READY=1"), 60, "READY=1")
+            assert daemon.ready()
+            ready_at = heard.index("READY=1")
+            wait_for(lambda: hear("WATCHDOG=1", ready_at), 5, "WATCHDOG=1 (every 0.5 s)")
+            assert daemon.stop() == 0
+        wait_for(lambda: hear("STOPPING=1"), 5, "STOPPING=1")
+    statuses = [line for line in heard if line.startswith("STATUS=")]
+    assert statuses and all(f"model {version(sensor_model)}" in line for line in statuses)
+    assert heard.index("STOPPING=1") > ready_at
+
+
+def test_in_hand_keys_records_by_the_message_key_unless_a_field_names_it():
+    partition = TopicPartition("events", 2)
+    messages = [
+        ConsumerRecord("events", 2, 0, offset, 0, 0, key, b"{}", [], None, 0, 2, 0)
+        for offset, key in ((7, b"dev-1"), (8, None), (9, b"dev-\xff"))
+    ]
+    keyed, by_field = InHand(), InHand()
+    keyed.add({partition: messages}, keyed=True)
+    by_field.add({partition: messages}, keyed=False)
+    assert [record.key for record in keyed.records] == ["dev-1", None, "dev-\ufffd"]
+    assert [record.key for record in by_field.records] == [None, None, None]
+    assert [record.source.offset for record in keyed.records] == [7, 8, 9]
+    assert keyed.polled == {partition: 10}  # the next offset to commit
+    keyed.acked = dict(keyed.polled)
+    keyed.drop([partition])
+    assert (keyed.records, keyed.polled, keyed.acked) == ([], {}, {})
