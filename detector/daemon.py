@@ -209,6 +209,7 @@ class Daemon:
     def run(self) -> int:
         """Serve until asked to stop; the exit status (0: everything processed was committed)."""
         log.info("starting", settings=self.settings.masked())
+        self.health.beat()  # alive from the start; ready only later
         self.ops.start()
         log.info("ops endpoints listening", host=self.settings.http.host, port=self.ops.port)
         try:

@@ -11,6 +11,8 @@ import shutil
 import signal
 import socket
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import orjson
@@ -35,6 +37,8 @@ from detector.config import ModelSettings
 from detector.daemon import InHand
 from detector.manifest import ModelContractError, load_model_file
 from detector.model_watch import ModelWatcher, file_sha256, load_scorer
+from detector.ops_http import LIVENESS_TIMEOUT_S, Health, OpsServer
+from detector.telemetry import Metrics
 
 
 @pytest.fixture(scope="session")
@@ -305,3 +309,45 @@ def test_in_hand_keys_records_by_the_message_key_unless_a_field_names_it():
     keyed.acked = dict(keyed.polled)
     keyed.drop([partition])
     assert (keyed.records, keyed.polled, keyed.acked) == ([], {}, {})
+
+
+def test_probes_answer_from_the_loop_health_and_metrics_render():
+    health, metrics = Health(), Metrics()
+    server = OpsServer("127.0.0.1", free_ports(1)[0], health, metrics)
+    server.start()
+
+    def get(path: str) -> tuple[int, dict | bytes]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{server.port}{path}") as response:
+                status, body = response.status, response.read()
+        except urllib.error.HTTPError as error:
+            status, body = error.code, error.read()
+        return status, body if path == "/metrics" else orjson.loads(body)
+
+    try:
+        assert get("/healthz")[0] == 503  # the loop has not come round yet
+        health.beat()
+        assert get("/healthz") == (
+            200,
+            {"alive": True, "seconds_since_loop": pytest.approx(0, abs=1)},
+        )
+        reasons = []
+        for change in ("model_loaded", "broker_reachable", "partitions"):
+            status, document = get("/readyz")
+            assert status == 503 and document["ready"] is False
+            reasons.append(document["reason"])
+            setattr(health, change, 2 if change == "partitions" else True)
+        assert reasons == [
+            "the model is not loaded yet",
+            "the Kafka broker is not reachable",
+            "no partitions are assigned to this consumer",
+        ]
+        assert get("/readyz") == (200, {"ready": True, "model_version": None, "partitions": 2})
+        health.last_loop -= LIVENESS_TIMEOUT_S + 1
+        assert get("/healthz")[0] == 503
+        metrics.records.labels("scored").inc(3)
+        status, text = get("/metrics")
+        assert status == 200 and b'seqsentinel_records_total{outcome="scored"} 3.0' in text
+        assert get("/nope")[0] == 404
+    finally:
+        server.stop()
