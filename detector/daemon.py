@@ -44,7 +44,7 @@ from detector.scorer import Scorer
 from detector.systemd import SystemdNotifier
 from detector.telemetry import Metrics
 
-__all__ = ["CRASH_BEFORE_COMMIT_ENV", "Daemon", "engine_options"]
+__all__ = ["CRASH_BEFORE_COMMIT_ENV", "Daemon", "InHand", "engine_options"]
 
 log = structlog.get_logger(__name__)
 
@@ -445,8 +445,11 @@ class Daemon:
     def _commit_until_done(self) -> bool:
         """At shutdown: retry the commit until it succeeds or the budget is spent."""
         while self.in_hand.acked:
-            if self._commit_once() is False or self._out_of_time():
-                return not self.in_hand.acked
+            committed = self._commit_once()
+            if committed is not None:
+                return committed
+            if self._out_of_time():
+                return False
             time.sleep(max(0.0, self._next_commit - time.monotonic()))
         return True
 
