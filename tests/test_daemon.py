@@ -35,8 +35,8 @@ from detector.manifest import load_model_file
 
 pytestmark = pytest.mark.kafka
 
-#: How long the broker stays down in the outage test (its restart adds several seconds).
-OUTAGE_S = 12.0
+#: How long the broker stays stopped in the outage test; its restart adds about 8 s more.
+OUTAGE_S = 8.0
 
 #: (Kafka key, value, the reason the engine gives it).
 MALFORMED: list[tuple[bytes | None, bytes, str]] = [
