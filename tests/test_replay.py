@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -12,6 +14,7 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet
 import pytest
+import structlog
 from model_factory import KEY, TIME, event, export_random, make_manifest
 
 from detector.cli import main
@@ -21,6 +24,17 @@ from detector.replay import replay_records
 from detector.scorer import Scorer
 
 T0 = 1_700_000_000
+
+
+@pytest.fixture(autouse=True)
+def restore_logging() -> Iterator[None]:
+    """`detector replay` configures process-wide logging: put it back for the other tests."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    structlog.reset_defaults()
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 @pytest.fixture(scope="module")

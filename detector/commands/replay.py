@@ -15,6 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemaining
 from rich.table import Table
 
 from detector.engine import EngineOptions, Status
+from detector.logs import configure_logging
 from detector.manifest import ModelContractError
 from detector.records import SUFFIXES, read_records
 from detector.replay import ReplayResult, replay_records
@@ -42,6 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    configure_logging()  # log lines to stderr: stdout holds the summary
     console = Console(stderr=True)
     try:
         scorer = Scorer.load(args.model)
