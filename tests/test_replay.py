@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -14,7 +12,6 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet
 import pytest
-import structlog
 from model_factory import KEY, TIME, event, export_random, make_manifest
 
 from detector.cli import main
@@ -27,14 +24,9 @@ T0 = 1_700_000_000
 
 
 @pytest.fixture(autouse=True)
-def restore_logging() -> Iterator[None]:
-    """`detector replay` configures process-wide logging: put it back for the other tests."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    structlog.reset_defaults()
-    root.handlers[:] = handlers
-    root.setLevel(level)
+def keep_logging(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`detector replay` configures process-wide logging; the other tests need theirs."""
+    monkeypatch.setattr("detector.commands.replay.configure_logging", lambda: None)
 
 
 @pytest.fixture(scope="module")
