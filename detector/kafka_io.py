@@ -52,8 +52,6 @@ def make_consumer(settings: Settings) -> KafkaConsumer:
         max_poll_records=kafka.max_poll_records,
         fetch_max_bytes=kafka.fetch_max_bytes,
         max_partition_fetch_bytes=kafka.max_partition_fetch_bytes,
-        # A fetch returns as soon as anything arrives; an idle one waits this long at the broker.
-        fetch_max_wait_ms=min(500, max(10, settings.batching.max_latency_ms)),
         session_timeout_ms=SESSION_TIMEOUT_MS,
         **_options(settings),
     )
