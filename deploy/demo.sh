@@ -121,3 +121,6 @@ done
 sleep 1 # the last alerts reach tail-alerts
 echo >&2
 echo "$EVENTS events scored, $(metric seqsentinel_alerts_total) alerts; stopping" >&2
+"$PYTHON" -m detector replay --model "$WORK/model.onnx" --input "$WORK/data/test.csv" \
+    --alerts "$WORK/replay-alerts.jsonl" >/dev/null 2>"$WORK/replay.log"
+echo "detector replay of the same file: $(wc -l <"$WORK/replay-alerts.jsonl") alerts" >&2
