@@ -72,9 +72,12 @@ def run_engine(
     cuts: list[int],
     stride: int = 1,
     threshold: float | None = None,
+    ttl: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Statuses, scores and alert ids of the engine fed `records` in batches of `cuts` sizes."""
-    options = EngineOptions(max_batch=64, max_keys=64, stride=stride, threshold=threshold)
+    options = EngineOptions(
+        max_batch=64, max_keys=64, stride=stride, threshold=threshold, key_ttl_s=ttl
+    )
     engine = Engine(scorer, options)
     batches, start, turn = [], 0, 0
     while start < len(records):
@@ -86,8 +89,11 @@ def run_engine(
     return statuses, scores, [a.alert_id for b in batches for a in b.alerts]
 
 
-def reference(scorer: Scorer, records: list[dict], stride: int = 1) -> tuple[np.ndarray, ...]:
-    """Statuses and scores from per-key lists and one onnxruntime call per event."""
+def reference(
+    scorer: Scorer, records: list[dict], stride: int = 1, ttl: float = 0.0
+) -> tuple[np.ndarray, ...]:
+    """Statuses and scores from per-key lists and one onnxruntime call per event; a key idle
+    for more than `ttl` seconds (if not 0) starts afresh."""
     manifest, codec = scorer.manifest, scorer.codec
     history: dict[str, list[np.ndarray]] = defaultdict(list)
     last_time: dict[str, float] = {}
@@ -97,6 +103,10 @@ def reference(scorer: Scorer, records: list[dict], stride: int = 1) -> tuple[np.
         decoded = codec.decode(record)
         key = decoded.key
         gap = decoded.time - last_time[key] if key in last_time else 0.0
+        if ttl and gap > ttl:
+            history.pop(key)
+            state.pop(key, None)
+            gap = 0.0
         last_time[key] = decoded.time
         x = codec.encode(np.array([decoded.values]), codec.statistics_rows([key]), np.array([gap]))[
             0
@@ -137,13 +147,18 @@ def reference(scorer: Scorer, records: list[dict], stride: int = 1) -> tuple[np.
     ],
 )
 @property_settings
-@given(draws=events_strategy, cuts=cuts_strategy, stride=st.integers(1, 3))
+@given(
+    draws=events_strategy,
+    cuts=cuts_strategy,
+    stride=st.integers(1, 3),
+    ttl=st.sampled_from([0.0, 250.0, 600.0]),
+)
 def test_engine_equals_per_key_reference(
-    models: dict[str, Scorer], name: str, draws: list, cuts: list[int], stride: int
+    models: dict[str, Scorer], name: str, draws: list, cuts: list[int], stride: int, ttl: float
 ) -> None:
     records = stream(draws)
-    statuses, scores, _ = run_engine(models[name], records, cuts, stride)
-    want_statuses, want_scores = reference(models[name], records, stride)
+    statuses, scores, _ = run_engine(models[name], records, cuts, stride, ttl=ttl)
+    want_statuses, want_scores = reference(models[name], records, stride, ttl)
     np.testing.assert_array_equal(statuses, want_statuses)
     np.testing.assert_allclose(scores, want_scores, rtol=1e-5, atol=1e-5)
 
