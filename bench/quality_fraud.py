@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv
 import pyarrow.parquet as pq
+import torch
 from quality_report import REPO, common_arguments, console, finite, require, table, write_json
 from sklearn.ensemble import HistGradientBoostingClassifier
 
@@ -53,6 +56,9 @@ def main() -> None:
     common_arguments(parser, "fraud")
     parser.add_argument("--folds", type=int, default=4, help="test weeks, the file's last ones")
     parser.add_argument("--epochs", type=int, help="override the configured epochs")
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="folds trained at once (one torch thread each)"
+    )
     args = parser.parse_args()
 
     events = _events(require(args.data / "fraud" / FILE, "card transactions"), args.work)
@@ -60,13 +66,20 @@ def main() -> None:
     features = [f.name for f in config.data.features if isinstance(f, NumericFeatureConfig)]
     times = events.column("ts").to_numpy()
     end = np.floor(times.max() / DAY) * DAY + DAY  # midnight after the last transaction
-    folds = []
-    curves = []
-    for fold in range(args.folds):
-        test_start = end - (args.folds - fold) * WEEK
-        result, curve = _fold(fold, events, times, test_start, config, features, args)
-        folds.append(result)
-        curves.append(curve)
+    tasks = [
+        _prepare(fold, events, times, end - (args.folds - fold) * WEEK, config, features, args)
+        for fold in range(args.folds)
+    ]
+    if args.jobs > 1:
+        with ProcessPoolExecutor(
+            args.jobs, initializer=torch.set_num_threads, initargs=(1,)
+        ) as pool:
+            outcomes = list(pool.map(_fold, tasks))
+    else:
+        outcomes = [_fold(task) for task in tasks]
+    folds = [result for result, _ in outcomes]
+    curves = [curve for _, curve in outcomes]
+    for result in folds:
         _print_fold(result)
     metrics = ("auc_roc", "auprc", "card_precision_at_100")
     document = {
@@ -103,7 +116,21 @@ def _events(source: Path, work: Path) -> pa.Table:
     return pq.read_table(cached)
 
 
-def _fold(
+@dataclass(frozen=True)
+class FoldTask:
+    """One fold's files and settings, ready for a worker process."""
+
+    fold: int
+    train_start: float
+    test_start: float
+    train_path: Path
+    replay_path: Path
+    config: TrainConfig
+    features: list[str]
+    epochs: int | None
+
+
+def _prepare(
     fold: int,
     events: pa.Table,
     times: np.ndarray,
@@ -111,7 +138,8 @@ def _fold(
     config: TrainConfig,
     features: list[str],
     args: argparse.Namespace,
-) -> tuple[dict, dict]:
+) -> FoldTask:
+    """Write the fold's training week and its delay and test weeks (to replay)."""
     train_start = test_start - 2 * WEEK
     train_end = train_start + WEEK
     folder = args.work / f"fold-{fold}"
@@ -127,10 +155,18 @@ def _fold(
             )
         }
     )
+    return FoldTask(
+        fold, train_start, test_start, train_path, replay_path, fold_config, features, args.epochs
+    )
+
+
+def _fold(task: FoldTask) -> tuple[dict, dict]:
+    fold, train_start, test_start = task.fold, task.train_start, task.test_start
+    train_path, replay_path, features = task.train_path, task.replay_path, task.features
     console.print(f"[bold]fold {fold}[/]: training on the week from {_day(train_start)}")
     clock = time.perf_counter()
-    model = folder / "model.onnx"
-    train(fold_config, [train_path], model, epochs=args.epochs, progress=False)
+    model = train_path.with_name("model.onnx")
+    train(task.config, [train_path], model, epochs=task.epochs, progress=False)
     train_seconds = time.perf_counter() - clock
     evaluation = evaluate(model, replay_path)
     replay = evaluation.replay
