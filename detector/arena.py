@@ -55,7 +55,11 @@ _SLOT_FIELDS: dict[str, tuple[type, object]] = {
     "last_seen": (np.int64, -1),
     "touched": (np.float64, 0.0),
     "stats_row": (np.intp, 0),
+    "partition": (np.int32, -1),
 }
+#: What a snapshot carries per key beside the key itself and the model's memory: everything
+#: but the slot bookkeeping (`used`, and `last_seen`, which is a tick of this process).
+_SNAPSHOT_FIELDS = (*_SEQUENCE_FIELDS, *_SCORE_FIELDS, "touched", "stats_row", "partition")
 
 
 class KeyArena:
@@ -64,7 +68,8 @@ class KeyArena:
     Public arrays (all indexed by slot): `count` (events in the key's current history, which is
     also the sequence number of its latest event), `last_time` (event time of the latest
     event), `touched` (clock of the last update, for expiry), `last_seen` (batch tick, for
-    eviction), `stats_row` (the key's row in the codec's statistics table), `smoothed`,
+    eviction), `stats_row` (the key's row in the codec's statistics table), `partition` (the
+    input partition the key's events come from, -1 when unknown), `smoothed`,
     `in_episode`, `below`, `peak` (alerting), and `ring` [slot, window, width] or
     `h`, `c` [layers, slot, hidden] (the model's memory).
     """
@@ -79,6 +84,7 @@ class KeyArena:
     last_seen: np.ndarray
     touched: np.ndarray
     stats_row: np.ndarray
+    partition: np.ndarray
     ring: np.ndarray
     h: np.ndarray
     c: np.ndarray
@@ -159,6 +165,7 @@ class KeyArena:
         self._keys[slots] = np.array(keys, object)
         self.used[slots] = True
         self.last_seen[slots] = tick
+        self.partition[slots] = -1
         self.stats_row[slots] = statistics_rows(keys)
         return slots, evicted
 
@@ -178,6 +185,50 @@ class KeyArena:
     def clear(self) -> None:
         """Forget every key."""
         self.release(np.flatnonzero(self.used))
+
+    # -- partitions and snapshots -------------------------------------------------------------
+
+    def tag_partitions(self, keys: Sequence[str], partitions: np.ndarray) -> None:
+        """Record the input partition each key's latest event came from (keys without a slot,
+        evicted meanwhile, are skipped)."""
+        slots = self.lookup(keys)
+        known = slots >= 0
+        self.partition[slots[known]] = partitions[known]
+
+    def slots_of(self, partitions: Sequence[int]) -> np.ndarray:
+        """The slots of the keys whose events come from `partitions`."""
+        return np.flatnonzero(self.used & np.isin(self.partition, partitions))
+
+    def export(self, slots: np.ndarray) -> dict[str, np.ndarray]:
+        """Copies of everything a restarted process needs to continue `slots` exactly."""
+        fields = {name: getattr(self, name)[slots] for name in _SNAPSHOT_FIELDS}
+        fields["keys"] = self._keys[slots]
+        if self.shape.ring is not None:
+            fields["ring"] = self.ring[slots]
+        if self.shape.state is not None:
+            fields["h"], fields["c"] = self.state(slots)
+        return fields
+
+    def restore(
+        self, fields: dict[str, np.ndarray], statistics_rows: Callable[[Sequence[str]], np.ndarray]
+    ) -> int:
+        """Take in keys `export`ed elsewhere, replacing any state they have here; the most
+        recently touched ones first when they do not all fit. Returns the keys evicted."""
+        order = np.argsort(fields["touched"], kind="stable")[-self.max_keys :]
+        keys = fields["keys"][order].tolist()
+        if not keys:
+            return 0
+        present = self.lookup(keys)
+        self.release(present[present >= 0])
+        tick = int(self.last_seen.max(initial=0))
+        slots, evicted = self.allocate(keys, tick, statistics_rows)
+        for name in _SNAPSHOT_FIELDS:
+            getattr(self, name)[slots] = fields[name][order]
+        if self.shape.ring is not None:
+            self.ring[slots] = fields["ring"][order]
+        if self.shape.state is not None:
+            self.set_state(slots, fields["h"][:, order], fields["c"][:, order])
+        return evicted
 
     # -- state ------------------------------------------------------------------------------
 

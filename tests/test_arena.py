@@ -91,8 +91,8 @@ def test_sequence_and_score_state_reset_separately() -> None:
 def test_state_per_key_is_small() -> None:
     stateful = KeyArena(ArenaShape(state=(2, 64)), max_keys=10)
     window = KeyArena(ArenaShape(ring=(32, 8)), max_keys=10)
-    assert stateful.nbytes_per_slot() == 2 * 2 * 64 * 4 + 70
-    assert window.nbytes_per_slot() == 32 * 8 * 4 + 70
+    assert stateful.nbytes_per_slot() == 2 * 2 * 64 * 4 + 74
+    assert window.nbytes_per_slot() == 32 * 8 * 4 + 74
 
 
 def test_ring_windows_are_the_last_events_oldest_first_right_padded() -> None:
