@@ -1,0 +1,503 @@
+"""Speed, latency and memory of `detector run` through a real Kafka broker, against the ceiling
+of the Kafka client and a naive baseline, all measured in one run on one machine.
+
+    python bench/throughput.py [--quick] [--json OUT] [--plot PNG] [--bootstrap-servers H:P]
+                               [--events N] [--keys K] [--memory-keys M] [--threads T]
+
+1. Pre-produces N JSON events (8 standard-normal features) over K keys to a topic of 4
+   partitions, keyed by the device, on a broker started with deploy/kafka/local-kafka.
+2. Reads the topic from the start with a fresh consumer group each time:
+   `raw_consume_eps` (kafka-python polling and JSON-decoding only: the ceiling),
+   `naive_eps` (per record: decode, the key's Python list, one onnxruntime call, an alert
+   when over the threshold; on the first `--naive-events` records only, it is slow),
+   `window_eps`, `stateful_eps` and `exactly_once_eps` (`detector run` as a subprocess,
+   from its first to its last committed offset).
+3. Latency: a fresh topic fed at half `stateful_eps`, with a lowered threshold; each
+   alert's broker append time (LogAppendTime) minus its event's produce time.
+4. Memory: `detector run` over M events of M distinct keys; peak RSS (VmHWM) minus the
+   peak of the run over K keys, per extra key.
+
+The models are seeded random networks (see `seeded_models`): speed does not depend on what
+the weights learned.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import os
+import platform
+import tempfile
+import time
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import kafka
+import numpy as np
+import onnxruntime
+import orjson
+from kafka import KafkaConsumer
+from kafka_rig import Cluster, Daemon, local_broker, running
+from rich.console import Console
+from rich.table import Table
+from seeded_models import FEATURES, KEY, TIME, WINDOW, bench_model
+
+from detector.config import load_settings
+from detector.engine import Engine, EngineOptions
+from detector.kafka_io import make_consumer
+from detector.records import InputRecord
+from detector.scorer import Scorer
+
+PARTITIONS = 4
+START_TIME = 1_704_067_200.0
+#: Share of scored events over the threshold: throughput runs alert rarely, the latency run
+#: often enough for a good p99.
+THROUGHPUT_ALERT_SHARE = 0.001
+LATENCY_ALERT_SHARE = 0.01
+#: Events replayed in process to place the thresholds at those shares.
+CALIBRATION_EVENTS = 50_000
+GOALS = {
+    "stateful_vs_ceiling": (">=", 0.6),
+    "stateful_vs_naive": (">=", 30.0),
+    "window_vs_naive": (">=", 4.0),
+    "exactly_once_vs_stateful": (">=", 0.7),
+    "p99_latency_ms": ("<=", 50.0),
+    "bytes_per_key_stateful": ("<=", 2048.0),
+}
+
+
+@dataclass(frozen=True)
+class Events:
+    """JSON payloads and their message keys."""
+
+    values: list[bytes]
+    keys: list[bytes]
+
+    def records(self) -> list[InputRecord]:
+        return [
+            InputRecord(value, key.decode())
+            for value, key in zip(self.values, self.keys, strict=True)
+        ]
+
+
+def make_events(count: int, keys: int, seed: int, distinct: bool = False) -> Events:
+    """`count` events over `keys` devices (each device once if `distinct`), 10 ms apart."""
+    rng = np.random.default_rng(seed)
+    device = rng.permutation(count) if distinct else rng.integers(0, keys, count)
+    values = rng.standard_normal((count, len(FEATURES))).round(4).tolist()
+    names = [f"dev-{d}" for d in device.tolist()]
+    payloads = [
+        orjson.dumps(
+            {KEY: name, TIME: START_TIME + i * 0.01} | dict(zip(FEATURES, row, strict=True))
+        )
+        for i, (name, row) in enumerate(zip(names, values, strict=True))
+    ]
+    return Events(payloads, [name.encode() for name in names])
+
+
+def thresholds(model: Path, events: Events) -> tuple[float, float]:
+    """Score quantiles where the throughput and the latency runs place their threshold."""
+    scorer = Scorer.load(model, providers=["CPUExecutionProvider"])
+    engine = Engine(scorer, EngineOptions(threshold=np.inf))
+    scores = engine.process(events.records()[:CALIBRATION_EVENTS]).scores
+    scores = scores[~np.isnan(scores)]
+    return (
+        float(np.quantile(scores, 1 - THROUGHPUT_ALERT_SHARE)),
+        float(np.quantile(scores, 1 - LATENCY_ALERT_SHARE)),
+    )
+
+
+# -- in-process readers: the ceiling and the naive loop -----------------------------------
+
+
+def consumer(cluster: Cluster, topic: str, group: str) -> KafkaConsumer:
+    """A consumer configured exactly as the daemon's (fetch sizes, poll size)."""
+    settings = load_settings(kafka={"bootstrap_servers": cluster.bootstrap, "group_id": group})
+    reader = make_consumer(settings)
+    reader.subscribe([topic])
+    return reader
+
+
+def raw_consume_eps(cluster: Cluster, topic: str, total: int) -> float:
+    """Records per second of kafka-python polling and JSON-decoding, nothing else."""
+    reader = consumer(cluster, topic, f"raw-{topic}")
+    loads, seen, started = orjson.loads, 0, None
+    try:
+        while seen < total:
+            for batch in reader.poll(timeout_ms=500).values():
+                started = started or time.perf_counter()
+                for message in batch:
+                    loads(message.value)
+                seen += len(batch)
+        return seen / (time.perf_counter() - (started or 0.0))
+    finally:
+        reader.close(autocommit=False)
+
+
+def naive_eps(cluster: Cluster, topic: str, model: Path, threshold: float, total: int) -> float:
+    """The textbook loop, one record at a time, over the first `total` records."""
+    scorer = Scorer.load(model, providers=["CPUExecutionProvider"], intra_op_threads=1)
+    run, width = scorer.session.run, len(FEATURES)
+    history: dict[bytes, collections.deque] = collections.defaultdict(
+        lambda: collections.deque(maxlen=WINDOW)
+    )
+    reader = consumer(cluster, topic, f"naive-{topic}")
+    producer = cluster.producer(acks="all", linger_ms=5)
+    seen, started = 0, None
+    try:
+        while seen < total:
+            for batch in reader.poll(timeout_ms=500, max_records=total - seen).values():
+                started = started or time.perf_counter()
+                for message in batch:
+                    record = orjson.loads(message.value)
+                    events = history[message.key]
+                    events.append([float(record[name]) for name in FEATURES])
+                    window = np.zeros((1, WINDOW, width), np.float32)
+                    window[0, : len(events)] = events
+                    lengths = np.array([len(events)], np.int64)
+                    score = float(run(None, {"x": window, "lengths": lengths})[0][0])
+                    if score >= threshold:
+                        alert = {"key": message.key.decode(), "score": score, TIME: record[TIME]}
+                        producer.send(f"{topic}-naive-alerts", orjson.dumps(alert))
+                seen += len(batch)
+        producer.flush()
+        return seen / (time.perf_counter() - (started or 0.0))
+    finally:
+        producer.close()
+        reader.close(autocommit=False)
+
+
+# -- the daemon ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DaemonResult:
+    eps: float
+    peak_rss: int
+
+
+def daemon_eps(
+    cluster: Cluster, topic: str, model: Path, folder: Path, total: int, settings: dict[str, str]
+) -> DaemonResult:
+    """`detector run` from the start of `topic` until every record is committed."""
+    with running(Daemon(cluster, topic, model, folder, settings)) as daemon:
+        progress = daemon.wait_committed(total, timeout=max(120.0, total / 2000))
+        return DaemonResult(progress.rate(), daemon.peak_rss())
+
+
+def exactly_once(
+    cluster: Cluster, topic: str, model: Path, folder: Path, total: int, settings: dict[str, str]
+) -> tuple[float | None, str | None]:
+    """`stateful` with `processing.guarantee=exactly_once`, or (None, why it did not run)."""
+    settings = settings | {"PROCESSING__GUARANTEE": "exactly_once"}
+    try:
+        return daemon_eps(cluster, topic, model, folder, total, settings).eps, None
+    except RuntimeError as error:
+        lines = [orjson.loads(line) for line in str(error).splitlines() if line.startswith("{")]
+        errors = [line["event"] for line in lines if line.get("level") == "error"]
+        return None, errors[-1] if errors else str(error).splitlines()[0]
+
+
+@dataclass(frozen=True)
+class Latency:
+    p50_ms: float
+    p99_ms: float
+    max_ms: float
+    produced: int
+    alerts_expected: int
+    alerts_received: int
+
+
+def latency(
+    cluster: Cluster,
+    model: Path,
+    folder: Path,
+    rate: float,
+    seconds: float,
+    keys: int,
+    settings: dict[str, str],
+) -> Latency:
+    """Produce at `rate` for `seconds` with event time = produce time; alert append times."""
+    topic = cluster.create_topic(f"latency-{os.getpid()}-{int(rate)}", PARTITIONS)
+    alerts = cluster.create_topic(
+        f"{topic}-alerts", PARTITIONS, **{"message.timestamp.type": "LogAppendTime"}
+    )
+    rng = np.random.default_rng(7)
+    count = int(rate * seconds)
+    names = [f"dev-{d}".encode() for d in rng.integers(0, keys, count).tolist()]
+    tails = [
+        orjson.dumps(dict(zip(FEATURES, row, strict=True)))
+        for row in rng.standard_normal((count, len(FEATURES))).tolist()
+    ]
+    sent: list[bytes] = []
+    with running(Daemon(cluster, topic, model, folder, settings)) as daemon:
+        daemon.wait_ready()
+        producer = cluster.producer(acks="all", linger_ms=1)
+        started = time.perf_counter()
+        for i in range(count):
+            due = started + i / rate
+            if (wait := due - time.perf_counter()) > 0:
+                time.sleep(wait)
+            now = time.time()
+            value = b'{"%s":"%s","%s":%.6f,%s' % (
+                KEY.encode(),
+                names[i],
+                TIME.encode(),
+                now,
+                tails[i][1:],
+            )
+            producer.send(topic, value=value, key=names[i], timestamp_ms=int(now * 1000))
+            sent.append(value)
+        producer.flush()
+        producer.close()
+        daemon.wait_committed(count, timeout=120)
+    received = read_all(cluster, alerts)
+    delays = np.array([m.timestamp - orjson.loads(m.value)["event_time"] * 1000 for m in received])
+    scorer = Scorer.load(model, providers=["CPUExecutionProvider"])
+    threshold = float(settings["SCORING__THRESHOLD"])
+    engine = Engine(scorer, EngineOptions(threshold=threshold, key_ttl_s=0.0))
+    records = [InputRecord(v, k.decode()) for v, k in zip(sent, names, strict=True)]
+    expected = engine.process(records).counters.alerts
+    return Latency(
+        float(np.percentile(delays, 50)) if delays.size else float("nan"),
+        float(np.percentile(delays, 99)) if delays.size else float("nan"),
+        float(delays.max()) if delays.size else float("nan"),
+        count,
+        expected,
+        len(received),
+    )
+
+
+def read_all(cluster: Cluster, topic: str) -> list[Any]:
+    """Every record of `topic`, once no more arrive for a second."""
+    reader = KafkaConsumer(topic, bootstrap_servers=cluster.bootstrap, auto_offset_reset="earliest")
+    messages: list[Any] = []
+    try:
+        while polled := reader.poll(timeout_ms=1000):
+            for batch in polled.values():
+                messages += batch
+    finally:
+        reader.close()
+    if any(m.timestamp_type != 1 for m in messages):
+        raise RuntimeError(f"{topic} does not carry LogAppendTime timestamps")
+    return messages
+
+
+# -- report -------------------------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    memory = next(
+        int(line.split()[1]) * 1024
+        for line in Path("/proc/meminfo").read_text().splitlines()
+        if line.startswith("MemTotal:")
+    )
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_bytes": memory,
+        "python": platform.python_version(),
+        "onnxruntime": onnxruntime.__version__,
+        "kafka_python": kafka.__version__,
+        "numpy": np.__version__,
+        "orjson": version("orjson"),
+        "platform": platform.platform(),
+    }
+
+
+def ratios(results: dict[str, Any]) -> dict[str, float | None]:
+    def ratio(top: str, bottom: str) -> float | None:
+        a, b = results.get(top), results.get(bottom)
+        return None if a is None or not b else a / b
+
+    return {
+        "stateful_vs_ceiling": ratio("stateful_eps", "raw_consume_eps"),
+        "stateful_vs_naive": ratio("stateful_eps", "naive_eps"),
+        "window_vs_naive": ratio("window_eps", "naive_eps"),
+        "exactly_once_vs_stateful": ratio("exactly_once_eps", "stateful_eps"),
+    }
+
+
+def goal_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    rows = []
+    for name, (sense, goal) in GOALS.items():
+        value = results.get(name)
+        met = "n/a" if value is None else ("yes" if _meets(value, sense, goal) else "NO")
+        shown = "null" if value is None else f"{value:,.2f}"
+        rows.append((name, shown, f"{sense} {goal:g}", met))
+    return rows
+
+
+def _meets(value: float, sense: str, goal: float) -> bool:
+    return value >= goal if sense == ">=" else value <= goal
+
+
+def print_report(results: dict[str, Any]) -> None:
+    console = Console()
+    rates = Table(title="events/s through Kafka (higher is better)")
+    for column in ("path", "events/s"):
+        rates.add_column(column, justify="right")
+    for name in ("raw_consume_eps", "naive_eps", "window_eps", "stateful_eps", "exactly_once_eps"):
+        value = results[name]
+        rates.add_row(name, "null" if value is None else f"{value:,.0f}")
+    goals = Table(title="goals")
+    for column in ("figure", "measured", "goal", "met"):
+        goals.add_column(column, justify="right")
+    for row in goal_rows(results):
+        goals.add_row(*row)
+    console.print(rates, goals)
+    for name in ("p50_latency_ms", "max_latency_ms", "bytes_per_key_window"):
+        console.print(f"{name}: {results[name]:,.1f}")
+    if results.get("exactly_once_reason"):
+        console.print(f"exactly_once_eps is null: {results['exactly_once_reason']}")
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    names = ["raw_consume", "naive", "window", "stateful", "exactly_once"]
+    values = [results[f"{name}_eps"] or 0.0 for name in names]
+    figure, axes = pyplot.subplots(figsize=(7, 3.6), layout="constrained")
+    bars = axes.bar(names, values, color=["#888", "#c44", "#48c", "#26a", "#6a4"])
+    axes.bar_label(bars, [f"{v:,.0f}" if v else "n/a" for v in values], fontsize=8)
+    axes.set_ylabel("events/s")
+    cores = results["machine"]["cores"]
+    axes.set_title(f"detector run through Kafka, {cores} cores ({results['events']:,} events)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+
+
+# -- main ---------------------------------------------------------------------------------
+
+
+def measure(args: argparse.Namespace, cluster: Cluster, folder: Path) -> dict[str, Any]:
+    console = Console(stderr=True)
+    say = console.log
+    models = {mode: bench_model(args.cache, mode) for mode in ("window", "stateful")}
+    events = make_events(args.events, args.keys, seed=1)
+    alert_threshold, latency_threshold = thresholds(models["window"], events)
+    topic = cluster.create_topic(f"bench-{os.getpid()}", PARTITIONS)
+    say(f"producing {args.events:,} events over {args.keys:,} keys to {topic}")
+    produce_eps = cluster.produce(topic, events.values, events.keys)
+    del events
+    settings = {
+        "MODEL__INTRA_OP_THREADS": str(args.threads),
+        "SCORING__THRESHOLD": repr(alert_threshold),
+        "STATE__KEY_TTL_S": "0",
+    }
+    results: dict[str, Any] = {"events": args.events, "keys": args.keys}
+    say("ceiling: kafka-python poll + JSON decode")
+    results["raw_consume_eps"] = raw_consume_eps(cluster, topic, args.events)
+    say(f"naive loop on the first {args.naive_events:,} records")
+    results["naive_eps"] = naive_eps(
+        cluster, topic, models["window"], alert_threshold, args.naive_events
+    )
+    peaks = {}
+    for mode in ("window", "stateful"):
+        say(f"detector run, {mode} model")
+        run = daemon_eps(cluster, topic, models[mode], folder, args.events, settings)
+        results[f"{mode}_eps"], peaks[mode] = run.eps, run.peak_rss
+    say("detector run, stateful model, exactly_once")
+    results["exactly_once_eps"], results["exactly_once_reason"] = exactly_once(
+        cluster, topic, models["stateful"], folder, args.events, settings
+    )
+    rate = results["stateful_eps"] / 2
+    say(f"latency at {rate:,.0f} events/s for {args.latency_seconds:.0f} s")
+    lat = latency(
+        cluster,
+        models["stateful"],
+        folder,
+        rate,
+        args.latency_seconds,
+        args.keys,
+        settings | {"SCORING__THRESHOLD": repr(latency_threshold)},
+    )
+    results |= {
+        "p50_latency_ms": lat.p50_ms,
+        "p99_latency_ms": lat.p99_ms,
+        "max_latency_ms": lat.max_ms,
+    }
+    say(f"memory: {args.memory_keys:,} events of as many keys")
+    many = make_events(args.memory_keys, args.memory_keys, seed=2, distinct=True)
+    memory_topic = cluster.create_topic(f"bench-keys-{os.getpid()}", PARTITIONS)
+    cluster.produce(memory_topic, many.values, many.keys)
+    del many
+    extra_keys = args.memory_keys - args.keys
+    for mode in ("window", "stateful"):
+        run = daemon_eps(cluster, memory_topic, models[mode], folder, args.memory_keys, settings)
+        results[f"bytes_per_key_{mode}"] = (run.peak_rss - peaks[mode]) / extra_keys
+        results[f"peak_rss_{mode}_bytes"] = run.peak_rss
+    results |= ratios(results)
+    results["setup"] = {
+        "partitions": PARTITIONS,
+        "features": len(FEATURES),
+        "window": WINDOW,
+        "model": "seeded random SequenceNet, hidden 64 x 2 layers, classify",
+        "onnxruntime_threads": args.threads,
+        "produce_eps": produce_eps,
+        "naive_events": args.naive_events,
+        "memory_keys": args.memory_keys,
+        "alert_threshold": alert_threshold,
+        "latency_threshold": latency_threshold,
+        "latency_rate_eps": rate,
+        "latency_produced": lat.produced,
+        "latency_alerts_expected": lat.alerts_expected,
+        "latency_alerts_received": lat.alerts_received,
+        "peak_rss_10k_keys": peaks,
+    }
+    results["machine"] = machine()
+    return results
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="200,000 events, 200,000 keys")
+    parser.add_argument("--events", type=int, help="events of the throughput runs")
+    parser.add_argument("--keys", type=int, default=10_000)
+    parser.add_argument("--memory-keys", type=int, help="distinct keys of the memory run")
+    parser.add_argument("--naive-events", type=int, help="records the naive loop reads")
+    parser.add_argument("--latency-seconds", type=float, help="duration of the latency run")
+    parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
+    parser.add_argument("--bootstrap-servers", help="use this broker instead of starting one")
+    parser.add_argument("--cache", type=Path, default=Path(__file__).parent / ".cache")
+    parser.add_argument("--json", type=Path, help="write every figure to this JSON file")
+    parser.add_argument("--plot", type=Path, help="write a bar chart of events/s (PNG)")
+    args = parser.parse_args()
+    scale = 200_000 if args.quick else 1_000_000
+    args.events = args.events or scale
+    args.memory_keys = args.memory_keys or scale
+    args.naive_events = args.naive_events or (10_000 if args.quick else 30_000)
+    args.latency_seconds = args.latency_seconds or (15.0 if args.quick else 30.0)
+    with tempfile.TemporaryDirectory(prefix="seqsentinel-bench-") as scratch:
+        folder = Path(scratch)
+        with contextlib.ExitStack() as stack:
+            bootstrap = args.bootstrap_servers or stack.enter_context(
+                local_broker(folder / "kafka")
+            )
+            cluster = Cluster(bootstrap)
+            stack.callback(cluster.close)
+            results = measure(args, cluster, folder)
+    print_report(results)
+    if args.json:
+        args.json.write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))
+    if args.plot:
+        plot(results, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
