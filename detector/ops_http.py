@@ -33,6 +33,7 @@ class Health:
     partitions: int = 0
     broker_reachable: bool = False
     model_version: str = ""
+    restoring: int = 0  # partitions whose key state is being restored
     last_loop: float = 0.0  # time.monotonic() of the loop's last round
 
     def beat(self) -> None:
@@ -49,6 +50,8 @@ class Health:
             return "the Kafka broker is not reachable"
         if not self.partitions:
             return "no partitions are assigned to this consumer"
+        if self.restoring:
+            return f"restoring the key state of {self.restoring} partition(s)"
         return None
 
 

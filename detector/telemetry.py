@@ -92,6 +92,28 @@ class Metrics:
             "Alerts and dead letters sent again after the broker did not acknowledge them",
             registry=registry,
         )
+        self.restoring_partitions = Gauge(
+            "seqsentinel_restoring_partitions",
+            "Assigned partitions whose key state is being restored (snapshot and replay)",
+            registry=registry,
+        )
+        self.restore_replayed = Counter(
+            "seqsentinel_restore_replayed_records",
+            "Input records replayed, state only, to bring restored key state up to date",
+            registry=registry,
+        )
+        self.restore_seconds = Histogram(
+            "seqsentinel_restore_seconds",
+            "Time to restore one partition's key state, by how it began",
+            ["snapshot"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.snapshots = Counter(
+            "seqsentinel_snapshots",
+            "Per-partition key state snapshots written to the state topic",
+            registry=registry,
+        )
         self.model = Info("seqsentinel_model", "The model now serving", registry=registry)
 
     def observe_batch(self, counters: Counters, records: int, seconds: float, keys: int) -> None:
