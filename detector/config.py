@@ -89,6 +89,9 @@ class KafkaSettings(_Section):
     max_poll_records: PositiveInt = 5000
     fetch_max_bytes: PositiveInt = 52_428_800
     max_partition_fetch_bytes: PositiveInt = 1_048_576
+    session_timeout_ms: Annotated[int, Field(ge=1000, le=300_000)] = 10_000
+    """A crashed detector's partitions move to the others after this long without a heartbeat
+    (Kafka's default before 3.0; the 45 s default since then is slow for a stream of alerts)."""
     compression_type: Literal["gzip", "snappy", "lz4", "zstd"] | None = None
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
@@ -193,6 +196,11 @@ class ScoringSettings(_Section):
 class ProcessingSettings(_Section):
     guarantee: Literal["at_least_once", "exactly_once"] = "at_least_once"
     snapshot_interval_s: PositiveFloat = 60.0
+    """How often each partition's key state is written to the state topic (also at revocation
+    and shutdown); what a restart replays is at most this much input."""
+    transactional_id: NonEmptyStr | None = None
+    """exactly_once: the producer's transactional id, stable per instance (a restart with the
+    same id fences its predecessor); None derives it from the group id and the host name."""
     shutdown_timeout_s: Annotated[float, Field(gt=0, lt=30)] = 25.0
     """Must stay below Kubernetes' default 30 s grace period, or the pod is killed mid-commit."""
 

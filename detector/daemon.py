@@ -1,11 +1,16 @@
 """The `detector run` daemon: poll a micro-batch, score it, publish, and only then commit.
 
 One thread does the Kafka work. Each round it takes a new model if the watcher has one ready,
-collects records until `batching.max_batch` or `batching.max_latency_ms`, hands their raw
-bytes to the engine, sends the alerts and dead letters, waits until the broker acknowledged
-every one of them, and then commits the offsets they cover. Nothing is committed that is not
-acknowledged, so a crash or an outage at any point repeats work (alerts with the same
-`alert_id`) but loses none.
+restores the key state of newly assigned partitions (`detector.restore`), collects records
+until `batching.max_batch` or `batching.max_latency_ms`, hands their raw bytes to the engine,
+and publishes the alerts and dead letters. Under `at_least_once` it waits until the broker
+acknowledged every one of them and then commits the offsets they cover: nothing is committed
+that is not acknowledged, so a crash or an outage at any point repeats work (alerts with the
+same `alert_id`) but loses none. Under `exactly_once` the outputs, the offsets and any state
+snapshot of a batch are one Kafka transaction: a crash aborts the batch, the restarted
+instance restores the state the transaction left, and read_committed consumers see each
+alert once. Every `processing.snapshot_interval_s`, at revocation and at shutdown, each
+partition's key state goes to the compacted state topic (`detector.snapshots`).
 
 kafka-python 3 runs the consumer's network I/O, and the rebalance listener, on its own
 thread, and only while this thread waits in `poll()` or `close()`; the listener may therefore
@@ -23,24 +28,34 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+import numpy as np
 import orjson
 import structlog
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.subscription_state import AsyncConsumerRebalanceListener
-from kafka.errors import CommitFailedError, KafkaError
+from kafka.errors import CommitFailedError, KafkaError, ProducerFencedError
 from kafka.future import Future
 from kafka.structs import OffsetAndMetadata
 
 from detector.alerts import Alert
 from detector.config import Settings
 from detector.engine import Counters, Engine, EngineOptions
-from detector.kafka_io import TopicError, ensure_topics, make_admin, make_consumer, make_producer
+from detector.kafka_io import (
+    TopicError,
+    ensure_topics,
+    make_admin,
+    make_consumer,
+    make_producer,
+    state_topic,
+)
 from detector.logs import bind_model_version
 from detector.manifest import ModelContractError
 from detector.model_watch import ModelWatcher, load_scorer
 from detector.ops_http import Health, OpsServer
 from detector.records import DeadLetter, InputRecord, Source
+from detector.restore import RestoreError, input_records, process_tagged, restore_partition
 from detector.scorer import Scorer
+from detector.snapshots import fingerprint, snapshot_messages
 from detector.systemd import SystemdNotifier
 from detector.telemetry import Metrics
 
@@ -82,6 +97,7 @@ class Outgoing(NamedTuple):
     value: bytes
     headers: list[tuple[str, bytes]]
     alert: Alert | None = None
+    partition: int | None = None
 
 
 def alert_message(topic: str, alert: Alert) -> Outgoing:
@@ -112,21 +128,25 @@ class InHand:
     records: list[InputRecord] = field(default_factory=list)
     polled: dict[TopicPartition, int] = field(default_factory=dict)  # next offset
     acked: dict[TopicPartition, int] = field(default_factory=dict)
+    runs: list[tuple[int, int]] = field(default_factory=list)  # (partition, records) in order
 
     def add(self, polled: dict[TopicPartition, list[Any]], keyed: bool) -> None:
         """Polled messages as engine records; `keyed`: the message key is the entity key."""
-        records = self.records
         for partition, messages in polled.items():
-            topic, number = partition.topic, partition.partition
-            records += [
-                InputRecord(
-                    message.value,
-                    message.key.decode(errors="replace") if keyed and message.key else None,
-                    Source(topic, number, message.offset),
-                )
-                for message in messages
-            ]
+            self.records += input_records(partition, messages, keyed)
+            self.runs.append((partition.partition, len(messages)))
             self.polled[partition] = messages[-1].offset + 1
+
+    def partitions(self) -> np.ndarray:
+        """The input partition of each record in hand."""
+        numbers, sizes = zip(*self.runs, strict=True) if self.runs else ((), ())
+        return np.repeat(np.array(numbers, np.int32), np.array(sizes, np.intp))
+
+    def take(self) -> tuple[list[InputRecord], np.ndarray, dict[TopicPartition, int]]:
+        """The records in hand with their partitions and next offsets; the hand is emptied."""
+        taken = self.records, self.partitions(), self.polled
+        self.records, self.runs, self.polled = [], [], {}
+        return taken
 
     def drop(self, partitions: Iterable[TopicPartition]) -> None:
         """Forget lost partitions: their new owner processes them from the committed offset."""
@@ -140,6 +160,8 @@ class InHand:
         for offsets in (self.polled, self.acked):
             for partition in lost:
                 offsets.pop(partition, None)
+        numbers = [record.source.partition for record in self.records if record.source]
+        self.runs = [(number, 1) for number in numbers]
 
 
 class Backoff:
@@ -175,6 +197,15 @@ class Daemon:
         self._stop = threading.Event()
         self._stop_by: float | None = None
         self._keyed = settings.kafka.key_field is None
+        self._exactly_once = settings.processing.guarantee == "exactly_once"
+        self._state_topic = state_topic(settings)
+        #: Assigned partitions whose key state is not restored yet (paused meanwhile).
+        self._restoring: set[TopicPartition] = set()
+        #: Per partition: the next offset whose record is not in the key state yet.
+        self._applied: dict[TopicPartition, int] = {}
+        self._generation: dict[TopicPartition, int] = {}
+        self._next_snapshot = time.monotonic() + settings.processing.snapshot_interval_s
+        self._fenced = False
         self._crash_before_commit = os.environ.get(CRASH_BEFORE_COMMIT_ENV) == "1"
         self._commit_backoff = Backoff()
         self._poll_backoff = Backoff()
@@ -227,12 +258,6 @@ class Daemon:
 
     def _start(self) -> int | None:
         """Load the model, then connect; an exit status when the daemon cannot serve."""
-        if self.settings.processing.guarantee != "at_least_once":
-            log.error(
-                "processing.guarantee exactly_once is not supported yet; use at_least_once "
-                "(alerts carry deterministic alert_id values for de-duplication)"
-            )
-            return EXIT_FAILURE
         try:
             scorer = load_scorer(self.settings.model)
             self.engine = Engine(scorer, engine_options(self.settings))
@@ -284,8 +309,11 @@ class Daemon:
                 if created:
                     log.info("created topics", topics=created)
                 producer = make_producer(settings)
-                for topic in (settings.topics.alerts, settings.topics.dead_letters):
+                topics = (settings.topics.alerts, settings.topics.dead_letters, self._state_topic)
+                for topic in topics:
                     producer.partitions_for(topic)  # metadata now: send() never waits for it
+                if self._exactly_once:  # fences a predecessor with the same id, aborting its batch
+                    producer.init_transactions()
                 consumer = make_consumer(settings)
                 consumer.subscribe([settings.topics.input], listener=_Rebalance(self))
             except KafkaError as error:
@@ -305,6 +333,8 @@ class Daemon:
                 group_id=settings.kafka.group_id,
                 alerts=settings.topics.alerts,
                 dead_letters=settings.topics.dead_letters,
+                state=self._state_topic,
+                guarantee=settings.processing.guarantee,
             )
             return
 
@@ -317,11 +347,13 @@ class Daemon:
             if self.in_hand.records:
                 clean = self._settle_records()
             clean = self._commit_until_done() and clean
+            if clean and not self._fenced:
+                clean = self._save_state(set(self._applied) - self._restoring)
             remaining_ms = int(max(1.0, (self._stop_by or 0) - time.monotonic()) * 1000)
             self.consumer.close(autocommit=False, timeout_ms=remaining_ms)
         if self.producer is not None:
             self.producer.close(timeout=max(1.0, (self._stop_by or 0) - time.monotonic()))
-        if clean:
+        if clean and not self._fenced:
             log.info("stopped; every processed record is committed", **self._summary())
             return EXIT_OK
         log.error(
@@ -340,6 +372,8 @@ class Daemon:
             self.engine.swap_model(scorer)
             self._serving(scorer)
             self.metrics.model_reloads.labels("loaded").inc()
+        if self._restoring:
+            self._restore_pending()
         try:
             self._collect()
         except KafkaError as error:
@@ -351,6 +385,8 @@ class Daemon:
         if self.in_hand.records and not self._stop.is_set():
             self._settle_records()
         self._try_commit()
+        if not self._exactly_once and self._snapshot_due() and not self.in_hand.acked:
+            self._save_state(set(self._applied) - self._restoring)
         self._probe()
 
     def _collect(self) -> None:
@@ -381,20 +417,169 @@ class Daemon:
         """Score the records in hand and publish the results; their offsets become committable
         once every alert and dead letter is acknowledged. False if that did not happen."""
         assert self.engine is not None
-        records, polled = self.in_hand.records, self.in_hand.polled
-        self.in_hand.records, self.in_hand.polled = [], {}
+        records, partitions, polled = self.in_hand.take()
         started = time.perf_counter()
-        result = self.engine.process(records)
+        result = process_tagged(self.engine, records, partitions)
         seconds = time.perf_counter() - started
+        self._applied.update(polled)
         self.totals.add(result.counters)
         self.metrics.observe_batch(result.counters, len(records), seconds, self.engine.keys)
         topics = self.settings.topics
         outgoing = [alert_message(topics.alerts, alert) for alert in result.alerts]
         outgoing += [dead_letter_message(topics.dead_letters, d) for d in result.dead_letters]
+        if self._exactly_once:
+            if self._snapshot_due():
+                outgoing += self._snapshot(set(self._applied) - self._restoring)
+            return self._transact(outgoing, polled)
         if not self._publish(outgoing):
             return False
         self.in_hand.acked.update(polled)
         return True
+
+    # -- key state ---------------------------------------------------------------------------
+
+    def _snapshot_due(self) -> bool:
+        return time.monotonic() >= self._next_snapshot
+
+    def _snapshot(self, partitions: Iterable[TopicPartition]) -> list[Outgoing]:
+        """Snapshot records of the key state of `partitions`, valid at their applied offsets."""
+        assert self.engine is not None
+        self._next_snapshot = time.monotonic() + self.settings.processing.snapshot_interval_s
+        arena, model = self.engine.arena, fingerprint(self.engine.manifest)
+        outgoing = []
+        for tp in sorted(partitions):
+            generation = self._generation.get(tp, 0)
+            self._generation[tp] = generation + 1
+            fields = arena.export(arena.slots_of([tp.partition]))
+            messages = snapshot_messages(
+                tp.topic, tp.partition, self._applied[tp], fields, model, generation
+            )
+            outgoing += [
+                Outgoing(self._state_topic, key, value, [], partition=self._state_partition(tp))
+                for key, value in messages
+            ]
+            self.metrics.snapshots.inc()
+        return outgoing
+
+    def _state_partition(self, tp: TopicPartition) -> int:
+        assert self.producer is not None
+        return tp.partition % len(self.producer.partitions_for(self._state_topic))
+
+    def _save_state(self, partitions: set[TopicPartition]) -> bool:
+        """Write the snapshots of `partitions` now (in a transaction of their own under
+        exactly_once); False if that did not happen."""
+        if not partitions:
+            return True
+        outgoing = self._snapshot(partitions)
+        saved = self._transact(outgoing, {}) if self._exactly_once else self._publish(outgoing)
+        if saved:
+            log.info("key state saved", partitions=_names(partitions))
+        return saved
+
+    def _restore_pending(self) -> None:
+        """Restore the key state of the partitions assigned since the last round."""
+        assert self.consumer is not None and self.engine is not None
+        for tp in sorted(self._restoring):
+            try:
+                committed = self.consumer.committed(tp)
+                beginning = self.consumer.beginning_offsets([tp])[tp]
+                if committed is None:
+                    fresh = self.settings.kafka.auto_offset_reset == "earliest"
+                    committed = beginning if fresh else self.consumer.end_offsets([tp])[tp]
+                restored = restore_partition(self.settings, self.engine, tp, committed, beginning)
+            except (KafkaError, RestoreError) as error:
+                delay = self._poll_backoff.next()
+                log.warning("restoring key state failed; retrying", error=str(error))
+                time.sleep(delay)
+                return
+            self.consumer.seek(tp, restored.resume_at)
+            self.consumer.resume(tp)
+            self._restoring.discard(tp)
+            self._applied[tp] = restored.resume_at
+            self._generation[tp] = restored.generation
+            self.health.restoring = len(self._restoring)
+            self.metrics.restoring_partitions.set(len(self._restoring))
+            self.metrics.restore_replayed.inc(restored.replayed)
+            self.metrics.restore_seconds.labels(restored.snapshot).observe(restored.seconds)
+            self.metrics.active_keys.set(self.engine.keys)
+            log.info(
+                "key state restored",
+                partition=_names([tp])[0],
+                snapshot=restored.snapshot,
+                replayed=restored.replayed,
+                resume_at=restored.resume_at,
+                seconds=round(restored.seconds, 3),
+            )
+
+    def _forget(self, partitions: Iterable[TopicPartition]) -> None:
+        """Drop the key state of partitions that are no longer ours."""
+        gone = set(partitions)
+        if self.engine is not None and gone:
+            arena = self.engine.arena
+            arena.release(arena.slots_of([tp.partition for tp in gone]))
+        for tp in gone:
+            self._applied.pop(tp, None)
+            self._generation.pop(tp, None)
+        self._restoring -= gone
+        self.health.restoring = len(self._restoring)
+        self.metrics.restoring_partitions.set(len(self._restoring))
+
+    # -- exactly once ----------------------------------------------------------------------
+
+    def _transact(self, outgoing: list[Outgoing], offsets: dict[TopicPartition, int]) -> bool:
+        """Publish `outgoing` and commit `offsets` in one transaction. On failure the
+        transaction is aborted and every assigned partition's state is restored again (the
+        engine moved past what the broker now holds); False then."""
+        assert self.producer is not None and self.consumer is not None
+        producer = self.producer
+        try:
+            producer.begin_transaction()
+            futures = [self._send(message) for message in outgoing]
+            producer.flush()
+            if failed := next((f for f in futures if f.failed()), None):
+                raise failed.exception
+            if offsets:
+                committing = {tp: OffsetAndMetadata(n, "", -1) for tp, n in offsets.items()}
+                producer.send_offsets_to_transaction(committing, self.consumer.group_metadata())
+            producer.commit_transaction()
+        except ProducerFencedError as error:
+            self._fenced = True
+            log.error(
+                "another instance took over this transactional id; stopping", error=str(error)
+            )
+            self.request_stop()
+            return False
+        except KafkaError as error:
+            self.health.broker_reachable = False
+            log.warning("transaction failed; aborting and restoring state", error=str(error))
+            self._abort()
+            return False
+        now = time.time()
+        self.metrics.observe_alerts(now - m.alert.event_time for m in outgoing if m.alert)
+        self.health.broker_reachable = True
+        return True
+
+    def _abort(self) -> None:
+        assert self.producer is not None and self.consumer is not None
+        try:
+            self.producer.abort_transaction()
+        except KafkaError as error:
+            self._fenced = True
+            log.error("cannot abort the transaction; stopping", error=str(error))
+            self.request_stop()
+        assigned = self.consumer.assignment()
+        self.in_hand.drop(assigned)
+        self._forget(assigned)
+        self._restore(assigned)
+
+    def _restore(self, partitions: set[TopicPartition]) -> None:
+        """Pause `partitions` until their key state is restored between two rounds."""
+        assert self.consumer is not None
+        if partitions:
+            self.consumer.pause(*partitions)
+        self._restoring |= partitions
+        self.health.restoring = len(self._restoring)
+        self.metrics.restoring_partitions.set(len(self._restoring))
 
     def _publish(self, outgoing: list[Outgoing]) -> bool:
         """Send and wait for every acknowledgement, sending again what failed; False only when
@@ -430,7 +615,11 @@ class Daemon:
         assert self.producer is not None
         try:
             return self.producer.send(
-                message.topic, value=message.value, key=message.key, headers=message.headers
+                message.topic,
+                value=message.value,
+                key=message.key,
+                headers=message.headers,
+                partition=message.partition,
             )
         except KafkaError as error:  # buffer full or no metadata for max_block_ms
             return Future().failure(error)
@@ -545,12 +734,18 @@ class Daemon:
 
     # -- rebalances, called on the consumer's network thread -------------------------------
 
-    def partitions_revoked(self) -> dict[TopicPartition, OffsetAndMetadata]:
-        """Settle what is in hand; the offsets to commit before the partitions go."""
+    def partitions_revoked(
+        self, revoked: set[TopicPartition]
+    ) -> dict[TopicPartition, OffsetAndMetadata]:
+        """Settle what is in hand and save the revoked partitions' key state; the offsets to
+        commit before the partitions go."""
         if self.in_hand.records:
             records = len(self.in_hand.records)
             if self._settle_records():
                 log.info("settled the records in hand before a revocation", records=records)
+        if not self._fenced:
+            self._save_state(revoked & set(self._applied) - self._restoring)
+        self._forget(revoked)
         offsets = self._offsets()
         self.in_hand.acked.clear()
         return offsets
@@ -560,10 +755,12 @@ class Daemon:
         self.health.partitions = len(self.consumer.assignment())
         self._next_probe = 0.0
         if partitions:
+            self._restore(partitions)
             log.info("partitions assigned", partitions=_names(partitions))
 
     def partitions_lost(self, partitions: set[TopicPartition]) -> None:
         self.in_hand.drop(partitions)
+        self._forget(partitions)
         self.metrics.forget_partitions(partitions)
         assert self.consumer is not None
         self.health.partitions = len(self.consumer.assignment())
@@ -588,7 +785,7 @@ class _Rebalance(AsyncConsumerRebalanceListener):
         if daemon.stopping:  # closing: the shutdown has committed, or could not
             daemon.metrics.forget_partitions(revoked)
             return
-        offsets = daemon.partitions_revoked()
+        offsets = daemon.partitions_revoked(revoked)
         if offsets and daemon.consumer is not None:
             try:
                 await daemon.consumer.commit_async(offsets)

@@ -8,6 +8,7 @@ Every client gets `KafkaSettings.client_options()`, so security settings reach a
 from __future__ import annotations
 
 import contextlib
+import socket
 from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
@@ -22,14 +23,14 @@ __all__ = [
     "make_admin",
     "make_consumer",
     "make_producer",
+    "make_reader",
+    "state_topic",
+    "transactional_id",
 ]
 
 #: How long a client waits for the broker while it is created; the daemon retries after that,
 #: so that it stays responsive to signals while the broker is down.
 BOOTSTRAP_TIMEOUT_MS = 5_000
-#: A crashed detector's partitions move to the others after this long without a heartbeat
-#: (Kafka's default before 3.0; the 45 s default since then is slow for a stream of alerts).
-SESSION_TIMEOUT_MS = 10_000
 #: Bounds `send()` when the producer's buffer is full or metadata is missing (broker down).
 MAX_BLOCK_MS = 10_000
 
@@ -52,16 +53,49 @@ def make_consumer(settings: Settings) -> KafkaConsumer:
         max_poll_records=kafka.max_poll_records,
         fetch_max_bytes=kafka.fetch_max_bytes,
         max_partition_fetch_bytes=kafka.max_partition_fetch_bytes,
-        session_timeout_ms=SESSION_TIMEOUT_MS,
+        session_timeout_ms=kafka.session_timeout_ms,
+        # Under exactly_once, an upstream transactional producer's aborted records are skipped.
+        isolation_level=_isolation(settings),
         **_options(settings),
     )
 
 
+def make_reader(settings: Settings) -> KafkaConsumer:
+    """A consumer outside the group, for reading a partition from an offset (state restore)."""
+    return KafkaConsumer(
+        enable_auto_commit=False,
+        isolation_level="read_committed",
+        max_poll_records=settings.kafka.max_poll_records,
+        fetch_max_bytes=settings.kafka.fetch_max_bytes,
+        max_partition_fetch_bytes=max(settings.kafka.max_partition_fetch_bytes, 2 << 20),
+        **_options(settings),
+    )
+
+
+def _isolation(settings: Settings) -> str:
+    exactly_once = settings.processing.guarantee == "exactly_once"
+    return "read_committed" if exactly_once else "read_uncommitted"
+
+
+def state_topic(settings: Settings) -> str:
+    """The compacted topic of key-state snapshots: `topics.state`, or `<group id>-state`."""
+    return settings.topics.state or f"{settings.kafka.group_id}-state"
+
+
+def transactional_id(settings: Settings) -> str:
+    """Stable per instance: a restarted instance fences the transactions its predecessor left."""
+    configured = settings.processing.transactional_id
+    return configured or f"{settings.kafka.group_id}-{socket.gethostname()}"
+
+
 def make_producer(settings: Settings) -> KafkaProducer:
-    """An idempotent producer acknowledged by all in-sync replicas, batching what it sends."""
+    """An idempotent producer acknowledged by all in-sync replicas, batching what it sends;
+    transactional under exactly_once."""
+    transactional = settings.processing.guarantee == "exactly_once"
     return KafkaProducer(
         acks="all",
         enable_idempotence=True,
+        transactional_id=transactional_id(settings) if transactional else None,
         compression_type=settings.kafka.compression_type,
         linger_ms=5,
         batch_size=256 * 1024,
@@ -75,7 +109,8 @@ def make_admin(settings: Settings) -> KafkaAdminClient:
 
 
 def ensure_topics(admin: KafkaAdminClient, settings: Settings) -> list[str]:
-    """Check that the input topic exists; create the output topics if allowed and missing.
+    """Check that the input topic exists; create the output and state topics if allowed and
+    missing (the state topic compacted, with as many partitions as the input).
 
     Returns the topics created. Raises `TopicError` when the input topic is missing, or an
     output topic is missing and `kafka.create_topics` is off.
@@ -87,7 +122,8 @@ def ensure_topics(admin: KafkaAdminClient, settings: Settings) -> list[str]:
             f"the input topic {topics.input!r} does not exist on {settings.kafka.bootstrap_servers}"
             " (create it, or set topics.input to the topic the events are written to)"
         )
-    missing = [name for name in (topics.alerts, topics.dead_letters) if name not in existing]
+    outputs = (topics.alerts, topics.dead_letters, state_topic(settings))
+    missing = [name for name in outputs if name not in existing]
     if not missing:
         return []
     if not settings.kafka.create_topics:
@@ -96,10 +132,16 @@ def ensure_topics(admin: KafkaAdminClient, settings: Settings) -> list[str]:
             "kafka.create_topics is off: create them, or allow the detector to"
         )
     partitions = len(admin.describe_topics([topics.input])[0]["partitions"])
-    with contextlib.suppress(TopicAlreadyExistsError):  # another detector was quicker
-        admin.create_topics(
-            [NewTopic(name, num_partitions=partitions, replication_factor=-1) for name in missing],
-            timeout_ms=30_000,
-            wait_for_metadata=True,
+    compacted = {"cleanup.policy": "compact"}
+    new_topics = [
+        NewTopic(
+            name,
+            num_partitions=partitions,
+            replication_factor=-1,
+            topic_configs=compacted if name == state_topic(settings) else {},
         )
+        for name in missing
+    ]
+    with contextlib.suppress(TopicAlreadyExistsError):  # another detector was quicker
+        admin.create_topics(new_topics, timeout_ms=30_000, wait_for_metadata=True)
     return missing

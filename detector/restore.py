@@ -1,0 +1,153 @@
+"""Key state on partition assignment: the latest snapshot, then a state-only replay.
+
+When a partition is assigned, the daemon pauses it and, between batches, brings its keys to
+the state an uninterrupted run would have at the group's committed offset: it loads the
+partition's latest snapshot from the state topic (valid at input offset S), then replays the
+input from S up to the committed offset C through the engine with every output discarded.
+When the snapshot is ahead of the commit (S > C: at_least_once wrote it, then died before
+the commit), the records between were already published, so consumption resumes at S.
+
+Without a usable snapshot (none yet, an incompatible model, or an incomplete one) the replay
+starts at the beginning of the partition's retained data: state is exact when retention
+still holds each key's history, and at worst starts cold for what retention dropped.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from kafka import KafkaConsumer, TopicPartition
+
+from detector.config import Settings
+from detector.engine import BatchResult, Engine, Status
+from detector.kafka_io import make_reader, state_topic
+from detector.records import InputRecord, Source
+from detector.snapshots import Snapshot, fingerprint, latest_snapshot
+
+__all__ = ["RestoreError", "Restored", "input_records", "process_tagged", "restore_partition"]
+
+#: A read that makes no progress for this long is given up (the broker went away).
+STALL_S = 30.0
+POLL_MS = 500
+
+
+class RestoreError(RuntimeError):
+    """The state topic or the input could not be read to the end; the restore is retried."""
+
+
+@dataclass(frozen=True, slots=True)
+class Restored:
+    """How a partition's state was restored and where its consumption resumes."""
+
+    resume_at: int
+    snapshot: str  # "ok", or why there was none: "absent", "incompatible model", "incomplete"
+    generation: int  # of the next snapshot to write
+    replayed: int
+    seconds: float
+
+
+def input_records(
+    partition: TopicPartition, messages: Sequence[Any], keyed: bool
+) -> list[InputRecord]:
+    """Polled messages as engine records; `keyed`: the message key is the entity key."""
+    topic, number = partition.topic, partition.partition
+    return [
+        InputRecord(
+            message.value,
+            message.key.decode(errors="replace") if keyed and message.key else None,
+            Source(topic, number, message.offset),
+        )
+        for message in messages
+    ]
+
+
+def process_tagged(
+    engine: Engine, records: list[InputRecord], partitions: np.ndarray
+) -> BatchResult:
+    """`engine.process`, then each key remembers the input partition of its latest event, so
+    that a snapshot of a partition finds its keys."""
+    result = engine.process(records)
+    good = result.statuses != Status.DEAD_LETTER
+    if good.any():
+        engine.arena.tag_partitions(result.keys[good].tolist(), partitions[good])
+    return result
+
+
+def restore_partition(
+    settings: Settings,
+    engine: Engine,
+    partition: TopicPartition,
+    committed: int,
+    beginning: int,
+) -> Restored:
+    """Restore `partition`'s keys into `engine` up to the `committed` offset (see the module)."""
+    started = time.monotonic()
+    engine.arena.release(engine.arena.slots_of([partition.partition]))  # stale, if any
+    snapshot, why = read_snapshot(settings, partition.partition, fingerprint(engine.manifest))
+    start, generation = beginning, 0
+    if snapshot is not None:
+        engine.arena.restore(snapshot.fields, engine.model.codec.statistics_rows)
+        start, generation = max(snapshot.offset, beginning), snapshot.generation + 1
+    replayed = 0
+    if start < committed:
+        keyed = settings.kafka.key_field is None
+        for messages in read_range(settings, partition, start, committed):
+            records = input_records(partition, messages, keyed)
+            process_tagged(engine, records, np.full(len(records), partition.partition, np.int32))
+            replayed += len(records)
+    resume_at = max(start, committed)
+    return Restored(resume_at, why, generation, replayed, time.monotonic() - started)
+
+
+def read_snapshot(settings: Settings, partition: int, model: str) -> tuple[Snapshot | None, str]:
+    """The input partition's latest snapshot compatible with fingerprint `model`."""
+    topic = state_topic(settings)
+    reader = make_reader(settings)
+    try:
+        numbers = reader.partitions_for_topic(topic)
+        if not numbers:
+            return None, "absent"
+        tp = TopicPartition(topic, partition % len(numbers))
+        end = _bounds(reader, tp)
+        records = (
+            (message.key, message.value)
+            for messages in _read(reader, tp, end)
+            for message in messages
+        )
+        return latest_snapshot(records, settings.topics.input, partition, model)
+    finally:
+        reader.close()
+
+
+def read_range(
+    settings: Settings, partition: TopicPartition, start: int, end: int
+) -> Iterator[list[Any]]:
+    """The messages of `partition` from `start` up to, not including, `end`, in polls."""
+    reader = make_reader(settings)
+    try:
+        reader.assign([partition])
+        reader.seek(partition, start)
+        yield from _read(reader, partition, end)
+    finally:
+        reader.close()
+
+
+def _bounds(reader: KafkaConsumer, tp: TopicPartition) -> int:
+    reader.assign([tp])
+    reader.seek_to_beginning(tp)
+    return reader.end_offsets([tp])[tp]
+
+
+def _read(reader: KafkaConsumer, tp: TopicPartition, end: int) -> Iterator[list[Any]]:
+    last_progress = time.monotonic()
+    while reader.position(tp) < end:
+        messages = reader.poll(timeout_ms=POLL_MS).get(tp, [])
+        if messages:
+            last_progress = time.monotonic()
+            yield [message for message in messages if message.offset < end]
+        elif time.monotonic() - last_progress > STALL_S:
+            raise RestoreError(f"reading {tp.topic}[{tp.partition}] stalled before offset {end}")

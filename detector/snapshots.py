@@ -1,0 +1,202 @@
+"""Per-partition snapshots of key state, as records of a compacted Kafka topic.
+
+A snapshot holds what `KeyArena.export` gives for the keys of one input partition, and the
+input offset it is valid at: the state is exactly what processing every record of that
+partition before the offset leaves behind. It is one zlib-compressed blob of numpy buffers,
+cut into chunks below the broker's message limit, plus a small JSON header record written
+last. Records are keyed so that compaction keeps exactly one snapshot per partition:
+
+    <input topic>/<partition>            the header: offset, chunk count, digest, fingerprint
+    <input topic>/<partition>/<g>/<i>    chunk i of a snapshot of generation parity g
+
+Successive snapshots alternate between the two parities, so a snapshot half written when
+the process died never overwrites the chunks that the last complete header names. A header
+whose chunks do not hash to its digest, or whose fingerprint is not the serving model's, is
+ignored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import orjson
+
+from detector.arena import ArenaShape
+from detector.manifest import Manifest
+
+__all__ = [
+    "CHUNK_BYTES",
+    "Snapshot",
+    "SnapshotHeader",
+    "decode_fields",
+    "encode_fields",
+    "fingerprint",
+    "latest_snapshot",
+    "snapshot_messages",
+]
+
+FORMAT = 1
+#: Chunk size: below Kafka's default 1 MB message limit with room for the record overhead.
+CHUNK_BYTES = 900 * 1024
+#: zlib level 1: state is mostly floats, where higher levels gain little and cost much time.
+COMPRESSION_LEVEL = 1
+_LENGTH = struct.Struct("<I")
+
+
+def fingerprint(manifest: Manifest) -> str:
+    """Identity of the state layout a model reads: snapshots are exchanged only between models
+    whose key state the engine keeps across a swap (same features, window, network shape)."""
+    shape = ArenaShape.for_manifest(manifest)
+    identity = {
+        "format": FORMAT,
+        "task": manifest.task,
+        "export_mode": manifest.export_mode,
+        "window": manifest.window,
+        "features": [feature.model_dump(mode="json") for feature in manifest.features],
+        "per_key_statistics": manifest.model_dump(mode="json")["per_key_statistics"],
+        "network": [manifest.network.layers, manifest.network.hidden],
+        "bidirectional": manifest.network.bidirectional,
+        "ring": shape.ring,
+        "state": shape.state,
+    }
+    return hashlib.sha256(orjson.dumps(identity, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
+
+
+def encode_fields(fields: dict[str, np.ndarray]) -> bytes:
+    """The arrays of `KeyArena.export` as one compressed blob; keys as UTF-8 with lengths."""
+    keys = [key.encode() for key in fields["keys"].tolist()]
+    arrays = {name: array for name, array in fields.items() if name != "keys"}
+    arrays["key_lengths"] = np.fromiter(map(len, keys), np.int32, len(keys))
+    layout = [[name, array.dtype.str, list(array.shape)] for name, array in arrays.items()]
+    header, key_blob = orjson.dumps(layout), b"".join(keys)
+    parts = [_LENGTH.pack(len(key_blob)), _LENGTH.pack(len(header)), header, key_blob]
+    parts += [np.ascontiguousarray(array).tobytes() for array in arrays.values()]
+    return zlib.compress(b"".join(parts), COMPRESSION_LEVEL)
+
+
+def decode_fields(blob: bytes) -> dict[str, np.ndarray]:
+    """The inverse of `encode_fields`; `ValueError` for a blob that is not one."""
+    try:
+        data = memoryview(zlib.decompress(blob))
+        (key_bytes,) = _LENGTH.unpack_from(data, 0)
+        (header_bytes,) = _LENGTH.unpack_from(data, 4)
+        position = 8 + header_bytes
+        layout = orjson.loads(bytes(data[8:position]))
+        key_blob = bytes(data[position : position + key_bytes])
+        position += key_bytes
+        fields: dict[str, np.ndarray] = {}
+        for name, dtype, shape in layout:
+            array = np.frombuffer(data, np.dtype(dtype), int(np.prod(shape)), position)
+            fields[name] = array.reshape(shape).copy()
+            position += array.nbytes
+    except (zlib.error, struct.error, orjson.JSONDecodeError, TypeError, ValueError) as error:
+        raise ValueError(f"not a state snapshot: {error}") from None
+    if position != len(data):
+        raise ValueError("not a state snapshot: trailing bytes")
+    ends = np.cumsum(fields.pop("key_lengths"))
+    starts = np.r_[0, ends[:-1]]
+    keys = [key_blob[a:b].decode() for a, b in zip(starts.tolist(), ends.tolist(), strict=True)]
+    fields["keys"] = np.array(keys, object)
+    return fields
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotHeader:
+    """The record that makes a snapshot current; chunks are found by parity and count."""
+
+    offset: int
+    chunks: int
+    generation: int
+    sha256: str
+    fingerprint: str
+    keys: int
+
+    def to_bytes(self) -> bytes:
+        return orjson.dumps({"format": FORMAT, **{n: getattr(self, n) for n in self.__slots__}})
+
+    @classmethod
+    def from_bytes(cls, value: bytes) -> SnapshotHeader | None:
+        try:
+            document = orjson.loads(value)
+            if document.pop("format") != FORMAT:
+                return None
+            return cls(**document)
+        except (orjson.JSONDecodeError, TypeError, KeyError, AttributeError):
+            return None
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """The key state of one input partition, valid at input `offset`."""
+
+    offset: int
+    fields: dict[str, np.ndarray]
+    generation: int
+
+
+def header_key(input_topic: str, partition: int) -> bytes:
+    return f"{input_topic}/{partition}".encode()
+
+
+def chunk_key(input_topic: str, partition: int, generation: int, index: int) -> bytes:
+    return f"{input_topic}/{partition}/{generation % 2}/{index}".encode()
+
+
+def snapshot_messages(
+    input_topic: str,
+    partition: int,
+    offset: int,
+    fields: dict[str, np.ndarray],
+    fingerprint: str,
+    generation: int,
+) -> list[tuple[bytes, bytes]]:
+    """(key, value) records of one snapshot, the header last (it must be written last)."""
+    blob = encode_fields(fields)
+    chunks = [blob[i : i + CHUNK_BYTES] for i in range(0, len(blob), CHUNK_BYTES)] or [b""]
+    header = SnapshotHeader(
+        offset=offset,
+        chunks=len(chunks),
+        generation=generation,
+        sha256=hashlib.sha256(blob).hexdigest(),
+        fingerprint=fingerprint,
+        keys=len(fields["keys"]),
+    )
+    messages = [
+        (chunk_key(input_topic, partition, generation, i), chunk) for i, chunk in enumerate(chunks)
+    ]
+    return [*messages, (header_key(input_topic, partition), header.to_bytes())]
+
+
+def latest_snapshot(
+    records: Iterable[tuple[bytes | None, bytes | None]],
+    input_topic: str,
+    partition: int,
+    fingerprint: str,
+) -> tuple[Snapshot | None, str]:
+    """The partition's current snapshot among state-topic records read in order, and why
+    there is none ("absent", "incompatible model", "incomplete") or "ok"."""
+    wanted = header_key(input_topic, partition)
+    prefix = wanted + b"/"
+    latest: dict[bytes, bytes] = {}
+    for key, value in records:
+        if key is not None and value is not None and (key == wanted or key.startswith(prefix)):
+            latest[key] = value
+    header = SnapshotHeader.from_bytes(latest[wanted]) if wanted in latest else None
+    if header is None:
+        return None, "absent"
+    if header.fingerprint != fingerprint:
+        return None, "incompatible model"
+    names = [chunk_key(input_topic, partition, header.generation, i) for i in range(header.chunks)]
+    blob = b"".join(latest.get(name, b"") for name in names)
+    if hashlib.sha256(blob).hexdigest() != header.sha256:
+        return None, "incomplete"
+    try:
+        fields = decode_fields(blob)
+    except ValueError:
+        return None, "incomplete"
+    return Snapshot(header.offset, fields, header.generation), "ok"
