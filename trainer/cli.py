@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from detector.cli import build_parser, dispatch
 
 #: Sub-command modules of `trainer.commands`, in the order `--help` lists them.
-COMMAND_MODULES: tuple[str, ...] = ("synth", "train", "inspect", "evaluate")
+COMMAND_MODULES: tuple[str, ...] = ("synth", "train", "inspect", "evaluate", "retrain", "rollback")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
