@@ -1,0 +1,248 @@
+"""Key state survives: snapshots round-trip exactly, and a restored engine (snapshot, then a
+state-only replay) scores every later event exactly as an engine that never stopped.
+
+The engine tests run real (random, seeded) networks through onnxruntime; the daemon test
+stops `detector run` mid-stream and checks that its successor raises the very alerts, with
+the very ids, of one uninterrupted replay.
+"""
+
+from __future__ import annotations
+
+import zlib
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pytest
+from daemon_support import (
+    DaemonProcess,
+    encoded,
+    fully_committed,
+    read_topic,
+    replay_alert_ids,
+    running,
+    send_events,
+    sensor_events,
+    train_model,
+    wait_for,
+)
+from model_factory import event, load_random, make_manifest
+
+from detector.engine import Engine, EngineOptions
+from detector.records import InputRecord
+from detector.restore import process_tagged
+from detector.scorer import Scorer
+from detector.snapshots import (
+    CHUNK_BYTES,
+    decode_fields,
+    encode_fields,
+    fingerprint,
+    latest_snapshot,
+    snapshot_messages,
+)
+
+T0 = 1_700_000_000.0
+PARTITIONS = 3
+OPTIONS = EngineOptions(max_batch=64, cooldown_events=2, threshold=0.5)
+
+
+@pytest.fixture(scope="module", params=["window-forecast", "stateful-classify", "window-bi"])
+def scorer(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Scorer:
+    mode, kind = request.param.split("-")
+    manifest = {
+        "forecast": make_manifest("forecast", "window", window=5, smoothing=0.5),
+        "classify": make_manifest("classify", "stateful", min_history=2, smoothing=0.7),
+        "bi": make_manifest("classify", "window", window=4, bidirectional=True, layers=2),
+    }[kind]
+    assert manifest.export_mode == mode
+    return load_random(tmp_path_factory.mktemp("models") / f"{request.param}.onnx", manifest, 3)
+
+
+def stream(keys: int, per_key: int, seed: int) -> tuple[list[InputRecord], np.ndarray]:
+    """Interleaved events of `keys` accounts with bursts, and each event's partition."""
+    rng = np.random.default_rng(seed)
+    events, partitions = [], []
+    for i in range(keys * per_key):
+        k = int(rng.integers(keys))
+        amount = float(rng.choice([20.0, 35.0, 400.0], p=[0.5, 0.4, 0.1]))
+        merchant = str(rng.choice(["grocer", "fuel", "casino", "unseen"]))
+        items = None if rng.random() < 0.1 else int(rng.integers(1, 5))
+        events.append(event(f"acct-{k}", T0 + 11.0 * i, amount, items, merchant))
+        partitions.append(k % PARTITIONS)
+    return [InputRecord(orjson.dumps(e)) for e in events], np.array(partitions, np.int32)
+
+
+def feed(
+    engine: Engine, records: list[InputRecord], partitions: np.ndarray, batch: int
+) -> tuple[np.ndarray, np.ndarray, list[tuple[str, float]]]:
+    """Scores, statuses and (alert id, event time) of `records` fed in batches of `batch`."""
+    results = [
+        process_tagged(engine, records[i : i + batch], partitions[i : i + batch])
+        for i in range(0, len(records), batch)
+    ]
+    return (
+        np.concatenate([r.scores for r in results]),
+        np.concatenate([r.statuses for r in results]),
+        [(a.alert_id, a.event_time) for r in results for a in r.alerts],
+    )
+
+
+def snapshot_through_records(engine: Engine, partition: int, offset: int, generation: int = 0):
+    """The partition's state as the state topic holds it, read back."""
+    fields = engine.arena.export(engine.arena.slots_of([partition]))
+    model = fingerprint(engine.manifest)
+    messages = snapshot_messages("events", partition, offset, fields, model, generation)
+    snapshot, why = latest_snapshot(messages, "events", partition, model)
+    assert why == "ok"
+    return snapshot
+
+
+def by_key(fields: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Exported fields in key order (h and c have the slot axis second)."""
+    order = np.argsort(fields["keys"])
+    return {n: a[:, order] if n in ("h", "c") else a[order] for n, a in fields.items()}
+
+
+def test_a_restored_engine_scores_exactly_like_one_that_never_stopped(scorer: Scorer) -> None:
+    records, partitions = stream(keys=12, per_key=14, seed=5)
+    reference = feed(Engine(scorer, OPTIONS), records, partitions, batch=37)
+    assert np.isfinite(reference[0]).sum() > 100
+    assert reference[2], "the stream must raise alerts for the ids to be compared"
+
+    cut, replay_from = 90, 60  # snapshot at 60, processed up to 90, then the process died
+    first = Engine(scorer, OPTIONS)
+    feed(first, records[:replay_from], partitions[:replay_from], batch=17)
+    snapshots = [snapshot_through_records(first, p, replay_from) for p in range(PARTITIONS)]
+    feed(first, records[replay_from:cut], partitions[replay_from:cut], batch=17)
+
+    second = Engine(scorer, OPTIONS)
+    for snapshot in snapshots:
+        second.arena.restore(snapshot.fields, scorer.codec.statistics_rows)
+    feed(second, records[replay_from:cut], partitions[replay_from:cut], batch=5)  # replay
+    after = feed(second, records[cut:], partitions[cut:], batch=23)
+
+    np.testing.assert_array_equal(after[1], reference[1][cut:])
+    np.testing.assert_array_equal(after[0], reference[0][cut:])  # exact; NaN where not scored
+    assert after[2] == [(i, t) for i, t in reference[2] if t >= T0 + 11.0 * cut]
+
+
+def test_partitions_snapshot_only_their_keys_and_restore_into_a_busy_engine(
+    scorer: Scorer,
+) -> None:
+    records, partitions = stream(keys=9, per_key=8, seed=8)
+    engine = Engine(scorer, OPTIONS)
+    feed(engine, records, partitions, batch=64)
+    keys = {p: set(engine.arena.export(engine.arena.slots_of([p]))["keys"]) for p in range(3)}
+    assert keys == {p: {f"acct-{k}" for k in range(9) if k % 3 == p} for p in range(3)}
+
+    other = Engine(scorer, OPTIONS)
+    feed(other, records[:20], partitions[:20], batch=64)  # stale state of some of those keys
+    other.arena.release(other.arena.slots_of([1]))
+    snapshot = snapshot_through_records(engine, 1, len(records))
+    other.arena.restore(snapshot.fields, scorer.codec.statistics_rows)
+    mine, theirs = (by_key(e.arena.export(e.arena.slots_of([1]))) for e in (engine, other))
+    assert set(mine) == set(theirs)
+    for name, array in mine.items():
+        np.testing.assert_array_equal(theirs[name], array)
+    assert other.keys == 3 + len(other.arena.slots_of([0, 2]))
+
+
+def test_snapshot_blobs_round_trip_every_field_and_refuse_garbage(scorer: Scorer) -> None:
+    records, partitions = stream(keys=5, per_key=6, seed=1)
+    engine = Engine(scorer, OPTIONS)
+    feed(engine, records, partitions, batch=64)
+    fields = engine.arena.export(engine.arena.slots_of([0, 1, 2]))
+    fields["keys"][0] = "ключ \x00 🔑"  # any text, NUL and astral characters included
+    back = decode_fields(encode_fields(fields))
+    assert set(back) == set(fields)
+    for name, array in fields.items():
+        assert back[name].dtype == array.dtype
+        np.testing.assert_array_equal(back[name], array)
+    for garbage in (b"", b"not zlib", zlib.compress(b"\x05\x00\x00\x00short")):
+        with pytest.raises(ValueError, match="not a state snapshot"):
+            decode_fields(garbage)
+
+
+def test_large_snapshots_are_chunked_and_a_half_written_one_never_hides_the_last(
+    tmp_path: Path,
+) -> None:
+    manifest = make_manifest("classify", "window", window=64, hidden=4)
+    scorer = load_random(tmp_path / "wide.onnx", manifest)
+    engine = Engine(scorer, EngineOptions(max_batch=4096))
+    rng = np.random.default_rng(0)
+    records = [InputRecord(orjson.dumps(event(f"k{i}", T0 + i, 50.0))) for i in range(3000)]
+    process_tagged(engine, records, np.zeros(len(records), np.int32))
+    fields = engine.arena.export(engine.arena.slots_of([0]))
+    fields["ring"] = rng.normal(size=fields["ring"].shape).astype(np.float32)  # incompressible
+    model = fingerprint(manifest)
+    old = snapshot_messages("events", 0, 30_000, fields, model, generation=6)
+    assert len(old) > 3  # header + several chunks
+    assert all(len(value) <= CHUNK_BYTES for _, value in old[:-1])
+    assert old[-1][0] == b"events/0"
+
+    newer = snapshot_messages("events", 0, 31_000, fields, model, generation=7)
+    half_written = old + newer[: len(newer) // 2]  # died before the header
+    snapshot, why = latest_snapshot(half_written, "events", 0, model)
+    assert why == "ok" and snapshot.offset == 30_000 and snapshot.generation == 6
+    np.testing.assert_array_equal(snapshot.fields["ring"], fields["ring"])
+
+    snapshot, why = latest_snapshot(half_written + newer, "events", 0, model)
+    assert (why, snapshot.offset) == ("ok", 31_000)
+    others = [(b"events/1", b"{}"), (b"other/0", newer[-1][1])]
+    assert latest_snapshot(others, "events", 0, model) == (None, "absent")
+    assert latest_snapshot(old, "events", 0, "0" * 16) == (None, "incompatible model")
+    corrupt = [*old[:1], (old[1][0], old[1][1][:-1] + b"?"), *old[2:]]
+    assert latest_snapshot(corrupt, "events", 0, model) == (None, "incomplete")
+
+
+def test_the_fingerprint_follows_the_state_layout_not_the_weights() -> None:
+    base = make_manifest("forecast", "window", window=5)
+    assert fingerprint(base) == fingerprint(base.model_copy(update={"graph_sha256": "ab" * 32}))
+    for changed in (
+        make_manifest("forecast", "window", window=6),
+        make_manifest("forecast", "window", window=5, hidden=9),
+        make_manifest("forecast", "stateful", window=5),
+        make_manifest("classify", "window", window=5),
+    ):
+        assert fingerprint(changed) != fingerprint(base)
+
+
+# -- the daemon ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sensor_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return train_model(tmp_path_factory.getbasetemp() / "daemon-models")
+
+
+@pytest.mark.kafka
+def test_a_restarted_daemon_continues_every_key_exactly(
+    kafka_bootstrap, kafka_topic_factory, sensor_model, tmp_path
+):
+    """Stopped after half the stream and started again: the successor restores each
+    partition's keys from the state topic, so the alerts of the second half carry the ids
+    (sequence numbers included) of an uninterrupted run, and none is raised twice."""
+    topic = kafka_topic_factory(partitions=2, prefix="restart")
+    good = encoded(sensor_events(6, 60, seed=7, faults=3))
+    expected = replay_alert_ids(sensor_model, good)
+    settings = {"PROCESSING__SNAPSHOT_INTERVAL_S": "0.5"}
+    halves = good[:170], good[170:]
+    for number, half in enumerate(halves):
+        send_events(kafka_bootstrap, topic, half)
+        daemon = DaemonProcess(kafka_bootstrap, topic, sensor_model, tmp_path, settings)
+        with running(daemon):
+            daemon.wait_ready()
+            committed = partial(fully_committed, kafka_bootstrap, daemon.group, topic)
+            wait_for(committed, 60, "the commit")
+            metrics = daemon.metrics()
+            assert daemon.stop() == 0, daemon.tail()
+        restored = [e for e in daemon.log_events() if e["event"] == "key state restored"]
+        assert {e["snapshot"] for e in restored} == ({"absent"} if number == 0 else {"ok"})
+        assert metrics[("seqsentinel_restoring_partitions", ())] == 0
+    assert metrics[("seqsentinel_restore_replayed_records_total", ())] == 0  # all in snapshots
+    assert metrics[("seqsentinel_active_keys", ())] == 6
+    ids = [m.json()["alert_id"] for m in read_topic(kafka_bootstrap, daemon.alerts_topic)]
+    assert expected and sorted(ids) == sorted(expected)
+    state = read_topic(kafka_bootstrap, f"{daemon.group}-state")
+    assert {m.key for m in state} >= {f"{topic}/0".encode(), f"{topic}/1".encode()}
