@@ -66,9 +66,11 @@ def test_dynamic_threshold_counts_sequences_per_key() -> None:
     assert len(runs(scores >= two_keys, keys)) == 2  # ...but split at the key boundary
 
 
-def test_dynamic_threshold_falls_back_to_the_largest_candidate() -> None:
+def test_dynamic_threshold_of_constant_scores_alerts_only_above_them() -> None:
     flat = np.full(100, 2.0)
-    assert dynamic_threshold(flat, None)[0] == 2.0  # no spread: mean + z * 0
+    assert dynamic_threshold(flat, None)[0] == np.nextafter(2.0, np.inf)
+    # A channel predicted perfectly in validation must not alert on every error of zero.
+    assert dynamic_threshold(np.zeros(50), None)[0] > 0.0
     with pytest.raises(CalibrationError, match="no normal events"):
         dynamic_threshold(flat, np.ones(100))
 

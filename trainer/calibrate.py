@@ -142,8 +142,11 @@ def dynamic_threshold(
                 best_z, best_gain = z, gain
     epsilon = mean + best_z * std
     below = values[values < epsilon]
-    floor = (1 + prune) * float(below.max()) if below.size else epsilon
-    return max(epsilon, floor), (
+    if below.size:
+        threshold = max(epsilon, (1 + prune) * float(below.max()))
+    else:  # constant scores: alert only above every validation score (`score >= threshold`)
+        threshold = float(np.nextafter(values.max(), np.inf))
+    return threshold, (
         f"dynamic: max(mean+{best_z:g}std, (1+{prune:g})·max below) of validation scores"
     )
 
