@@ -315,6 +315,9 @@ class Daemon:
                 if self._exactly_once:  # fences a predecessor with the same id, aborting its batch
                     producer.init_transactions()
                 consumer = make_consumer(settings)
+                # Metadata first: a group leader without it assigns nothing, and may not
+                # notice the topic's partitions for a long while.
+                consumer.partitions_for_topic(settings.topics.input)
                 consumer.subscribe([settings.topics.input], listener=_Rebalance(self))
             except KafkaError as error:
                 for client in (producer, consumer):

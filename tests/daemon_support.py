@@ -148,11 +148,17 @@ class Message:
 
 
 def read_topic(
-    bootstrap: str, topic: str, at_least: int = 0, timeout: float = 30.0
+    bootstrap: str,
+    topic: str,
+    at_least: int = 0,
+    timeout: float = 30.0,
+    isolation_level: str = "read_uncommitted",
 ) -> list[Message]:
     """Every message of `topic` from the beginning: once `at_least` are there and no more come
-    for a moment, or when `timeout` passes."""
-    consumer = KafkaConsumer(**client_config(bootstrap), enable_auto_commit=False)
+    for a moment, or when `timeout` passes. "read_committed" skips aborted transactions."""
+    consumer = KafkaConsumer(
+        **client_config(bootstrap), enable_auto_commit=False, isolation_level=isolation_level
+    )
     try:
         partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
         consumer.assign(partitions)
