@@ -31,6 +31,7 @@ from detector.alerts import (
     smooth,
 )
 from detector.arena import ArenaShape, KeyArena
+from detector.bulk_decode import decode_plain
 from detector.features import RecordError, parse_json_record
 from detector.manifest import Manifest
 from detector.records import DeadLetter, InputRecord
@@ -204,8 +205,12 @@ class Engine:
         return result
 
     def _decode(self, records: Sequence[InputRecord]) -> tuple[_Decoded, list[DeadLetter]]:
-        decode = self.model.codec.decode
         limit = self.options.max_record_bytes
+        plain = decode_plain(self.model.codec, records, limit)
+        if plain is not None:
+            index = np.arange(len(records), dtype=np.intp)
+            return _Decoded(index, plain.key_ids, plain.keys, plain.times, plain.raw), []
+        decode = self.model.codec.decode
         ids: dict[str, int] = {}
         index: list[int] = []
         key_ids: list[int] = []
