@@ -9,6 +9,7 @@ product as deployed, not a harness around its internals.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import subprocess
@@ -97,6 +98,20 @@ class Cluster:
 
     def close(self) -> None:
         self.admin.close()
+
+
+class DaemonError(RuntimeError):
+    """The daemon exited or took too long; `reason` is its last error log line, if any."""
+
+    def __init__(self, message: str, log_lines: list[str]) -> None:
+        super().__init__(message + "\n" + "\n".join(log_lines))
+        errors = []
+        for line in log_lines:
+            with contextlib.suppress(ValueError):
+                event = json.loads(line)
+                if event.get("level") == "error":
+                    errors.append(event["event"])
+        self.reason = errors[-1] if errors else message
 
 
 @dataclass
@@ -190,9 +205,9 @@ class Daemon:
         deadline = time.monotonic() + timeout
         while not condition():
             if self.exited() is not None:
-                raise RuntimeError(f"the daemon exited ({self.exited()}):\n{self.tail()}")
+                raise DaemonError(f"the daemon exited ({self.exited()})", self.tail())
             if time.monotonic() > deadline:
-                raise RuntimeError(f"the daemon took over {timeout:.0f} s {what}:\n{self.tail()}")
+                raise DaemonError(f"the daemon took over {timeout:.0f} s {what}", self.tail())
             time.sleep(every)
 
     def peak_rss(self) -> int:
@@ -212,9 +227,9 @@ class Daemon:
             self.process.kill()
             return self.process.wait()
 
-    def tail(self, lines: int = 20) -> str:
+    def tail(self, lines: int = 20) -> list[str]:
         text = self.log.read_text(errors="replace") if self.log.exists() else ""
-        return "\n".join(text.splitlines()[-lines:])
+        return text.splitlines()[-lines:]
 
 
 @contextlib.contextmanager

@@ -30,6 +30,7 @@ import os
 import platform
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -40,7 +41,8 @@ import numpy as np
 import onnxruntime
 import orjson
 from kafka import KafkaConsumer
-from kafka_rig import Cluster, Daemon, local_broker, running
+from kafka.errors import KafkaError
+from kafka_rig import Cluster, Daemon, DaemonError, local_broker, running
 from rich.console import Console
 from rich.table import Table
 from seeded_models import FEATURES, KEY, TIME, WINDOW, bench_model
@@ -188,19 +190,6 @@ def daemon_eps(
         return DaemonResult(progress.rate(), daemon.peak_rss())
 
 
-def exactly_once(
-    cluster: Cluster, topic: str, model: Path, folder: Path, total: int, settings: dict[str, str]
-) -> tuple[float | None, str | None]:
-    """`stateful` with `processing.guarantee=exactly_once`, or (None, why it did not run)."""
-    settings = settings | {"PROCESSING__GUARANTEE": "exactly_once"}
-    try:
-        return daemon_eps(cluster, topic, model, folder, total, settings).eps, None
-    except RuntimeError as error:
-        lines = [orjson.loads(line) for line in str(error).splitlines() if line.startswith("{")]
-        errors = [line["event"] for line in lines if line.get("level") == "error"]
-        return None, errors[-1] if errors else str(error).splitlines()[0]
-
-
 @dataclass(frozen=True)
 class Latency:
     p50_ms: float
@@ -334,9 +323,12 @@ def goal_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     for name, (sense, goal) in GOALS.items():
         value = results.get(name)
         met = "n/a" if value is None else ("yes" if _meets(value, sense, goal) else "NO")
-        shown = "null" if value is None else f"{value:,.2f}"
-        rows.append((name, shown, f"{sense} {goal:g}", met))
+        rows.append((name, _shown(value), f"{sense} {goal:g}", met))
     return rows
+
+
+def _shown(value: float | None) -> str:
+    return "null" if value is None else f"{value:,.2f}"
 
 
 def _meets(value: float, sense: str, goal: float) -> bool:
@@ -358,9 +350,9 @@ def print_report(results: dict[str, Any]) -> None:
         goals.add_row(*row)
     console.print(rates, goals)
     for name in ("p50_latency_ms", "max_latency_ms", "bytes_per_key_window"):
-        console.print(f"{name}: {results[name]:,.1f}")
-    if results.get("exactly_once_reason"):
-        console.print(f"exactly_once_eps is null: {results['exactly_once_reason']}")
+        console.print(f"{name}: {_shown(results[name])}")
+    for name, reason in results["failures"].items():
+        console.print(f"{name} is null: {reason}")
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
@@ -400,36 +392,55 @@ def measure(args: argparse.Namespace, cluster: Cluster, folder: Path) -> dict[st
         "STATE__KEY_TTL_S": "0",
     }
     results: dict[str, Any] = {"events": args.events, "keys": args.keys}
+    failures: dict[str, str] = {}
+
+    def attempt(name: str, measurement: Callable[[], Any]) -> Any:
+        """Run one measurement; a failure is recorded with its reason and the run goes on."""
+        try:
+            return measurement()
+        except (DaemonError, KafkaError) as error:
+            failures[name] = getattr(error, "reason", str(error))
+            say(f"[red]{name} failed:[/red] {failures[name]}")
+            return None
+
     say("ceiling: kafka-python poll + JSON decode")
     results["raw_consume_eps"] = raw_consume_eps(cluster, topic, args.events)
     say(f"naive loop on the first {args.naive_events:,} records")
     results["naive_eps"] = naive_eps(
         cluster, topic, models["window"], alert_threshold, args.naive_events
     )
-    peaks = {}
-    for mode in ("window", "stateful"):
-        say(f"detector run, {mode} model")
-        run = daemon_eps(cluster, topic, models[mode], folder, args.events, settings)
-        results[f"{mode}_eps"], peaks[mode] = run.eps, run.peak_rss
-    say("detector run, stateful model, exactly_once")
-    results["exactly_once_eps"], results["exactly_once_reason"] = exactly_once(
-        cluster, topic, models["stateful"], folder, args.events, settings
-    )
-    rate = results["stateful_eps"] / 2
+    runs: dict[str, DaemonResult | None] = {}
+    for name, mode, extra in (
+        ("window", "window", {}),
+        ("stateful", "stateful", {}),
+        ("exactly_once", "stateful", {"PROCESSING__GUARANTEE": "exactly_once"}),
+    ):
+        say(f"detector run: {name}")
+        runs[name] = attempt(
+            f"{name}_eps",
+            lambda mode=mode, extra=extra: daemon_eps(
+                cluster, topic, models[mode], folder, args.events, settings | extra
+            ),
+        )
+        results[f"{name}_eps"] = runs[name].eps if runs[name] else None
+    rate = (results["stateful_eps"] or results["raw_consume_eps"] / 2) / 2
     say(f"latency at {rate:,.0f} events/s for {args.latency_seconds:.0f} s")
-    lat = latency(
-        cluster,
-        models["stateful"],
-        folder,
-        rate,
-        args.latency_seconds,
-        args.keys,
-        settings | {"SCORING__THRESHOLD": repr(latency_threshold)},
+    lat = attempt(
+        "latency",
+        lambda: latency(
+            cluster,
+            models["stateful"],
+            folder,
+            rate,
+            args.latency_seconds,
+            args.keys,
+            settings | {"SCORING__THRESHOLD": repr(latency_threshold)},
+        ),
     )
     results |= {
-        "p50_latency_ms": lat.p50_ms,
-        "p99_latency_ms": lat.p99_ms,
-        "max_latency_ms": lat.max_ms,
+        "p50_latency_ms": lat.p50_ms if lat else None,
+        "p99_latency_ms": lat.p99_ms if lat else None,
+        "max_latency_ms": lat.max_ms if lat else None,
     }
     say(f"memory: {args.memory_keys:,} events of as many keys")
     many = make_events(args.memory_keys, args.memory_keys, seed=2, distinct=True)
@@ -438,9 +449,17 @@ def measure(args: argparse.Namespace, cluster: Cluster, folder: Path) -> dict[st
     del many
     extra_keys = args.memory_keys - args.keys
     for mode in ("window", "stateful"):
-        run = daemon_eps(cluster, memory_topic, models[mode], folder, args.memory_keys, settings)
-        results[f"bytes_per_key_{mode}"] = (run.peak_rss - peaks[mode]) / extra_keys
-        results[f"peak_rss_{mode}_bytes"] = run.peak_rss
+        big = attempt(
+            f"bytes_per_key_{mode}",
+            lambda mode=mode: daemon_eps(
+                cluster, memory_topic, models[mode], folder, args.memory_keys, settings
+            ),
+        )
+        small = runs[mode]
+        results[f"bytes_per_key_{mode}"] = (
+            (big.peak_rss - small.peak_rss) / extra_keys if big and small else None
+        )
+        results[f"peak_rss_{mode}_bytes"] = big.peak_rss if big else None
     results |= ratios(results)
     results["setup"] = {
         "partitions": PARTITIONS,
@@ -454,11 +473,12 @@ def measure(args: argparse.Namespace, cluster: Cluster, folder: Path) -> dict[st
         "alert_threshold": alert_threshold,
         "latency_threshold": latency_threshold,
         "latency_rate_eps": rate,
-        "latency_produced": lat.produced,
-        "latency_alerts_expected": lat.alerts_expected,
-        "latency_alerts_received": lat.alerts_received,
-        "peak_rss_10k_keys": peaks,
+        "latency_produced": lat.produced if lat else None,
+        "latency_alerts_expected": lat.alerts_expected if lat else None,
+        "latency_alerts_received": lat.alerts_received if lat else None,
+        "peak_rss_few_keys": {mode: run.peak_rss if run else None for mode, run in runs.items()},
     }
+    results["failures"] = failures
     results["machine"] = machine()
     return results
 
