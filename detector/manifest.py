@@ -235,7 +235,10 @@ def load_model_file(path: Path | str) -> tuple[Manifest, bytes]:
         raise ModelContractError(path, "not a regular file")
     if size > MAX_MODEL_BYTES:
         raise ModelContractError(path, f"{size} bytes is larger than {MAX_MODEL_BYTES} allowed")
-    data = path.read_bytes()
+    with path.open("rb") as file:  # bounded: the file may have grown since stat()
+        data = file.read(MAX_MODEL_BYTES + 1)
+    if len(data) > MAX_MODEL_BYTES:
+        raise ModelContractError(path, f"larger than {MAX_MODEL_BYTES} bytes allowed")
     try:
         model = onnx.load_from_string(data)
     except Exception as error:  # protobuf raises several unrelated types
@@ -317,6 +320,7 @@ def check_graph_signature(path: Path | str, model: onnx.ModelProto, manifest: Ma
         ("output", model.graph.output, expected_outputs),
     ):
         actual = {value.name: _static_shape(value) for value in values}
+        types = {value.name: value.type.tensor_type.elem_type for value in values}
         if set(actual) != set(expected):
             raise ModelContractError(
                 path,
@@ -330,6 +334,13 @@ def check_graph_signature(path: Path | str, model: onnx.ModelProto, manifest: Ma
                 raise ModelContractError(
                     path,
                     f"graph {kind} {name!r} has shape {actual[name]}, the manifest implies {shape}",
+                )
+            # The detector feeds float32 (int64 lengths): another type fails only at run time.
+            want = onnx.TensorProto.INT64 if name == INPUT_LENGTHS else onnx.TensorProto.FLOAT
+            if types[name] != want:
+                have, need = (onnx.TensorProto.DataType.Name(t) for t in (types[name], want))
+                raise ModelContractError(
+                    path, f"graph {kind} {name!r} has element type {have}; the contract: {need}"
                 )
 
 
