@@ -32,6 +32,9 @@ from detector.manifest import (
     TimeDeltaFeature,
 )
 
+#: Larger magnitudes are not finite in the float32 the graph computes in.
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
 #: Event times outside [epoch, 2100-01-01) are refused as malformed.
 MAX_EVENT_TIME = 4_102_444_800.0
 PADDING_CODE = 0
@@ -200,7 +203,7 @@ class FeatureCodec:
                 number = float(value)
             except OverflowError:  # an int beyond the range of floats
                 number = math.inf
-            if not math.isfinite(number):
+            if not abs(number) <= FLOAT32_MAX:  # the graph computes in float32: inf there
                 raise RecordError("not_finite", f"{name!r} is {value!r}")
             return number
 
@@ -222,6 +225,8 @@ class FeatureCodec:
         if self.delta_index.size:
             log_gap = np.log1p(np.maximum(gaps, 0.0))[:, None]
             encoded[:, self.delta_index] = (log_gap - self._delta_mean) / self._delta_std
+        # A huge value z-scored by a small std may pass float32's range: keep it finite.
+        np.clip(encoded, -FLOAT32_MAX, FLOAT32_MAX, out=encoded)
         return encoded.astype(np.float32)
 
 
