@@ -75,6 +75,9 @@ STATUS_INTERVAL_S = 10.0
 #: right before its first offset commit, after that batch's alerts were acknowledged.
 CRASH_BEFORE_COMMIT_ENV = "SEQSENTINEL_TESTING_CRASH_BEFORE_COMMIT"
 EXIT_OK, EXIT_FAILURE = 0, 1
+#: Dead letters are cut to this: an input record near the broker's 1 MB limit, plus headers,
+#: would exceed the producer's request size and be retried forever.
+MAX_DEAD_LETTER_BYTES = 900 * 1024
 
 
 def engine_options(settings: Settings) -> EngineOptions:
@@ -105,9 +108,14 @@ def alert_message(topic: str, alert: Alert) -> Outgoing:
 
 
 def dead_letter_message(topic: str, letter: DeadLetter) -> Outgoing:
-    """The original bytes, untouched, with why and where from in the headers."""
+    """The original bytes, untouched, with why and where from in the headers; only a payload
+    too large to publish is cut, with its size in a `truncated_from` header."""
     source = letter.source or Source()
     headers = [("reason", letter.reason.encode()), ("detail", letter.detail.encode())]
+    payload = letter.payload
+    if len(payload) > MAX_DEAD_LETTER_BYTES:
+        headers.append(("truncated_from", str(len(payload)).encode()))
+        payload = payload[:MAX_DEAD_LETTER_BYTES]
     headers += [
         (f"source_{name}", str(value).encode())
         for name, value in (
@@ -117,7 +125,7 @@ def dead_letter_message(topic: str, letter: DeadLetter) -> Outgoing:
         )
         if value is not None
     ]
-    return Outgoing(topic, None, letter.payload, headers)
+    return Outgoing(topic, None, payload, headers)
 
 
 @dataclass

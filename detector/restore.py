@@ -53,11 +53,12 @@ class Restored:
 def input_records(
     partition: TopicPartition, messages: Sequence[Any], keyed: bool
 ) -> list[InputRecord]:
-    """Polled messages as engine records; `keyed`: the message key is the entity key."""
+    """Polled messages as engine records; `keyed`: the message key is the entity key. A
+    tombstone (no value) is an empty payload: a dead letter, like any record not JSON."""
     topic, number = partition.topic, partition.partition
     return [
         InputRecord(
-            message.value,
+            b"" if message.value is None else message.value,
             message.key.decode(errors="replace") if keyed and message.key else None,
             Source(topic, number, message.offset),
         )
