@@ -20,8 +20,6 @@ blocking methods (it awaits `commit_async` instead).
 
 from __future__ import annotations
 
-import os
-import signal
 import threading
 import time
 from collections.abc import Iterable
@@ -59,7 +57,7 @@ from detector.snapshots import fingerprint, snapshot_messages
 from detector.systemd import SystemdNotifier
 from detector.telemetry import Metrics
 
-__all__ = ["CRASH_BEFORE_COMMIT_ENV", "Daemon", "InHand", "engine_options"]
+__all__ = ["Daemon", "InHand", "engine_options"]
 
 log = structlog.get_logger(__name__)
 
@@ -71,9 +69,6 @@ COMMIT_TIMEOUT_MS = 5_000
 PROBE_INTERVAL_S = 2.0
 PROBE_TIMEOUT_MS = 2_000
 STATUS_INTERVAL_S = 10.0
-#: Fault injection for the crash test only: when "1", the process kills itself (SIGKILL)
-#: right before its first offset commit, after that batch's alerts were acknowledged.
-CRASH_BEFORE_COMMIT_ENV = "SEQSENTINEL_TESTING_CRASH_BEFORE_COMMIT"
 EXIT_OK, EXIT_FAILURE = 0, 1
 #: Dead letters are cut to this: an input record near the broker's 1 MB limit, plus headers,
 #: would exceed the producer's request size and be retried forever.
@@ -214,7 +209,6 @@ class Daemon:
         self._generation: dict[TopicPartition, int] = {}
         self._next_snapshot = time.monotonic() + settings.processing.snapshot_interval_s
         self._fenced = False
-        self._crash_before_commit = os.environ.get(CRASH_BEFORE_COMMIT_ENV) == "1"
         self._commit_backoff = Backoff()
         self._poll_backoff = Backoff()
         self._next_commit = 0.0
@@ -657,9 +651,6 @@ class Daemon:
         """True: committed; None: failed, retry later; False: the group moved on without us."""
         assert self.consumer is not None
         offsets = self._offsets()
-        if self._crash_before_commit:
-            log.warning("fault injection: crashing before the first commit", offsets=str(offsets))
-            os.kill(os.getpid(), signal.SIGKILL)
         try:
             self.consumer.commit(offsets, timeout_ms=COMMIT_TIMEOUT_MS)
         except CommitFailedError as error:

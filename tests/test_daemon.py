@@ -1,4 +1,5 @@
-"""`detector run` against the real local broker: the data path, crash recovery and outages.
+"""`detector run` against the real local broker: the data path, rebalances and outages
+(crashes: test_exactly_once.py).
 
 The daemon runs as a real subprocess with a small model trained for the session; what it
 publishes is compared with what `detector replay` gives for the same events and model.
@@ -6,8 +7,6 @@ publishes is compared with what `detector replay` gives for the same events and 
 
 from __future__ import annotations
 
-import collections
-import signal
 import threading
 import time
 from pathlib import Path
@@ -30,7 +29,6 @@ from daemon_support import (
 )
 from kafka_support import LocalBroker, TopicFactory
 
-from detector.daemon import CRASH_BEFORE_COMMIT_ENV
 from detector.manifest import load_model_file
 
 pytestmark = pytest.mark.kafka
@@ -163,35 +161,6 @@ def test_sigterm_exits_zero_after_committing_everything(served):
     assert sum(ends.values()) == len(served["good"]) + len(MALFORMED)
     events = [event["event"] for event in served["daemon"].log_events()]
     assert "stopped; every processed record is committed" in events
-
-
-def test_crash_before_commit_repeats_alerts_with_the_same_ids(
-    kafka_bootstrap, kafka_topic_factory, sensor_model, tmp_path
-):
-    topic = kafka_topic_factory(partitions=1, prefix="crash")
-    good = faulty_events()
-    send_events(kafka_bootstrap, topic, good)
-    expected = replay_alert_ids(sensor_model, good)
-    crashing = DaemonProcess(
-        kafka_bootstrap,
-        topic,
-        sensor_model,
-        tmp_path,
-        settings={"BATCHING__MAX_LATENCY_MS": "1000"},  # everything in one batch
-        env={CRASH_BEFORE_COMMIT_ENV: "1"},
-    )
-    with running(crashing):
-        assert crashing.wait(60) == -signal.SIGKILL, crashing.tail()
-    first = {m.json()["alert_id"] for m in read_topic(kafka_bootstrap, crashing.alerts_topic)}
-    assert first == expected  # published and acknowledged...
-    committed, _ = group_offsets(kafka_bootstrap, crashing.group, topic)
-    assert committed == {0: None}  # ...but never committed
-
-    with running(DaemonProcess(kafka_bootstrap, topic, sensor_model, tmp_path)) as daemon:
-        wait_for(lambda: fully_committed(kafka_bootstrap, daemon.group, topic), 60, "commit")
-        assert daemon.stop() == 0
-    ids = [m.json()["alert_id"] for m in read_topic(kafka_bootstrap, daemon.alerts_topic)]
-    assert collections.Counter(ids) == {alert_id: 2 for alert_id in expected}
 
 
 def test_a_revocation_commits_the_records_in_hand_so_none_is_scored_twice(
