@@ -114,17 +114,42 @@ class DaemonError(RuntimeError):
         self.reason = errors[-1] if errors else message
 
 
+@dataclass(frozen=True)
+class Rate:
+    """Events per second of wall time, and CPU time per event of the process doing the work:
+    the CPU figure is what other load on a shared machine disturbs least."""
+
+    eps: float
+    cpu_us_per_event: float
+
+
+class Stopwatch:
+    """Wall and CPU time of this process from the first event on."""
+
+    def __init__(self) -> None:
+        self.started: tuple[float, float] | None = None
+
+    def start(self) -> None:
+        self.started = self.started or (time.perf_counter(), time.process_time())
+
+    def rate(self, events: int) -> Rate:
+        assert self.started is not None
+        wall, cpu = time.perf_counter() - self.started[0], time.process_time() - self.started[1]
+        return Rate(events / wall, cpu * 1e6 / events)
+
+
 @dataclass
 class Progress:
-    """Committed offsets of a daemon's group over time: (seconds, total committed)."""
+    """A daemon's work over time: (seconds, total committed, CPU seconds of the daemon)."""
 
-    samples: list[tuple[float, int]] = field(default_factory=list)
+    samples: list[tuple[float, int, float]] = field(default_factory=list)
 
-    def rate(self) -> float:
-        """Records per second from the first to the last commit."""
+    def rate(self) -> Rate:
+        """From the first to the last commit."""
         first = next(sample for sample in self.samples if sample[1] > 0)
         last = self.samples[-1]
-        return (last[1] - first[1]) / max(last[0] - first[0], 1e-9)
+        events = last[1] - first[1]
+        return Rate(events / max(last[0] - first[0], 1e-9), (last[2] - first[2]) * 1e6 / events)
 
 
 @dataclass
@@ -193,7 +218,7 @@ class Daemon:
 
         def done() -> bool:
             committed = self.cluster.committed(self.group)
-            progress.samples.append((time.perf_counter() - started, committed))
+            progress.samples.append((time.perf_counter() - started, committed, self.cpu_seconds()))
             return committed >= total
 
         self._wait(done, timeout, f"to commit {total} records", every=COMMIT_POLL_S)
@@ -209,6 +234,12 @@ class Daemon:
             if time.monotonic() > deadline:
                 raise DaemonError(f"the daemon took over {timeout:.0f} s {what}", self.tail())
             time.sleep(every)
+
+    def cpu_seconds(self) -> float:
+        """User and system CPU time of the process so far (/proc/<pid>/stat)."""
+        assert self.process is not None
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def peak_rss(self) -> int:
         """Bytes of the process's peak resident set (VmHWM)."""

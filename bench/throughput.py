@@ -42,7 +42,7 @@ import onnxruntime
 import orjson
 from kafka import KafkaConsumer
 from kafka.errors import KafkaError
-from kafka_rig import Cluster, Daemon, DaemonError, local_broker, running
+from kafka_rig import Cluster, Daemon, DaemonError, Rate, Stopwatch, local_broker, running
 from rich.console import Console
 from rich.table import Table
 from seeded_models import FEATURES, KEY, TIME, WINDOW, bench_model
@@ -123,23 +123,23 @@ def consumer(cluster: Cluster, topic: str, group: str) -> KafkaConsumer:
     return reader
 
 
-def raw_consume_eps(cluster: Cluster, topic: str, total: int) -> float:
-    """Records per second of kafka-python polling and JSON-decoding, nothing else."""
+def raw_consume(cluster: Cluster, topic: str, total: int) -> Rate:
+    """kafka-python polling and JSON-decoding, nothing else."""
     reader = consumer(cluster, topic, f"raw-{topic}")
-    loads, seen, started = orjson.loads, 0, None
+    loads, seen, clock = orjson.loads, 0, Stopwatch()
     try:
         while seen < total:
             for batch in reader.poll(timeout_ms=500).values():
-                started = started or time.perf_counter()
+                clock.start()
                 for message in batch:
                     loads(message.value)
                 seen += len(batch)
-        return seen / (time.perf_counter() - (started or 0.0))
+        return clock.rate(seen)
     finally:
         reader.close(autocommit=False)
 
 
-def naive_eps(cluster: Cluster, topic: str, model: Path, threshold: float, total: int) -> float:
+def naive(cluster: Cluster, topic: str, model: Path, threshold: float, total: int) -> Rate:
     """The textbook loop, one record at a time, over the first `total` records."""
     scorer = Scorer.load(model, providers=["CPUExecutionProvider"], intra_op_threads=1)
     run, width = scorer.session.run, len(FEATURES)
@@ -148,11 +148,11 @@ def naive_eps(cluster: Cluster, topic: str, model: Path, threshold: float, total
     )
     reader = consumer(cluster, topic, f"naive-{topic}")
     producer = cluster.producer(acks="all", linger_ms=5)
-    seen, started = 0, None
+    seen, clock = 0, Stopwatch()
     try:
         while seen < total:
             for batch in reader.poll(timeout_ms=500, max_records=total - seen).values():
-                started = started or time.perf_counter()
+                clock.start()
                 for message in batch:
                     record = orjson.loads(message.value)
                     events = history[message.key]
@@ -166,7 +166,7 @@ def naive_eps(cluster: Cluster, topic: str, model: Path, threshold: float, total
                         producer.send(f"{topic}-naive-alerts", orjson.dumps(alert))
                 seen += len(batch)
         producer.flush()
-        return seen / (time.perf_counter() - (started or 0.0))
+        return clock.rate(seen)
     finally:
         producer.close()
         reader.close(autocommit=False)
@@ -177,7 +177,7 @@ def naive_eps(cluster: Cluster, topic: str, model: Path, threshold: float, total
 
 @dataclass(frozen=True)
 class DaemonResult:
-    eps: float
+    rate: Rate
     peak_rss: int
 
 
@@ -192,9 +192,14 @@ def daemon_eps(
 
 @dataclass(frozen=True)
 class Latency:
+    """Milliseconds from an event's append to the input topic to its alert's append (both
+    broker LogAppendTime), and from the load generator's send() to the event's append."""
+
     p50_ms: float
     p99_ms: float
     max_ms: float
+    send_p50_ms: float
+    send_p99_ms: float
     produced: int
     alerts_expected: int
     alerts_received: int
@@ -209,11 +214,10 @@ def latency(
     keys: int,
     settings: dict[str, str],
 ) -> Latency:
-    """Produce at `rate` for `seconds` with event time = produce time; alert append times."""
-    topic = cluster.create_topic(f"latency-{os.getpid()}-{int(rate)}", PARTITIONS)
-    alerts = cluster.create_topic(
-        f"{topic}-alerts", PARTITIONS, **{"message.timestamp.type": "LogAppendTime"}
-    )
+    """Produce at `rate` for `seconds` into a fresh topic; each alert's latency."""
+    append_time = {"message.timestamp.type": "LogAppendTime"}
+    topic = cluster.create_topic(f"latency-{os.getpid()}-{int(rate)}", PARTITIONS, **append_time)
+    alerts = cluster.create_topic(f"{topic}-alerts", PARTITIONS, **append_time)
     rng = np.random.default_rng(7)
     count = int(rate * seconds)
     names = [f"dev-{d}".encode() for d in rng.integers(0, keys, count).tolist()]
@@ -227,47 +231,64 @@ def latency(
         producer = cluster.producer(acks="all", linger_ms=1)
         started = time.perf_counter()
         for i in range(count):
-            due = started + i / rate
-            if (wait := due - time.perf_counter()) > 0:
+            if (wait := started + i / rate - time.perf_counter()) > 0:
                 time.sleep(wait)
-            now = time.time()
             value = b'{"%s":"%s","%s":%.6f,%s' % (
                 KEY.encode(),
                 names[i],
                 TIME.encode(),
-                now,
+                time.time(),
                 tails[i][1:],
             )
-            producer.send(topic, value=value, key=names[i], timestamp_ms=int(now * 1000))
+            producer.send(topic, value=value, key=names[i])
             sent.append(value)
         producer.flush()
         producer.close()
         daemon.wait_committed(count, timeout=120)
+    appended = {(m.partition, m.offset): m for m in read_all(cluster, topic, count)}
+    send_delays = np.array(
+        [m.timestamp - orjson.loads(m.value)[TIME] * 1000 for m in appended.values()]
+    )
     received = read_all(cluster, alerts)
-    delays = np.array([m.timestamp - orjson.loads(m.value)["event_time"] * 1000 for m in received])
+    sources = [orjson.loads(m.value)["source"] for m in received]
+    delays = np.array(
+        [
+            m.timestamp - appended[source["partition"], source["offset"]].timestamp
+            for m, source in zip(received, sources, strict=True)
+        ]
+        or [np.nan]
+    )
     scorer = Scorer.load(model, providers=["CPUExecutionProvider"])
     threshold = float(settings["SCORING__THRESHOLD"])
     engine = Engine(scorer, EngineOptions(threshold=threshold, key_ttl_s=0.0))
     records = [InputRecord(v, k.decode()) for v, k in zip(sent, names, strict=True)]
-    expected = engine.process(records).counters.alerts
+    p50, p99, send_p50, send_p99 = (
+        float(np.percentile(values, q)) for values in (delays, send_delays) for q in (50, 99)
+    )
     return Latency(
-        float(np.percentile(delays, 50)) if delays.size else float("nan"),
-        float(np.percentile(delays, 99)) if delays.size else float("nan"),
-        float(delays.max()) if delays.size else float("nan"),
+        p50,
+        p99,
+        float(delays.max()),
+        send_p50,
+        send_p99,
         count,
-        expected,
+        engine.process(records).counters.alerts,
         len(received),
     )
 
 
-def read_all(cluster: Cluster, topic: str) -> list[Any]:
-    """Every record of `topic`, once no more arrive for a second."""
+def read_all(cluster: Cluster, topic: str, at_least: int = 0) -> list[Any]:
+    """Every record of `topic` (LogAppendTime), once `at_least` came and a second passed quiet."""
     reader = KafkaConsumer(topic, bootstrap_servers=cluster.bootstrap, auto_offset_reset="earliest")
     messages: list[Any] = []
+    deadline = time.monotonic() + 60
     try:
-        while polled := reader.poll(timeout_ms=1000):
+        while time.monotonic() < deadline:
+            polled = reader.poll(timeout_ms=1000)
             for batch in polled.values():
                 messages += batch
+            if not polled and len(messages) >= at_least and messages:
+                break
     finally:
         reader.close()
     if any(m.timestamp_type != 1 for m in messages):
@@ -318,17 +339,35 @@ def ratios(results: dict[str, Any]) -> dict[str, float | None]:
     }
 
 
-def goal_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+def cpu_ratios(cpu: dict[str, float | None]) -> dict[str, float | None]:
+    """The ratios again from CPU time per event (events per CPU second), which other load on
+    the machine disturbs far less than wall time."""
+
+    def ratio(top: str, bottom: str) -> float | None:
+        a, b = cpu.get(top), cpu.get(bottom)
+        return None if a is None or b is None else b / a
+
+    return {
+        "stateful_vs_ceiling": ratio("stateful", "raw_consume"),
+        "stateful_vs_naive": ratio("stateful", "naive"),
+        "window_vs_naive": ratio("window", "naive"),
+        "exactly_once_vs_stateful": ratio("exactly_once", "stateful"),
+    }
+
+
+def goal_rows(results: dict[str, Any]) -> list[tuple[str, ...]]:
+    """Per goal: the figure (wall time), the same ratio from CPU time, the goal, whether met."""
     rows = []
     for name, (sense, goal) in GOALS.items():
         value = results.get(name)
+        by_cpu = results["cpu_ratios"].get(name)
         met = "n/a" if value is None else ("yes" if _meets(value, sense, goal) else "NO")
-        rows.append((name, _shown(value), f"{sense} {goal:g}", met))
+        rows.append((name, _shown(value), _shown(by_cpu), f"{sense} {goal:g}", met))
     return rows
 
 
-def _shown(value: float | None) -> str:
-    return "null" if value is None else f"{value:,.2f}"
+def _shown(value: float | None, digits: int = 2) -> str:
+    return "null" if value is None else f"{value:,.{digits}f}"
 
 
 def _meets(value: float, sense: str, goal: float) -> bool:
@@ -337,14 +376,14 @@ def _meets(value: float, sense: str, goal: float) -> bool:
 
 def print_report(results: dict[str, Any]) -> None:
     console = Console()
-    rates = Table(title="events/s through Kafka (higher is better)")
-    for column in ("path", "events/s"):
+    rates = Table(title="through Kafka")
+    for column in ("path", "events/s", "CPU µs/event"):
         rates.add_column(column, justify="right")
-    for name in ("raw_consume_eps", "naive_eps", "window_eps", "stateful_eps", "exactly_once_eps"):
-        value = results[name]
-        rates.add_row(name, "null" if value is None else f"{value:,.0f}")
+    for name in ("raw_consume", "naive", "window", "stateful", "exactly_once"):
+        value, cpu = results[f"{name}_eps"], results["cpu_us_per_event"][name]
+        rates.add_row(name, _shown(value, 0), _shown(cpu, 1))
     goals = Table(title="goals")
-    for column in ("figure", "measured", "goal", "met"):
+    for column in ("figure", "measured", "by CPU time", "goal", "met"):
         goals.add_column(column, justify="right")
     for row in goal_rows(results):
         goals.add_row(*row)
@@ -403,12 +442,13 @@ def measure(args: argparse.Namespace, cluster: Cluster, folder: Path) -> dict[st
             say(f"[red]{name} failed:[/red] {failures[name]}")
             return None
 
+    cpu: dict[str, float | None] = {}
     say("ceiling: kafka-python poll + JSON decode")
-    results["raw_consume_eps"] = raw_consume_eps(cluster, topic, args.events)
+    raw = raw_consume(cluster, topic, args.events)
+    results["raw_consume_eps"], cpu["raw_consume"] = raw.eps, raw.cpu_us_per_event
     say(f"naive loop on the first {args.naive_events:,} records")
-    results["naive_eps"] = naive_eps(
-        cluster, topic, models["window"], alert_threshold, args.naive_events
-    )
+    slow = naive(cluster, topic, models["window"], alert_threshold, args.naive_events)
+    results["naive_eps"], cpu["naive"] = slow.eps, slow.cpu_us_per_event
     runs: dict[str, DaemonResult | None] = {}
     for name, mode, extra in (
         ("window", "window", {}),
@@ -422,7 +462,9 @@ def measure(args: argparse.Namespace, cluster: Cluster, folder: Path) -> dict[st
                 cluster, topic, models[mode], folder, args.events, settings | extra
             ),
         )
-        results[f"{name}_eps"] = runs[name].eps if runs[name] else None
+        run = runs[name]
+        results[f"{name}_eps"] = run.rate.eps if run else None
+        cpu[name] = run.rate.cpu_us_per_event if run else None
     rate = (results["stateful_eps"] or results["raw_consume_eps"] / 2) / 2
     say(f"latency at {rate:,.0f} events/s for {args.latency_seconds:.0f} s")
     lat = attempt(
@@ -434,7 +476,11 @@ def measure(args: argparse.Namespace, cluster: Cluster, folder: Path) -> dict[st
             rate,
             args.latency_seconds,
             args.keys,
-            settings | {"SCORING__THRESHOLD": repr(latency_threshold)},
+            settings
+            | {
+                "SCORING__THRESHOLD": repr(latency_threshold),
+                "BATCHING__MAX_LATENCY_MS": str(args.latency_batch_ms),
+            },
         ),
     )
     results |= {
@@ -461,6 +507,8 @@ def measure(args: argparse.Namespace, cluster: Cluster, folder: Path) -> dict[st
         )
         results[f"peak_rss_{mode}_bytes"] = big.peak_rss if big else None
     results |= ratios(results)
+    results["cpu_us_per_event"] = cpu
+    results["cpu_ratios"] = cpu_ratios(cpu)
     results["setup"] = {
         "partitions": PARTITIONS,
         "features": len(FEATURES),
@@ -473,7 +521,10 @@ def measure(args: argparse.Namespace, cluster: Cluster, folder: Path) -> dict[st
         "alert_threshold": alert_threshold,
         "latency_threshold": latency_threshold,
         "latency_rate_eps": rate,
+        "latency_batching_max_latency_ms": args.latency_batch_ms,
         "latency_produced": lat.produced if lat else None,
+        "latency_send_to_append_p50_ms": lat.send_p50_ms if lat else None,
+        "latency_send_to_append_p99_ms": lat.send_p99_ms if lat else None,
         "latency_alerts_expected": lat.alerts_expected if lat else None,
         "latency_alerts_received": lat.alerts_received if lat else None,
         "peak_rss_few_keys": {mode: run.peak_rss if run else None for mode, run in runs.items()},
@@ -491,6 +542,12 @@ def main() -> int:
     parser.add_argument("--memory-keys", type=int, help="distinct keys of the memory run")
     parser.add_argument("--naive-events", type=int, help="records the naive loop reads")
     parser.add_argument("--latency-seconds", type=float, help="duration of the latency run")
+    parser.add_argument(
+        "--latency-batch-ms",
+        type=int,
+        default=10,
+        help="batching.max_latency_ms of the latency run (the daemon's default is 50)",
+    )
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
     parser.add_argument("--bootstrap-servers", help="use this broker instead of starting one")
     parser.add_argument("--cache", type=Path, default=Path(__file__).parent / ".cache")
