@@ -116,7 +116,7 @@ def test_not_ready_but_alive_while_the_broker_cannot_be_reached_and_no_secret_lo
     }
     daemon = DaemonProcess(nowhere, "events", sensor_model, tmp_path, settings=sasl)
     with running(daemon):
-        wait_for(lambda: daemon.get("/readyz")[0] == 503, 30, "/readyz to answer")
+        wait_for(lambda: daemon.get("/readyz")[0] == 503, 90, "/readyz to answer")
         time.sleep(1.0)  # a few connection attempts
         status, body = daemon.get("/readyz")
         assert status == 503
@@ -179,7 +179,7 @@ def test_sighup_swaps_in_a_new_model_and_a_corrupt_one_is_refused(
         assert expected
         before = len(read_topic(kafka_bootstrap, daemon.alerts_topic, timeout=5))
         send_events(kafka_bootstrap, topic, events)
-        wait_for(lambda: fully_committed(kafka_bootstrap, daemon.group, topic), 30, "commit")
+        wait_for(lambda: fully_committed(kafka_bootstrap, daemon.group, topic), 90, "commit")
         alerts = read_topic(kafka_bootstrap, daemon.alerts_topic, before + len(expected))
         new = [message.json() for message in alerts[before:]]
         assert {alert["alert_id"] for alert in new} == expected
@@ -204,13 +204,13 @@ def test_sighup_swaps_in_a_new_model_and_a_corrupt_one_is_refused(
         time.sleep(0.5)
         assert info_version() == version(sensor_model)  # no polling: waits for SIGHUP
         daemon.signal(signal.SIGHUP)
-        wait_for(lambda: info_version() == version(other_model), 30, "the new model")
+        wait_for(lambda: info_version() == version(other_model), 90, "the new model")
         assert reloads("loaded") == 1
         run_phase(phases[1], other_model)
 
         replace(served, b"\x08\x07 truncated protobuf")
         daemon.signal(signal.SIGHUP)
-        wait_for(lambda: reloads("refused") == 1, 30, "the corrupt model to be refused")
+        wait_for(lambda: reloads("refused") == 1, 90, "the corrupt model to be refused")
         assert info_version() == version(other_model)
         assert daemon.ready()
         run_phase(phases[2], other_model)

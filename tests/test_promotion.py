@@ -146,9 +146,9 @@ def test_a_running_detector_serves_the_promoted_model_then_the_rolled_back_one(
         assert serving() == version(sensor_model)
 
         promote(other_model, served)
-        wait_for(lambda: serving() == version(other_model), 30, "the promoted model")
+        wait_for(lambda: serving() == version(other_model), 90, "the promoted model")
         assert main(["rollback", str(served)]) == 0
-        wait_for(lambda: serving() == version(sensor_model), 30, "the rolled-back model")
+        wait_for(lambda: serving() == version(sensor_model), 90, "the rolled-back model")
         assert daemon.ready()
         assert daemon.stop() == 0
     assert f"restored model {version(sensor_model)}" in capsys.readouterr().out
