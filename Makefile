@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 		{ echo "make venv: needs Python 3.11+ as $(PYTHON) (try: make venv PYTHON=python3.12)" >&2; exit 1; }
 	test -x $(VENV_PYTHON) || $(PYTHON) -m venv $(VENV)
 	$(VENV_PYTHON) -m pip install --upgrade pip
-	$(VENV_PYTHON) -m pip install -e '.[train,dev]'
+	$(VENV_PYTHON) -m pip install -e '.[train,dev,bench]'
 	touch $@
 
 # Kafka's jars via Maven into deploy/kafka/.cache (or $$SEQSENTINEL_KAFKA_CACHE); once only.
