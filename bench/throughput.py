@@ -146,6 +146,7 @@ def naive(cluster: Cluster, topic: str, model: Path, threshold: float, total: in
     history: dict[bytes, collections.deque] = collections.defaultdict(
         lambda: collections.deque(maxlen=WINDOW)
     )
+    alerts = cluster.create_topic(f"{topic}-naive-alerts", PARTITIONS)
     reader = consumer(cluster, topic, f"naive-{topic}")
     producer = cluster.producer(acks="all", linger_ms=5)
     seen, clock = 0, Stopwatch()
@@ -163,7 +164,7 @@ def naive(cluster: Cluster, topic: str, model: Path, threshold: float, total: in
                     score = float(run(None, {"x": window, "lengths": lengths})[0][0])
                     if score >= threshold:
                         alert = {"key": message.key.decode(), "score": score, TIME: record[TIME]}
-                        producer.send(f"{topic}-naive-alerts", orjson.dumps(alert))
+                        producer.send(alerts, orjson.dumps(alert))
                 seen += len(batch)
         producer.flush()
         return clock.rate(seen)
