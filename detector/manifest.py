@@ -183,6 +183,16 @@ class Manifest(_Strict):
         return [f for f in self.numeric_features if f.forecast]
 
     @property
+    def numeric_columns(self) -> list[str]:
+        """Record fields that hold numbers: the time, the label and the numeric features.
+
+        Readers of untyped files (CSV) use it to type a column cell by cell, so that one
+        malformed cell costs one record rather than the whole column.
+        """
+        label = [self.columns.label] if self.columns.label else []
+        return [self.columns.time, *label, *(f.name for f in self.numeric_features)]
+
+    @property
     def model_version(self) -> str:
         """Short, content-derived identity of the model, carried on every alert."""
         return self.graph_sha256[:12]

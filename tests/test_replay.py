@@ -206,3 +206,19 @@ def test_parquet_timestamps_and_bad_csv_cells_are_read_as_the_codec_expects(
         {KEY: "a", TIME: T0, "amount": 1.5},
         {KEY: "b", TIME: float(T0 + 1), "amount": "oops"},
     ]
+
+
+def test_one_malformed_csv_cell_costs_one_record(model: Path, tmp_path: Path) -> None:
+    """CSV cells are untyped: a word among numbers must not turn the column into text."""
+    events = shuffled_events(20)
+    events[5] = {**events[5], "amount": "twelve"}
+    csv_path = tmp_path / "events.csv"
+    with csv_path.open("w", newline="") as out:
+        writer = csv.DictWriter(out, fieldnames=list(events[0]))
+        writer.writeheader()
+        writer.writerows(events)
+    outputs = replay(model, csv_path, tmp_path)
+    assert [(d["reason"], d["source"]["row"]) for d in outputs["dead"]] == [("wrong_type", 5)]
+    statuses = [row["status"] for row in outputs["scores"]]
+    assert statuses.count("dead_letter") == 1
+    assert statuses.count("scored") + statuses.count("warming_up") == 19

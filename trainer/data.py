@@ -159,8 +159,9 @@ def load_events(config: TrainConfig, paths: Sequence[Path]) -> Events:
 def _read_records(path: Path, config: TrainConfig) -> list[dict]:
     """The file's records as `detector replay` reads them; JSON lines through the wire parser."""
     requested = None if config.data.format == "auto" else config.data.format
+    numbers = config.draft_manifest({}).numeric_columns
     try:
-        records = read_records(path, requested)
+        records = read_records(path, requested, numbers)
     except (OSError, ValueError, pa.ArrowException) as error:
         raise DataError(f"{path}: cannot read: {error}") from None
     if records and isinstance(records[0], bytes):

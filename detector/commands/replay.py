@@ -51,9 +51,7 @@ def run(args: argparse.Namespace) -> int:
         console.print(f"[red]refused model:[/red] {error}")
         return 2
     try:
-        manifest = scorer.manifest
-        numbers = [manifest.columns.time, *(f.name for f in manifest.numeric_features)]
-        records = read_records(args.input, args.format, numbers)
+        records = read_records(args.input, args.format, scorer.manifest.numeric_columns)
         options = EngineOptions(
             max_batch=args.batch,
             stride=args.stride,
