@@ -36,6 +36,11 @@ CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 #: Rows of the warm-up batch run at load.
 WARM_UP_ROWS = 8
+#: On the CPU, window batches go to onnxruntime in chunks of at most this many steps
+#: (windows x window length), so that the LSTM's input projection of a chunk (4 x hidden
+#: floats per step) stays in the core's cache: 4096 windows of 32 steps at once stream over
+#: 100 MB through memory per layer and score about 20% slower than chunks of 32 windows.
+CPU_WINDOW_STEPS = 1024
 
 
 def resolve_providers(requested: Sequence[str] = ("auto",)) -> list[str]:
@@ -77,6 +82,8 @@ class Scorer:
         self.source = source
         self.codec = FeatureCodec(manifest)
         self._outputs = [output.name for output in session.get_outputs()]
+        on_cpu = session.get_providers()[0] == CPU
+        self._window_chunk = max(1, CPU_WINDOW_STEPS // manifest.window) if on_cpu else None
 
     @classmethod
     def load(
@@ -138,6 +145,7 @@ class Scorer:
 
     def score_windows(self, x: np.ndarray, lengths: np.ndarray, max_batch: int = 4096) -> Scores:
         """Scores of right-padded windows x [n, window, width] with `lengths` [n] real steps."""
+        max_batch = min(max_batch, self._window_chunk or max_batch)
         chunks = [
             self._run(
                 {
