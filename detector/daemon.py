@@ -502,8 +502,7 @@ class Daemon:
             self._restoring.discard(tp)
             self._applied[tp] = restored.resume_at
             self._generation[tp] = restored.generation
-            self.health.restoring = len(self._restoring)
-            self.metrics.restoring_partitions.set(len(self._restoring))
+            self._restoring_changed()
             self.metrics.restore_replayed.inc(restored.replayed)
             self.metrics.restore_seconds.labels(restored.snapshot).observe(restored.seconds)
             self.metrics.active_keys.set(self.engine.keys)
@@ -522,10 +521,14 @@ class Daemon:
         if self.engine is not None and gone:
             arena = self.engine.arena
             arena.release(arena.slots_of([tp.partition for tp in gone]))
+            self.metrics.active_keys.set(self.engine.keys)
         for tp in gone:
             self._applied.pop(tp, None)
             self._generation.pop(tp, None)
         self._restoring -= gone
+        self._restoring_changed()
+
+    def _restoring_changed(self) -> None:
         self.health.restoring = len(self._restoring)
         self.metrics.restoring_partitions.set(len(self._restoring))
 
@@ -583,8 +586,7 @@ class Daemon:
         if partitions:
             self.consumer.pause(*partitions)
         self._restoring |= partitions
-        self.health.restoring = len(self._restoring)
-        self.metrics.restoring_partitions.set(len(self._restoring))
+        self._restoring_changed()
 
     def _publish(self, outgoing: list[Outgoing]) -> bool:
         """Send and wait for every acknowledgement, sending again what failed; False only when
