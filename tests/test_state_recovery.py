@@ -19,6 +19,7 @@ from daemon_support import (
     DaemonProcess,
     encoded,
     fully_committed,
+    group_offsets,
     read_topic,
     replay_alert_ids,
     running,
@@ -27,10 +28,15 @@ from daemon_support import (
     train_model,
     wait_for,
 )
+from kafka import KafkaConsumer, TopicPartition
+from kafka.structs import OffsetAndMetadata
+from kafka_support import client_config
 from model_factory import event, load_random, make_manifest
 
 from detector.engine import Engine, EngineOptions
+from detector.ops_http import Health
 from detector.records import InputRecord
+from detector.replay import replay_records
 from detector.restore import process_tagged
 from detector.scorer import Scorer
 from detector.snapshots import (
@@ -246,3 +252,52 @@ def test_a_restarted_daemon_continues_every_key_exactly(
     assert expected and sorted(ids) == sorted(expected)
     state = read_topic(kafka_bootstrap, f"{daemon.group}-state")
     assert {m.key for m in state} >= {f"{topic}/0".encode(), f"{topic}/1".encode()}
+
+
+@pytest.mark.kafka
+def test_without_a_snapshot_the_retained_input_is_replayed_as_state_only(
+    kafka_bootstrap, kafka_topic_factory, sensor_model, tmp_path
+):
+    """A group that committed offsets but left no snapshot (a state topic lost, or a model
+    with another layout): the partition is replayed from its beginning up to the commit with
+    no alert published, and what follows is scored as if the daemon had never stopped."""
+    topic = kafka_topic_factory(partitions=1, prefix="cold")
+    good = encoded(sensor_events(6, 60, seed=7, faults=3))
+    first = 200
+    send_events(kafka_bootstrap, topic, good[:first])
+    daemon = DaemonProcess(kafka_bootstrap, topic, sensor_model, tmp_path)
+    commit_group(kafka_bootstrap, daemon.group, TopicPartition(topic, 0), first)
+    scorer = Scorer.load(sensor_model, providers=["CPUExecutionProvider"])
+    alerts = replay_records(good, scorer, EngineOptions()).alerts
+    expected = sorted(a.alert_id for a in alerts if a.source.row >= first)
+    assert expected and len(expected) < len(alerts)  # some alerts are in the replayed part
+    with running(daemon):
+        daemon.wait_ready()
+        send_events(kafka_bootstrap, topic, good[first:])
+        committed = partial(fully_committed, kafka_bootstrap, daemon.group, topic)
+        wait_for(committed, 60, "the commit")
+        metrics = daemon.metrics()
+        assert daemon.stop() == 0, daemon.tail()
+    assert group_offsets(kafka_bootstrap, daemon.group, topic)[0] == {0: len(good)}
+    assert metrics[("seqsentinel_restore_replayed_records_total", ())] == first
+    assert metrics[("seqsentinel_restore_seconds_count", (("snapshot", "absent"),))] == 1
+    events = [e["event"] for e in daemon.log_events()]
+    assert events.index("key state restored") < events.index("ready")
+    ids = [m.json()["alert_id"] for m in read_topic(kafka_bootstrap, daemon.alerts_topic)]
+    assert sorted(ids) == expected
+
+
+def commit_group(bootstrap: str, group: str, partition: TopicPartition, offset: int) -> None:
+    consumer = KafkaConsumer(**client_config(bootstrap), group_id=group, enable_auto_commit=False)
+    try:
+        consumer.assign([partition])
+        consumer.commit({partition: OffsetAndMetadata(offset, "", -1)})
+    finally:
+        consumer.close()
+
+
+def test_readiness_waits_for_restoring_partitions() -> None:
+    health = Health(model_loaded=True, broker_reachable=True, partitions=2, restoring=1)
+    assert health.not_ready_reason() == "restoring the key state of 1 partition(s)"
+    health.restoring = 0
+    assert health.not_ready_reason() is None
