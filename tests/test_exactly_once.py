@@ -110,3 +110,34 @@ def test_at_least_once_alerts_survive_ten_sigkills(
     assert set(ids) == expected  # none missing, and none a restarted key would not raise
     # Repeats are at most the batch in flight at each kill (published, not yet committed).
     assert len(ids) - len(expected) <= KILLS * int(SETTINGS["BATCHING__MAX_BATCH"])
+
+
+def test_a_zombie_with_the_same_transactional_id_is_fenced(
+    kafka_bootstrap, kafka_topic_factory, sensor_model, tmp_path
+):
+    """A second instance started with the first one's transactional id (a restart while the
+    old process still runs) fences the first: its next transaction is refused, it stops, and
+    the alerts are still read exactly once."""
+    topic = kafka_topic_factory(partitions=2, prefix="zombie")
+    events = encoded(sensor_events(6, 60, seed=7, faults=3))
+    settings = SETTINGS | {
+        "PROCESSING__GUARANTEE": "exactly_once",
+        "PROCESSING__TRANSACTIONAL_ID": f"{topic}-instance-0",
+    }
+    zombie = DaemonProcess(kafka_bootstrap, topic, sensor_model, tmp_path, settings)
+    successor = DaemonProcess(kafka_bootstrap, topic, sensor_model, tmp_path, settings)
+    with running(zombie):
+        zombie.wait_ready()
+        send_events(kafka_bootstrap, topic, events[:150])
+        with running(successor):
+            send_events(kafka_bootstrap, topic, events[150:])
+            assert zombie.wait(60) == 1, zombie.tail()
+            successor.wait_ready()
+            committed = partial(fully_committed, kafka_bootstrap, successor.group, topic)
+            wait_for(committed, 60, f"the successor to commit everything:\n{successor.tail()}")
+            assert successor.stop() == 0, successor.tail()
+    logged = [e["event"] for e in zombie.log_events()]
+    assert "another instance took over this transactional id; stopping" in logged
+    messages = read_topic(kafka_bootstrap, successor.alerts_topic, isolation_level="read_committed")
+    expected = replay_alert_ids(sensor_model, events)
+    assert collections.Counter(m.json()["alert_id"] for m in messages) == dict.fromkeys(expected, 1)
