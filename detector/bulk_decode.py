@@ -20,7 +20,7 @@ from operator import itemgetter
 import numpy as np
 import orjson
 
-from detector.features import MAX_EVENT_TIME, FeatureCodec
+from detector.features import FLOAT32_MAX, MAX_EVENT_TIME, FeatureCodec
 from detector.manifest import NumericFeature, TimeDeltaFeature
 from detector.records import InputRecord
 
@@ -79,7 +79,8 @@ def decode_plain(
     except OverflowError:  # an integer beyond the range of floats
         return None
     times = table[:, 0] / 1000.0 if columns.time_unit == "ms" else table[:, 0]
-    if not (np.isfinite(table[:, 1:]).all() and ((times >= 0) & (times < MAX_EVENT_TIME)).all()):
+    finite = (np.abs(table[:, 1:]) <= FLOAT32_MAX).all()  # as `decode`: False for NaN too
+    if not (finite and ((times >= 0) & (times < MAX_EVENT_TIME)).all()):
         return None
     raw = np.zeros((len(rows), codec.width), np.float64)
     raw[:, codec.numeric_index] = table[:, 1:]
