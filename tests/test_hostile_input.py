@@ -20,6 +20,7 @@ import orjson
 import pytest
 from daemon_support import (
     KEY,
+    START,
     TIME,
     DaemonProcess,
     fully_committed,
@@ -32,8 +33,9 @@ from daemon_support import (
 )
 
 from detector.daemon import MAX_DEAD_LETTER_BYTES
-
-pytestmark = [pytest.mark.kafka, pytest.mark.slow]
+from detector.engine import Engine, Status
+from detector.records import InputRecord
+from detector.scorer import Scorer
 
 DEVICES, PER_DEVICE = 20, 200
 BAD = 6_500
@@ -141,6 +143,26 @@ def fuzzed(seed: int) -> tuple[list[Payload], list[bool]]:
     return [p for p, _ in merged], [ok for _, ok in merged]
 
 
+@pytest.mark.parametrize("value", [4e38, -1e300, 1e29, -3e38])
+def test_huge_numbers_are_judged_alike_in_plain_batches_and_record_by_record(
+    sensor_model: Path, value: float
+) -> None:
+    """A batch of plain numeric records takes the engine's bulk path; one odd record in it
+    sends it record by record. Either way a number beyond float32 is a dead letter."""
+    scorer = Scorer.load(sensor_model, providers=["CPUExecutionProvider"])
+    events = [{KEY: "d", TIME: START + i, "temperature": 20.0, "vibration": 5.0} for i in range(6)]
+    events[4]["temperature"] = value
+    plain = [InputRecord(orjson.dumps(e)) for e in events]
+    mixed = [*plain, InputRecord(b"{not json")]
+    outcomes = [Engine(scorer).process(batch) for batch in (plain, mixed)]
+    beyond = abs(value) > 3.4028234e38
+    for result in outcomes:
+        reasons = [d.reason for d in result.dead_letters if d.reason != "not_json"]
+        assert reasons == (["not_finite"] if beyond else [])
+        assert result.statuses[4] == (Status.DEAD_LETTER if beyond else Status.SCORED)
+
+
+@pytest.mark.slow
 def test_fuzzed_payloads_are_dead_letters_and_the_good_ones_are_scored(
     kafka_bootstrap, kafka_topic_factory, sensor_model, tmp_path
 ):
