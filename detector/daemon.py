@@ -491,7 +491,14 @@ class Daemon:
                 if committed is None:
                     fresh = self.settings.kafka.auto_offset_reset == "earliest"
                     committed = beginning if fresh else self.consumer.end_offsets([tp])[tp]
-                restored = restore_partition(self.settings, self.engine, tp, committed, beginning)
+                restored = restore_partition(
+                    self.settings,
+                    self.engine,
+                    tp,
+                    committed,
+                    beginning,
+                    self.metrics.restore_replayed.inc,
+                )
             except (KafkaError, RestoreError) as error:
                 delay = self._poll_backoff.next()
                 log.warning("restoring key state failed; retrying", error=str(error))
@@ -503,7 +510,6 @@ class Daemon:
             self._applied[tp] = restored.resume_at
             self._generation[tp] = restored.generation
             self._restoring_changed()
-            self.metrics.restore_replayed.inc(restored.replayed)
             self.metrics.restore_seconds.labels(restored.snapshot).observe(restored.seconds)
             self.metrics.active_keys.set(self.engine.keys)
             log.info(

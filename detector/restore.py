@@ -15,7 +15,7 @@ still holds each key's history, and at worst starts cold for what retention drop
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,8 +84,10 @@ def restore_partition(
     partition: TopicPartition,
     committed: int,
     beginning: int,
+    on_replayed: Callable[[int], None] = lambda records: None,
 ) -> Restored:
-    """Restore `partition`'s keys into `engine` up to the `committed` offset (see the module)."""
+    """Restore `partition`'s keys into `engine` up to the `committed` offset (see the module);
+    `on_replayed` hears of each poll's records as they are replayed (restore progress)."""
     started = time.monotonic()
     engine.arena.release(engine.arena.slots_of([partition.partition]))  # stale, if any
     snapshot, why = read_snapshot(settings, partition.partition, fingerprint(engine.manifest))
@@ -100,6 +102,7 @@ def restore_partition(
             records = input_records(partition, messages, keyed)
             process_tagged(engine, records, np.full(len(records), partition.partition, np.int32))
             replayed += len(records)
+            on_replayed(len(records))
     resume_at = max(start, committed)
     return Restored(resume_at, why, generation, replayed, time.monotonic() - started)
 
