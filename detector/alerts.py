@@ -86,9 +86,16 @@ def alert_id(model_version: str, key: str, event_time: float, sequence: int) -> 
 
 
 def smooth(arena: KeyArena, slots: np.ndarray, scores: np.ndarray, alpha: float) -> np.ndarray:
-    """EWMA of each key's scores (its first score as is); stores and returns the new values."""
-    previous = arena.smoothed[slots]
-    smoothed = np.where(np.isnan(previous), scores, alpha * scores + (1.0 - alpha) * previous)
+    """EWMA of each key's scores (its first score as is); stores and returns the new values.
+
+    With alpha 1 (no smoothing) the scores are stored as they are, so an infinite score
+    never meets a zero weight (inf * 0 is NaN).
+    """
+    if alpha == 1.0:
+        smoothed = np.asarray(scores, dtype=arena.smoothed.dtype)
+    else:
+        previous = arena.smoothed[slots]
+        smoothed = np.where(np.isnan(previous), scores, alpha * scores + (1.0 - alpha) * previous)
     arena.smoothed[slots] = smoothed
     return smoothed
 
