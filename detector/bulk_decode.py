@@ -3,11 +3,12 @@
 `FeatureCodec.decode` validates one record at a time, one Python call per feature; through
 Kafka that is a third of the daemon's time per event. Most batches are plain, though: every
 record is a JSON object whose event time and numeric features are JSON numbers. For those,
-one C-level `itemgetter` per record collects the values, and their types, ranges and
-finiteness are checked once per batch with numpy. The result is exactly what
-`FeatureCodec.decode` gives, value for value; a batch with anything else in it (a missing or
-null field, a string, an ISO time, a malformed record, a categorical feature) is not decoded
-here at all, and the engine decodes it record by record as before, dead letters included.
+one C-level `itemgetter` per record collects the values, their types, ranges and finiteness
+are checked once per batch with numpy, and each categorical column is mapped to its codes in
+one pass. The result is exactly what `FeatureCodec.decode` gives, value for value; a batch
+with anything else in it (a missing or null field, a string number, an ISO time, a malformed
+record) is not decoded here at all, and the engine decodes it record by record as before,
+dead letters included.
 """
 
 from __future__ import annotations
@@ -20,12 +21,14 @@ from operator import itemgetter
 import numpy as np
 import orjson
 
-from detector.features import FLOAT32_MAX, MAX_EVENT_TIME, FeatureCodec
-from detector.manifest import NumericFeature, TimeDeltaFeature
+from detector.features import FLOAT32_MAX, MAX_EVENT_TIME, UNKNOWN_CODE, FeatureCodec
+from detector.manifest import CategoricalFeature, NumericFeature
 from detector.records import InputRecord
 
 #: JSON numbers as orjson returns them (bool is a type of its own, and is refused).
 _NUMBERS = frozenset({float, int})
+#: What a categorical feature accepts: a label, or an integer standing for one.
+_LABELS = frozenset({str, int})
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,13 +47,12 @@ def decode_plain(
 ) -> PlainBatch | None:
     """The batch decoded in bulk, or None when any record is not plain."""
     features = codec.features
-    if not records or not all(isinstance(f, NumericFeature | TimeDeltaFeature) for f in features):
-        return None
     numeric = [f.name for f in features if isinstance(f, NumericFeature)]
-    if not numeric:
+    categorical = [(i, f) for i, f in enumerate(features) if isinstance(f, CategoricalFeature)]
+    if not records or not numeric:
         return None
     columns = codec.columns
-    values = itemgetter(columns.time, *numeric)
+    values = itemgetter(columns.time, *numeric, *(f.name for _, f in categorical))
     key_column = columns.key
     ids: dict[str, int] = {}
     key_ids: list[int] = []
@@ -72,10 +74,14 @@ def decode_plain(
             add_row(values(payload))
     except (orjson.JSONDecodeError, LookupError, TypeError):  # not JSON, a field missing, no object
         return None
-    if not set(map(type, chain.from_iterable(rows))) <= _NUMBERS:
+    numbers = len(numeric) + 1  # the time, then the numeric features, then the categorical
+    fields = list(zip(*rows, strict=True))  # one column per field
+    if not set(map(type, chain.from_iterable(fields[:numbers]))) <= _NUMBERS:
+        return None
+    if not set(map(type, chain.from_iterable(fields[numbers:]))) <= _LABELS:
         return None
     try:
-        table = np.array(rows, np.float64)
+        table = np.array(fields[:numbers], np.float64).T
     except OverflowError:  # an integer beyond the range of floats
         return None
     times = table[:, 0] / 1000.0 if columns.time_unit == "ms" else table[:, 0]
@@ -84,4 +90,9 @@ def decode_plain(
         return None
     raw = np.zeros((len(rows), codec.width), np.float64)
     raw[:, codec.numeric_index] = table[:, 1:]
+    for (index, feature), column in zip(categorical, fields[numbers:], strict=True):
+        code = codec.vocabulary(feature.name).get
+        raw[:, index] = [
+            code(label if type(label) is str else str(label), UNKNOWN_CODE) for label in column
+        ]
     return PlainBatch(list(ids), np.array(key_ids, np.intp), times, raw)

@@ -151,6 +151,10 @@ class FeatureCodec:
         ]
         self._readers = [self._reader(f) for f in self.features]
 
+    def vocabulary(self, name: str) -> dict[str, int]:
+        """Label -> code of the categorical feature `name`."""
+        return self._vocabularies[name]
+
     def decode(self, record: Mapping, key: str | None = None) -> DecodedRecord:
         """Validate one record; `key` overrides the record's key column (e.g. a Kafka key)."""
         if key is None:

@@ -133,20 +133,63 @@ def test_declines_what_only_the_codec_can_decode() -> None:
     assert decode_plain(codec, [InputRecord(good | {"amount": 10**400})], LIMIT) is None
     assert decode_plain(codec, records_of([good]), 10) is None  # over max_record_bytes
     categorical = FeatureCodec(make_manifest())
-    assert decode_plain(categorical, records_of([good | {"merchant": "fuel"}]), LIMIT) is None
+    for odd in ({"merchant": None}, {"merchant": True}, {"merchant": 1.5}, {"merchant": ["x"]}):
+        assert decode_plain(categorical, records_of([good | odd]), LIMIT) is None
+
+
+LABELS = st.one_of(
+    st.sampled_from(["fuel", "grocery", "travel", "casino", "unheard-of", ""]),
+    st.integers(min_value=-3, max_value=3),
+    st.booleans(),
+    st.none(),
+    st.floats(allow_nan=False, allow_infinity=False),
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(LABELS, min_size=1, max_size=6))
+def test_categorical_labels_are_coded_as_the_codec_codes_them_or_declined(labels: list) -> None:
+    codec = FeatureCodec(make_manifest())
+    documents = [
+        {KEY: "a", TIME: 1_700_000_000 + i, "amount": 1.5, "items": 2, "merchant": label}
+        for i, label in enumerate(labels)
+    ]
+    records = records_of(documents)
+    plain = decode_plain(codec, records, LIMIT)
+    try:
+        expected = one_by_one(codec, records)
+    except RecordError:
+        assert plain is None
+        return
+    assert plain is not None or None in labels  # only a missing label needs the codec's policy
+    if plain is not None:
+        np.testing.assert_array_equal(plain.raw, expected[3])
 
 
 @pytest.mark.parametrize("export_mode", ["window", "stateful"])
+@pytest.mark.parametrize("make", [numeric_manifest, make_manifest], ids=["numeric", "categorical"])
 def test_the_engine_scores_the_same_with_and_without_bulk_decoding(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, export_mode: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, export_mode: str, make
 ) -> None:
-    manifest = numeric_manifest(export_mode=export_mode, window=4)
+    manifest = make(export_mode=export_mode, window=4)
     scorer = load_random(tmp_path / "model.onnx", manifest)
     rng = np.random.default_rng(5)
+    merchants = ["fuel", "travel", "never-seen", 3]
     documents = [
-        {KEY: f"acct-{k}", TIME: 1_700_000_000 + i, "amount": float(a), "items": 1}
-        for i, (k, a) in enumerate(
-            zip(rng.integers(0, 7, 200), rng.normal(50, 30, 200), strict=True)
+        {
+            KEY: f"acct-{k}",
+            TIME: 1_700_000_000 + i,
+            "amount": float(a),
+            "items": 1,
+            "merchant": merchants[m],
+        }
+        for i, (k, a, m) in enumerate(
+            zip(
+                rng.integers(0, 7, 200),
+                rng.normal(50, 30, 200),
+                rng.integers(0, 4, 200),
+                strict=True,
+            )
         )
     ]
     records = records_of(documents)
@@ -156,6 +199,7 @@ def test_the_engine_scores_the_same_with_and_without_bulk_decoding(
         result = engine.process(records)
         return [result.keys.tolist(), result.times.tolist(), result.scores.tolist()]
 
+    assert decode_plain(scorer.codec, records, LIMIT) is not None  # the fast path is taken
     fast = scored()
     monkeypatch.setattr(engine_module, "decode_plain", lambda *_: None)
     assert scored() == fast
