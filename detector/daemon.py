@@ -761,12 +761,18 @@ class Daemon:
         return offsets
 
     def partitions_assigned(self, partitions: set[TopicPartition]) -> None:
+        """Restore every assigned partition whose key state is not here: the newly assigned
+        ones, and any revoked then given back (kafka-python may then report it as neither
+        new nor lost, and it is still paused from its first assignment)."""
         assert self.consumer is not None
-        self.health.partitions = len(self.consumer.assignment())
+        assigned = self.consumer.assignment()
+        self.health.partitions = len(assigned)
         self._next_probe = 0.0
-        if partitions:
-            self._restore(partitions)
-            log.info("partitions assigned", partitions=_names(partitions))
+        stateless = assigned - set(self._applied) - self._restoring
+        if stateless:
+            self._restore(stateless)
+        if partitions or stateless:
+            log.info("partitions assigned", partitions=_names(partitions | stateless))
 
     def partitions_lost(self, partitions: set[TopicPartition]) -> None:
         self.in_hand.drop(partitions)
