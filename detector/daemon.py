@@ -209,6 +209,10 @@ class Daemon:
         self._generation: dict[TopicPartition, int] = {}
         self._next_snapshot = time.monotonic() + settings.processing.snapshot_interval_s
         self._fenced = False
+        #: Since when a rebalance is under way (a revocation, no assignment yet); no restore
+        #: runs meanwhile, since the consumer's blocking calls it makes can stall the join.
+        self._rebalance_since: float | None = None
+        self._rejoin_after_s = 2 * settings.kafka.session_timeout_ms / 1000
         self._commit_backoff = Backoff()
         self._poll_backoff = Backoff()
         self._next_commit = 0.0
@@ -377,7 +381,8 @@ class Daemon:
             self.engine.swap_model(scorer)
             self._serving(scorer)
             self.metrics.model_reloads.labels("loaded").inc()
-        if self._restoring:
+        self._check_join()
+        if self._restoring and self._rebalance_since is None:
             self._restore_pending()
         try:
             self._collect()
@@ -714,9 +719,9 @@ class Daemon:
             return
         self._next_probe = now + PROBE_INTERVAL_S
         assigned = self.consumer.assignment()
-        self.health.partitions = len(assigned)
-        if not assigned:
+        if self._rebalance_since is not None or not assigned:
             return
+        self.health.partitions = len(assigned)
         try:
             ends = self.consumer.end_offsets(list(assigned), timeout_ms=PROBE_TIMEOUT_MS)
             positions = {
@@ -761,20 +766,46 @@ class Daemon:
         return offsets
 
     def partitions_assigned(self, partitions: set[TopicPartition]) -> None:
-        """Restore every assigned partition whose key state is not here: the newly assigned
-        ones, and any revoked then given back (kafka-python may then report it as neither
-        new nor lost, and it is still paused from its first assignment)."""
+        """Restore every assigned partition whose key state is neither here nor coming: the
+        new ones, and those revoked and given back (still paused from before, kafka-python
+        keeps their state)."""
         assert self.consumer is not None
         assigned = self.consumer.assignment()
         self.health.partitions = len(assigned)
         self._next_probe = 0.0
-        stateless = assigned - set(self._applied) - self._restoring
-        if stateless:
-            self._restore(stateless)
-        if partitions or stateless:
-            log.info("partitions assigned", partitions=_names(partitions | stateless))
+        self._rebalance_since = None
+        self._restore(assigned - set(self._applied) - self._restoring)
+        if partitions:
+            log.info("partitions assigned", partitions=_names(partitions))
+
+    def rebalance_started(self) -> None:
+        """Not ready until the assignment: every partition is revoked meanwhile (eager)."""
+        self._rebalance_since = self._rebalance_since or time.monotonic()
+        self.health.partitions = 0
+
+    def _check_join(self) -> None:
+        """Join the group again when a rebalance has not ended after twice the session timeout.
+
+        Works around kafka-python 3.0.12: when the poll that began a join returns at its
+        timeout before the join completes, the assignment that follows is never applied
+        (the broker shows the member assigned; the client keeps its revoked partitions,
+        unfetchable, and never calls back). Leaving and joining again is safe: the
+        revocation already settled and saved everything.
+        """
+        since = self._rebalance_since
+        if since is None or time.monotonic() - since < self._rejoin_after_s:
+            return
+        assert self.consumer is not None
+        log.warning(
+            "the group's rebalance did not end; joining again",
+            waited_s=round(time.monotonic() - since, 1),
+        )
+        self.consumer.unsubscribe()
+        self.consumer.subscribe([self.settings.topics.input], listener=_Rebalance(self))
+        self._rebalance_since = time.monotonic()
 
     def partitions_lost(self, partitions: set[TopicPartition]) -> None:
+        self.rebalance_started()
         self.in_hand.drop(partitions)
         self._forget(partitions)
         self.metrics.forget_partitions(partitions)
@@ -796,6 +827,7 @@ class _Rebalance(AsyncConsumerRebalanceListener):
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         daemon = self.daemon
+        daemon.rebalance_started()
         if not revoked:
             return
         if daemon.stopping:  # closing: the shutdown has committed, or could not
