@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+from daemon_support import train_model
 from kafka_support import BrokerUnavailableError, LocalBroker, TopicFactory
 
 KAFKA_FIXTURES = {"kafka_broker", "kafka_bootstrap", "kafka_topic_factory"}
@@ -56,3 +58,15 @@ def kafka_topic_factory(kafka_bootstrap: str) -> Iterator[TopicFactory]:
         yield factory
     finally:
         factory.close()
+
+
+@pytest.fixture(scope="session")
+def sensor_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small forecast model trained for real on sensor data, shared by the daemon tests."""
+    return train_model(tmp_path_factory.getbasetemp() / "daemon-models")
+
+
+@pytest.fixture(scope="session")
+def other_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Trained like `sensor_model` with another seed: the same contract, another version."""
+    return train_model(tmp_path_factory.getbasetemp() / "daemon-models", seed=1)

@@ -69,6 +69,13 @@ def write_csv(path: Path, events: list[dict[str, Any]]) -> Path:
     return path
 
 
+def model_version(model: Path) -> str:
+    """The version a model file carries on its alerts and metrics."""
+    from detector.manifest import load_model_file
+
+    return load_model_file(model)[0].model_version
+
+
 def train_model(folder: Path, seed: int = 0) -> Path:
     """A small forecast model trained for real on clean sensor data; cached in `folder`."""
     # Imported here: only the tests that train need torch.

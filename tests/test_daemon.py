@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import threading
 import time
-from pathlib import Path
 
 import orjson
 import pytest
@@ -24,7 +23,6 @@ from daemon_support import (
     send,
     send_events,
     sensor_events,
-    train_model,
     wait_for,
 )
 from kafka_support import LocalBroker, TopicFactory
@@ -57,11 +55,6 @@ MALFORMED: list[tuple[bytes | None, bytes, str]] = [
     ),
     (None, b'{"ts": 1704067300, "temperature": 20, "vibration": 2}', "missing_key"),
 ]
-
-
-@pytest.fixture(scope="session")
-def sensor_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return train_model(tmp_path_factory.getbasetemp() / "daemon-models")
 
 
 def faulty_events() -> list[bytes]:

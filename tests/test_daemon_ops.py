@@ -21,12 +21,12 @@ from daemon_support import (
     DaemonProcess,
     encoded,
     fully_committed,
+    model_version,
     read_topic,
     replay_alert_ids,
     running,
     send_events,
     sensor_events,
-    train_model,
     wait_for,
 )
 from kafka import TopicPartition
@@ -35,25 +35,10 @@ from kafka_support import free_ports
 
 from detector.config import ModelSettings
 from detector.daemon import InHand
-from detector.manifest import ModelContractError, load_model_file
+from detector.manifest import ModelContractError
 from detector.model_watch import ModelWatcher, file_sha256, load_scorer
 from detector.ops_http import LIVENESS_TIMEOUT_S, Health, OpsServer
 from detector.telemetry import Metrics
-
-
-@pytest.fixture(scope="session")
-def sensor_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return train_model(tmp_path_factory.getbasetemp() / "daemon-models")
-
-
-@pytest.fixture(scope="session")
-def other_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Trained like `sensor_model` with another seed: the same contract, another version."""
-    return train_model(tmp_path_factory.getbasetemp() / "daemon-models", seed=1)
-
-
-def version(model: Path) -> str:
-    return load_model_file(model)[0].model_version
 
 
 def replace(target: Path, source: Path | bytes) -> None:
@@ -97,7 +82,7 @@ def test_ready_only_once_the_model_is_loaded_and_partitions_are_assigned(
             assert document["reason"]
     ready = seen[-1][1]
     assert ready["partitions"] == 3
-    assert ready["model_version"] == version(sensor_model)
+    assert ready["model_version"] == model_version(sensor_model)
     model, assigned, announced = log_order(daemon, "model loaded", "partitions assigned", "ready")
     assert model < assigned < announced
 
@@ -121,7 +106,7 @@ def test_not_ready_but_alive_while_the_broker_cannot_be_reached_and_no_secret_lo
         status, body = daemon.get("/readyz")
         assert status == 503
         assert orjson.loads(body)["reason"] == "the Kafka broker is not reachable"
-        assert orjson.loads(body)["model_version"] == version(sensor_model)
+        assert orjson.loads(body)["model_version"] == model_version(sensor_model)
         assert daemon.get("/healthz")[0] == 200
         # It stops cleanly even though nothing can be committed to an absent broker.
         assert daemon.stop() == 0
@@ -182,7 +167,7 @@ def test_sighup_swaps_in_a_new_model_and_a_corrupt_one_is_refused(
         alerts = read_topic(kafka_bootstrap, daemon.alerts_topic, before + len(expected))
         new = [message.json() for message in alerts[before:]]
         assert {alert["alert_id"] for alert in new} == expected
-        assert {alert["model_version"] for alert in new} == {version(model)}
+        assert {alert["model_version"] for alert in new} == {model_version(model)}
 
     def reloads(result: str) -> float:
         return daemon.metrics().get(("seqsentinel_model_reloads_total", (("result", result),)), 0)
@@ -201,16 +186,16 @@ def test_sighup_swaps_in_a_new_model_and_a_corrupt_one_is_refused(
 
         replace(served, other_model)
         time.sleep(0.5)
-        assert info_version() == version(sensor_model)  # no polling: waits for SIGHUP
+        assert info_version() == model_version(sensor_model)  # no polling: waits for SIGHUP
         daemon.signal(signal.SIGHUP)
-        wait_for(lambda: info_version() == version(other_model), 90, "the new model")
+        wait_for(lambda: info_version() == model_version(other_model), 90, "the new model")
         assert reloads("loaded") == 1
         run_phase(phases[1], other_model)
 
         replace(served, b"\x08\x07 truncated protobuf")
         daemon.signal(signal.SIGHUP)
         wait_for(lambda: reloads("refused") == 1, 90, "the corrupt model to be refused")
-        assert info_version() == version(other_model)
+        assert info_version() == model_version(other_model)
         assert daemon.ready()
         run_phase(phases[2], other_model)
         assert daemon.stop() == 0
@@ -227,14 +212,14 @@ def test_watcher_loads_a_changed_file_once_and_keeps_serving_on_a_bad_one(
     settings = ModelSettings(
         path=served, providers=["CPUExecutionProvider"], reload_interval_s=0.05
     )
-    watcher = ModelWatcher(settings, version(sensor_model), refused.append)
+    watcher = ModelWatcher(settings, model_version(sensor_model), refused.append)
     watcher.start()
     try:
         time.sleep(0.2)
         assert watcher.take() is None  # unchanged file: nothing to load
         replace(served, other_model)
         scorer = wait_for(watcher.take, 10, "the changed file to be loaded")
-        assert scorer.manifest.model_version == version(other_model)
+        assert scorer.manifest.model_version == model_version(other_model)
         time.sleep(0.2)
         assert watcher.take() is None  # loaded once, not at every check
 
@@ -288,7 +273,7 @@ def test_systemd_hears_ready_watchdog_status_and_stopping(
             assert daemon.stop() == 0
         wait_for(lambda: hear("STOPPING=1"), 5, "STOPPING=1")
     statuses = [line for line in heard if line.startswith("STATUS=")]
-    assert statuses and all(f"model {version(sensor_model)}" in line for line in statuses)
+    assert statuses and all(f"model {model_version(sensor_model)}" in line for line in statuses)
     assert heard.index("STOPPING=1") > ready_at
 
 

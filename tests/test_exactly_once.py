@@ -25,7 +25,6 @@ from daemon_support import (
     running,
     send_events,
     sensor_events,
-    train_model,
     wait_for,
 )
 
@@ -38,11 +37,6 @@ SETTINGS = {
     "PROCESSING__SNAPSHOT_INTERVAL_S": "0.5",
     "KAFKA__SESSION_TIMEOUT_MS": "6000",  # the broker's minimum: a killed member leaves soon
 }
-
-
-@pytest.fixture(scope="module")
-def sensor_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return train_model(tmp_path_factory.getbasetemp() / "daemon-models")
 
 
 def killed_repeatedly(

@@ -26,7 +26,6 @@ from daemon_support import (
     send,
     send_events,
     sensor_events,
-    train_model,
     wait_for,
 )
 
@@ -37,11 +36,6 @@ MAX_KEYS = 1_000
 #: What 100,000 keys kept would add at the least (about 300 bytes of state, key and index
 #: each) is three times this; a bounded arena adds nothing once full.
 RSS_GROWTH_LIMIT = 10 * 1024 * 1024
-
-
-@pytest.fixture(scope="module")
-def sensor_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return train_model(tmp_path_factory.getbasetemp() / "daemon-models")
 
 
 def test_members_joining_and_leaving_mid_stream_raise_exactly_the_uninterrupted_alerts(

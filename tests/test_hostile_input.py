@@ -28,7 +28,6 @@ from daemon_support import (
     running,
     send,
     sensor_events,
-    train_model,
     wait_for,
 )
 
@@ -51,11 +50,6 @@ REASONS = (
     "bad_timestamp",
     "not_finite",
 )
-
-
-@pytest.fixture(scope="module")
-def sensor_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return train_model(tmp_path_factory.getbasetemp() / "daemon-models")
 
 
 Payload = tuple[bytes | None, bytes | None]  # (Kafka key, value)

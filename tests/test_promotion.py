@@ -3,30 +3,15 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
-from daemon_support import DaemonProcess, running, train_model, wait_for
+from daemon_support import DaemonProcess, model_version, running, wait_for
 
 from detector.config import ModelSettings
-from detector.manifest import ModelContractError, load_model_file
+from detector.manifest import ModelContractError
 from detector.model_watch import ModelWatcher, fingerprint
 from trainer.cli import main
 from trainer.promotion import PromotionError, previous_path, promote, rollback
-
-
-@pytest.fixture(scope="session")
-def sensor_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return train_model(tmp_path_factory.getbasetemp() / "daemon-models")
-
-
-@pytest.fixture(scope="session")
-def other_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return train_model(tmp_path_factory.getbasetemp() / "daemon-models", seed=1)
-
-
-def version(model: Path) -> str:
-    return load_model_file(model)[0].model_version
 
 
 def test_promotions_keep_the_previous_model_and_rollback_restores_its_exact_bytes(
@@ -41,7 +26,7 @@ def test_promotions_keep_the_previous_model_and_rollback_restores_its_exact_byte
     target.chmod(0o644)
 
     promoted = promote(other_model, target)
-    assert promoted.model_version == version(other_model)
+    assert promoted.model_version == model_version(other_model)
     assert promoted.previous == previous_path(target) == target.with_name("model.onnx.previous")
     assert (target.read_bytes(), promoted.previous.read_bytes()) == (second, first)
     assert oct(target.stat().st_mode & 0o777) == oct(0o644)  # readers keep their access
@@ -52,7 +37,7 @@ def test_promotions_keep_the_previous_model_and_rollback_restores_its_exact_byte
     ]
 
     restored = rollback(target)
-    assert restored.model_version == version(sensor_model)
+    assert restored.model_version == model_version(sensor_model)
     assert (target.read_bytes(), previous_path(target).read_bytes()) == (first, second)
     rollback(target)  # a rollback can be undone
     assert (target.read_bytes(), previous_path(target).read_bytes()) == (second, first)
@@ -64,17 +49,17 @@ def test_each_promotion_and_rollback_is_a_new_file_the_watcher_loads(
     target = tmp_path / "model.onnx"
     promote(sensor_model, target)
     settings = ModelSettings(path=target, providers=["CPUExecutionProvider"])
-    watcher = ModelWatcher(settings, version(sensor_model), on_refused=pytest.fail)
+    watcher = ModelWatcher(settings, model_version(sensor_model), on_refused=pytest.fail)
 
     before = fingerprint(target)
     promote(other_model, target)
     assert fingerprint(target)[0] != before[0]  # a rename: a new inode
     watcher.check()
-    assert watcher.take().manifest.model_version == version(other_model)
+    assert watcher.take().manifest.model_version == model_version(other_model)
 
     rollback(target)
     watcher.check()
-    assert watcher.take().manifest.model_version == version(sensor_model)
+    assert watcher.take().manifest.model_version == model_version(sensor_model)
 
 
 def test_a_refused_candidate_or_a_missing_previous_leaves_the_model_in_service(
@@ -143,12 +128,12 @@ def test_a_running_detector_serves_the_promoted_model_then_the_rolled_back_one(
 
     with running(daemon):
         daemon.wait_ready()
-        assert serving() == version(sensor_model)
+        assert serving() == model_version(sensor_model)
 
         promote(other_model, served)
-        wait_for(lambda: serving() == version(other_model), 90, "the promoted model")
+        wait_for(lambda: serving() == model_version(other_model), 90, "the promoted model")
         assert main(["rollback", str(served)]) == 0
-        wait_for(lambda: serving() == version(sensor_model), 90, "the rolled-back model")
+        wait_for(lambda: serving() == model_version(sensor_model), 90, "the rolled-back model")
         assert daemon.ready()
         assert daemon.stop() == 0
-    assert f"restored model {version(sensor_model)}" in capsys.readouterr().out
+    assert f"restored model {model_version(sensor_model)}" in capsys.readouterr().out

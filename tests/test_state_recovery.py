@@ -25,7 +25,6 @@ from daemon_support import (
     running,
     send_events,
     sensor_events,
-    train_model,
     wait_for,
 )
 from kafka import KafkaConsumer, TopicPartition
@@ -215,11 +214,6 @@ def test_the_fingerprint_follows_the_state_layout_not_the_weights() -> None:
 
 
 # -- the daemon ------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def sensor_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return train_model(tmp_path_factory.getbasetemp() / "daemon-models")
 
 
 @pytest.mark.kafka
