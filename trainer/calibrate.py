@@ -8,11 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from trainer.metrics import precision_recall_curve, roc_curve, runs
-
-#: Candidate thresholds of the dynamic method, in standard deviations above the mean
-#: (the range and step of Hundman et al. 2018); the last one is also the fallback.
-DYNAMIC_Z = np.arange(2.5, 12.0 + 1e-9, 0.5)
+from detector.thresholds import choose_levels
+from trainer.metrics import precision_recall_curve, roc_curve
 
 
 class CalibrationError(ValueError):
@@ -113,41 +110,21 @@ def dynamic_threshold(
 ) -> tuple[float, str]:
     """Nonparametric threshold of Hundman et al. (2018) on the (smoothed) normal scores.
 
-    Among ε = mean + z·std for z in `DYNAMIC_Z`, the one whose removal of the scores above it
-    cuts the mean and the spread the most, per event and per sequence (squared) it flags:
-    (Δmean/mean + Δstd/std) / (#above + #sequences²). Their pruning keeps an anomalous
-    sequence only when its peak exceeds the largest score below ε by the fraction `prune`;
-    live, that is a floor on the threshold: (1 + prune) · max(scores below ε). Fitted once
-    on normal data rather than per window of live errors, so that the detector keeps no
-    buffer of past errors per key and an alert can be reproduced from the manifest alone.
-    With nothing above any candidate, the largest candidate.
+    `detector.thresholds.choose_levels` over all normal validation scores at once, each key's
+    scores one run of sequences. Fitted once, it is the model's static threshold; with
+    `Scoring.adaptive` the engine also re-chooses it per key from live scores, never below it.
     """
     normal = np.ones(scores.size, bool) if labels is None else ~np.asarray(labels, bool)
     if not normal.any():
         raise CalibrationError("the validation split has no normal events")
     values = scores[normal]
-    groups = None if keys is None else np.asarray(keys)[normal]
-    mean, std = float(values.mean()), float(values.std())
-    best_z, best_gain = float(DYNAMIC_Z[-1]), -np.inf
-    if std > 0 and mean > 0:
-        for z in DYNAMIC_Z.tolist():
-            above = values >= mean + z * std
-            flagged = int(above.sum())
-            if not flagged or flagged == values.size:
-                continue
-            rest = values[~above]
-            cut = (mean - rest.mean()) / mean + (std - rest.std()) / std
-            gain = cut / (flagged + len(runs(above, groups)) ** 2)
-            if gain > best_gain:
-                best_z, best_gain = z, gain
-    epsilon = mean + best_z * std
-    below = values[values < epsilon]
-    if below.size:
-        threshold = max(epsilon, (1 + prune) * float(below.max()))
-    else:  # constant scores: alert only above every validation score (`score >= threshold`)
-        threshold = float(np.nextafter(values.max(), np.inf))
-    return threshold, (
-        f"dynamic: max(mean+{best_z:g}std, (1+{prune:g})·max below) of validation scores"
+    breaks = np.zeros(values.size, bool)
+    if keys is not None:
+        groups = np.asarray(keys)[normal]
+        breaks[1:] = groups[1:] != groups[:-1]
+    levels, z = choose_levels(values[None], np.ones((1, values.size), bool), breaks[None], prune)
+    return float(levels[0]), (
+        f"dynamic: max(mean+{z[0]:g}std, (1+{prune:g})·max below) of validation scores"
     )
 
 

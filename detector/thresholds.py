@@ -1,0 +1,88 @@
+"""The nonparametric dynamic threshold of Hundman et al. (2018), vectorised over rows.
+
+Used twice, so that both apply one rule: the trainer fits a fixed threshold on validation
+scores (`trainer.calibrate`), and the engine re-chooses each key's threshold from that key's
+own recent smoothed scores (`Scoring.adaptive`). A row is one key's scores in time order.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+#: Candidate thresholds, in standard deviations above the mean (the paper's range and step);
+#: the last one is also the choice when no candidate separates anything.
+CANDIDATE_Z = np.arange(2.5, 12.0 + 1e-9, 0.5)
+#: Rows handled at once: bounds the [rows, candidates, scores] temporaries.
+_CHUNK_ROWS = 64
+
+
+def choose_levels(
+    values: np.ndarray,
+    valid: np.ndarray,
+    breaks: np.ndarray | None = None,
+    prune: float = 0.13,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's threshold and chosen z, from its `valid` scores [rows, n].
+
+    Among ε = mean + z·std for z in `CANDIDATE_Z`, the one whose removal of the scores at or
+    above it cuts the mean and the spread the most, per flagged score and per flagged
+    sequence (squared): (Δmean/mean + Δstd/std) / (#flagged + #sequences²). Their pruning
+    keeps an anomalous sequence only when its peak exceeds the largest score below ε by the
+    fraction `prune`; as a threshold that is a floor of (1 + prune) · max(scores below ε).
+    `breaks` marks positions where a new sequence starts regardless (another key's scores).
+    A row of equal scores gets a threshold just above them; a row without scores, NaN.
+    """
+    values = np.asarray(values, np.float64)
+    valid = np.asarray(valid, bool)
+    if breaks is None:
+        breaks = np.zeros(valid.shape, bool)
+    parts = [
+        _choose(
+            values[i : i + _CHUNK_ROWS],
+            valid[i : i + _CHUNK_ROWS],
+            breaks[i : i + _CHUNK_ROWS],
+            prune,
+        )
+        for i in range(0, values.shape[0], _CHUNK_ROWS)
+    ]
+    if not parts:
+        return np.zeros(0), np.zeros(0)
+    levels, z = zip(*parts, strict=True)
+    return np.concatenate(levels), np.concatenate(z)
+
+
+def _choose(
+    values: np.ndarray, valid: np.ndarray, breaks: np.ndarray, prune: float
+) -> tuple[np.ndarray, np.ndarray]:
+    values = np.where(valid, values, 0.0)
+    count = valid.sum(axis=1)
+    n = np.maximum(count, 1)
+    total, squares = values.sum(axis=1), np.square(values).sum(axis=1)
+    mean = total / n
+    std = np.sqrt(np.maximum(squares / n - np.square(mean), 0.0))
+    epsilon = mean[:, None] + CANDIDATE_Z * std[:, None]  # [rows, z]
+    above = valid[:, None, :] & (values[:, None, :] >= epsilon[:, :, None])  # [rows, z, n]
+    flagged = above.sum(axis=2)
+    kept = np.maximum(count[:, None] - flagged, 1)
+    kept_mean = (total[:, None] - (above * values[:, None, :]).sum(axis=2)) / kept
+    kept_squares = squares[:, None] - (above * np.square(values)[:, None, :]).sum(axis=2)
+    kept_std = np.sqrt(np.maximum(kept_squares / kept - np.square(kept_mean), 0.0))
+    continues = np.zeros_like(above)
+    continues[:, :, 1:] = above[:, :, :-1] & ~breaks[:, None, 1:]
+    sequences = (above & ~continues).sum(axis=2)
+    usable = (flagged > 0) & (flagged < count[:, None]) & (mean > 0)[:, None] & (std > 0)[:, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        cut = (mean[:, None] - kept_mean) / mean[:, None] + (std[:, None] - kept_std) / std[:, None]
+        gain = np.where(usable, cut / (flagged + np.square(sequences)), -np.inf)
+    best = np.where(usable.any(axis=1), gain.argmax(axis=1), CANDIDATE_Z.size - 1)
+    chosen = epsilon[np.arange(best.size), best]
+    below = np.where(valid & (values < chosen[:, None]), values, -np.inf).max(
+        axis=1, initial=-np.inf
+    )
+    top = np.where(valid, values, -np.inf).max(axis=1, initial=-np.inf)
+    levels = np.where(
+        np.isfinite(below),
+        np.maximum(chosen, (1 + prune) * below),
+        np.nextafter(top, np.inf),  # equal scores: alert only above all of them (`>=`)
+    )
+    return np.where(count > 0, levels, np.nan), CANDIDATE_Z[best]
