@@ -30,12 +30,16 @@ class ArenaShape:
     ring: tuple[int, int] | None = None
     #: stateful models: (layers, hidden) of h and c.
     state: tuple[int, int] | None = None
+    #: adaptive thresholds: recent smoothed scores kept per key.
+    history: int | None = None
 
     @classmethod
     def for_manifest(cls, manifest: Manifest) -> ArenaShape:
+        adaptive = manifest.scoring.adaptive
+        history = None if adaptive is None else adaptive.history
         if manifest.export_mode == "window":
-            return cls(ring=(manifest.window, len(manifest.features)))
-        return cls(state=(manifest.network.layers, manifest.network.hidden))
+            return cls(ring=(manifest.window, len(manifest.features)), history=history)
+        return cls(state=(manifest.network.layers, manifest.network.hidden), history=history)
 
 
 # Per-slot fields: name -> (dtype, value of a fresh slot). The sequence group is what the
@@ -49,6 +53,12 @@ _SCORE_FIELDS: dict[str, tuple[type, object]] = {
     "in_episode": (np.bool_, False),
     "below": (np.int32, 0),
     "peak": (np.float64, np.nan),
+}
+#: Score fields of adaptive thresholds: scored events since the key's scores restarted (the
+#: write position in `recent`) and the key's current threshold (NaN: the static one).
+_ADAPTIVE_FIELDS: dict[str, tuple[type, object]] = {
+    "scored": (np.int64, 0),
+    "level": (np.float64, np.nan),
 }
 _SLOT_FIELDS: dict[str, tuple[type, object]] = {
     "used": (np.bool_, False),
@@ -71,7 +81,8 @@ class KeyArena:
     eviction), `stats_row` (the key's row in the codec's statistics table), `partition` (the
     input partition the key's events come from, -1 when unknown), `smoothed`,
     `in_episode`, `below`, `peak` (alerting), and `ring` [slot, window, width] or
-    `h`, `c` [layers, slot, hidden] (the model's memory).
+    `h`, `c` [layers, slot, hidden] (the model's memory). With adaptive thresholds also
+    `scored`, `level` and `recent` [slot, history] (a ring of the latest smoothed scores).
     """
 
     count: np.ndarray
@@ -88,6 +99,9 @@ class KeyArena:
     ring: np.ndarray
     h: np.ndarray
     c: np.ndarray
+    scored: np.ndarray
+    level: np.ndarray
+    recent: np.ndarray
 
     def __init__(self, shape: ArenaShape, max_keys: int) -> None:
         if max_keys < 1:
@@ -105,14 +119,22 @@ class KeyArena:
             layers, hidden = shape.state
             self.h = np.zeros((layers, 0, hidden), np.float32)
             self.c = np.zeros((layers, 0, hidden), np.float32)
+        if shape.history is not None:
+            self.recent = np.zeros((0, shape.history), np.float32)
         self._grow(min(INITIAL_CAPACITY, max_keys))
 
     def __len__(self) -> int:
         return len(self._slots)
 
-    @staticmethod
-    def _scalar_fields() -> dict[str, tuple[type, object]]:
-        return _SEQUENCE_FIELDS | _SCORE_FIELDS | _SLOT_FIELDS
+    def _score_fields(self) -> dict[str, tuple[type, object]]:
+        return _SCORE_FIELDS if self.shape.history is None else _SCORE_FIELDS | _ADAPTIVE_FIELDS
+
+    def _scalar_fields(self) -> dict[str, tuple[type, object]]:
+        return _SEQUENCE_FIELDS | self._score_fields() | _SLOT_FIELDS
+
+    def _snapshot_fields(self) -> tuple[str, ...]:
+        adaptive = () if self.shape.history is None else (*_ADAPTIVE_FIELDS, "recent")
+        return (*_SNAPSHOT_FIELDS, *adaptive)
 
     def nbytes_per_slot(self) -> int:
         """Bytes of array state per slot (the key strings and the key index come on top)."""
@@ -125,6 +147,8 @@ class KeyArena:
         if self.shape.state is not None:
             layers, hidden = self.shape.state
             size += 2 * layers * hidden * 4
+        if self.shape.history is not None:
+            size += self.shape.history * 4
         return size
 
     # -- slots ------------------------------------------------------------------------------
@@ -201,7 +225,7 @@ class KeyArena:
 
     def export(self, slots: np.ndarray) -> dict[str, np.ndarray]:
         """Copies of everything a restarted process needs to continue `slots` exactly."""
-        fields = {name: getattr(self, name)[slots] for name in _SNAPSHOT_FIELDS}
+        fields = {name: getattr(self, name)[slots] for name in self._snapshot_fields()}
         fields["keys"] = self._keys[slots]
         if self.shape.ring is not None:
             fields["ring"] = self.ring[slots]
@@ -222,7 +246,7 @@ class KeyArena:
         self.release(present[present >= 0])
         tick = int(self.last_seen.max(initial=0))
         slots, evicted = self.allocate(keys, tick, statistics_rows)
-        for name in _SNAPSHOT_FIELDS:
+        for name in self._snapshot_fields():
             getattr(self, name)[slots] = fields[name][order]
         if self.shape.ring is not None:
             self.ring[slots] = fields["ring"][order]
@@ -247,8 +271,8 @@ class KeyArena:
             self.c[:, slots] = 0.0
 
     def reset_scores(self, slots: np.ndarray) -> None:
-        """Restart smoothing and the alert episode."""
-        self._fill(slots, _SCORE_FIELDS)
+        """Restart smoothing, the alert episode and the adaptive threshold."""
+        self._fill(slots, self._score_fields())
 
     # -- model memory (gathers with np.take and row copies: several times faster than
     # -- fancy indexing over a middle axis) ------------------------------------------------
@@ -281,6 +305,27 @@ class KeyArena:
         gathered[steps >= lengths[:, None]] = 0.0
         return gathered, lengths
 
+    # -- adaptive thresholds ---------------------------------------------------------------
+
+    def remember_scores(self, slots: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        """Append one smoothed score per slot to its `recent` ring; the slots' new `scored`."""
+        history = self.shape.history
+        scored = self.scored[slots]
+        self.recent.reshape(-1)[slots * history + scored % history] = scores
+        scored += 1
+        self.scored[slots] = scored
+        return scored
+
+    def recent_scores(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Each slot's remembered scores, oldest first [n, history], and which are real (a key
+        with fewer scores than `history` has them at the front)."""
+        history = self.shape.history
+        scored = self.scored[slots]
+        kept = np.minimum(scored, history)
+        steps = np.arange(history)
+        positions = slots[:, None] * history + ((scored - kept)[:, None] + steps) % history
+        return np.take(self.recent.reshape(-1), positions), steps < kept[:, None]
+
     def _fill(self, slots: np.ndarray, fields: dict[str, tuple[type, object]]) -> None:
         for name, (_, fill) in fields.items():
             getattr(self, name)[slots] = fill
@@ -297,4 +342,7 @@ class KeyArena:
             zeros = np.zeros((layers, extra, hidden), np.float32)
             self.h = np.concatenate([self.h, zeros], axis=1)
             self.c = np.concatenate([self.c, zeros], axis=1)
+        if self.shape.history is not None:
+            extra_recent = np.zeros((extra, self.shape.history), np.float32)
+            self.recent = np.concatenate([self.recent, extra_recent])
         self.capacity = capacity

@@ -36,6 +36,7 @@ from detector.features import RecordError, parse_json_record
 from detector.manifest import Manifest
 from detector.records import DeadLetter, InputRecord
 from detector.scorer import Scorer, Scores
+from detector.thresholds import choose_levels
 
 log = structlog.get_logger(__name__)
 
@@ -97,13 +98,15 @@ class Counters:
 
 @dataclass(slots=True)
 class BatchResult:
-    """Per event, in input order: key (None for dead letters), event time and score (NaN when
-    not known or not scored; the smoothed score that alerts compare with the threshold) and
-    `Status` code; plus the batch's alerts, dead letters and counters."""
+    """Per event, in input order: key (None for dead letters), event time, score (NaN when
+    not known or not scored; the smoothed score that alerts compare with the threshold), the
+    threshold it was compared with (NaN when not scored) and `Status` code; plus the batch's
+    alerts, dead letters and counters."""
 
     keys: np.ndarray
     times: np.ndarray
     scores: np.ndarray
+    thresholds: np.ndarray
     statuses: np.ndarray
     alerts: list[Alert] = field(default_factory=list)
     dead_letters: list[DeadLetter] = field(default_factory=list)
@@ -118,6 +121,7 @@ class BatchResult:
             keys=np.concatenate([part.keys for part in parts]),
             times=np.concatenate([part.times for part in parts]),
             scores=np.concatenate([part.scores for part in parts]),
+            thresholds=np.concatenate([part.thresholds for part in parts]),
             statuses=np.concatenate([part.statuses for part in parts]),
             alerts=[alert for part in parts for alert in part.alerts],
             dead_letters=[letter for part in parts for letter in part.dead_letters],
@@ -196,6 +200,7 @@ class Engine:
             keys=np.full(n, None, object),
             times=np.full(n, np.nan),
             scores=np.full(n, np.nan),
+            thresholds=np.full(n, np.nan),
             statuses=np.full(n, Status.DEAD_LETTER, np.int8),
             dead_letters=dead_letters,
             counters=Counters(records=n, dead_letters=len(dead_letters)),
@@ -294,7 +299,7 @@ class _Batch:
             self._apply_windows()
         else:
             self._apply_steps()
-        smoothed, opened, peaks = self._alerting()
+        smoothed, thresholds, opened, peaks = self._alerting()
 
         index = decoded.index
         result = self.result
@@ -302,10 +307,11 @@ class _Batch:
         result.times[index] = decoded.times
         result.statuses[index] = self.status
         result.scores[index] = smoothed
+        result.thresholds[index] = thresholds
         counters.scored += int((self.status == Status.SCORED).sum())
         counters.warming_up += int((self.status == Status.WARMING_UP).sum())
         counters.skipped_by_stride += int((self.status == Status.SKIPPED_BY_STRIDE).sum())
-        result.alerts = self._alerts(np.flatnonzero(opened), smoothed, peaks)
+        result.alerts = self._alerts(np.flatnonzero(opened), smoothed, thresholds, peaks)
         counters.alerts += len(result.alerts)
 
     def _assign_slots(self) -> np.ndarray:
@@ -406,14 +412,15 @@ class _Batch:
         if out.contrib is not None:
             self.contrib[events] = out.contrib[rows]
 
-    def _alerting(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Smoothed scores, episode openings and episode peaks after each event, per event."""
+    def _alerting(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Smoothed scores, thresholds, episode openings and episode peaks, per event."""
         arena, options = self.arena, self.options
         m = self.decoded.index.size
         smoothed = np.full(m, np.nan)
+        thresholds = np.full(m, np.nan)
         opened = np.zeros(m, bool)
         peaks = np.full(m, np.nan)
-        alpha, threshold = self.manifest.scoring.smoothing, self.engine.threshold
+        alpha = self.manifest.scoring.smoothing
         for events in self.rounds:
             restart = self.restart[events]
             if restart.any():
@@ -422,17 +429,35 @@ class _Batch:
             slots = self.slots[events]
             scores = smooth(arena, slots, self.raw_scores[events].astype(np.float64), alpha)
             smoothed[events] = scores
+            thresholds[events] = threshold = self._thresholds(slots, scores)
             opened[events] = advance_episodes(
                 arena, slots, scores, threshold, options.cooldown_events
             )
             peaks[events] = arena.peak[slots]
         return (
             smoothed,
+            thresholds,
             opened,
             _episode_peaks(self.rounds.by_key, self.decoded.key_ids, opened, peaks),
         )
 
-    def _alerts(self, events: np.ndarray, smoothed: np.ndarray, peaks: np.ndarray) -> list[Alert]:
+    def _thresholds(self, slots: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        """Each slot's threshold for its new smoothed score: the static one, or with adaptive
+        thresholds the key's latest re-chosen one when it is higher."""
+        static = self.engine.threshold
+        adaptive = self.manifest.scoring.adaptive
+        if adaptive is None:
+            return np.full(slots.size, static)
+        arena = self.arena
+        scored = arena.remember_scores(slots, scores)
+        due = slots[scored % adaptive.refresh == 0]
+        if due.size:
+            arena.level[due] = choose_levels(*arena.recent_scores(due), prune=adaptive.prune)[0]
+        return np.fmax(arena.level[slots], static)
+
+    def _alerts(
+        self, events: np.ndarray, smoothed: np.ndarray, thresholds: np.ndarray, peaks: np.ndarray
+    ) -> list[Alert]:
         if not events.size:
             return []
         manifest, decoded = self.manifest, self.decoded
@@ -446,7 +471,6 @@ class _Batch:
             explanations = occlusion_effects(
                 self.raw_scores[events], self._occluded(events), [f.name for f in manifest.features]
             )
-        threshold = self.engine.threshold
         alerts = []
         for event, explanation in zip(events.tolist(), explanations, strict=True):
             key = decoded.keys[decoded.key_ids[event]]
@@ -460,7 +484,7 @@ class _Batch:
                     sequence=sequence,
                     score=float(smoothed[event]),
                     peak_score=float(peaks[event]),
-                    threshold=threshold,
+                    threshold=float(thresholds[event]),
                     model_version=manifest.model_version,
                     task=manifest.task,
                     source=self.records[decoded.index[event]].source,
@@ -548,6 +572,10 @@ def incompatibility(old: Manifest, new: Manifest) -> str | None:
         "window": (old.window, new.window),
         "features": (old.features, new.features),
         "per-key statistics": (old.per_key_statistics, new.per_key_statistics),
+        "adaptive threshold history": (
+            ArenaShape.for_manifest(old).history,
+            ArenaShape.for_manifest(new).history,
+        ),
         "network shape": (
             (old.network.layers, old.network.hidden, old.network.bidirectional),
             (new.network.layers, new.network.hidden, new.network.bidirectional),

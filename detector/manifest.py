@@ -113,6 +113,30 @@ class Network(_Strict):
     dropout: float = Field(default=0.0, ge=0, lt=1)
 
 
+class AdaptiveThreshold(_Strict):
+    """Re-choose each key's threshold from its own recent smoothed scores.
+
+    Every `refresh` scored events of a key, the dynamic threshold (`detector.thresholds`)
+    of its last `history` smoothed scores becomes its threshold, never below the static one
+    (`Scoring.threshold`, the floor that keeps quiet keys from alerting on tiny errors).
+    It follows keys whose live errors differ from the training data's (new operating modes,
+    level shifts), as the rolling windows of telemanom do. Costs `history` × 4 bytes per key.
+    """
+
+    #: Smoothed scores remembered per key (telemanom: 30 windows of 70 errors).
+    history: int = Field(default=2100, ge=10, le=100_000)
+    #: Scored events of a key between two re-choices.
+    refresh: int = Field(default=70, ge=1, le=100_000)
+    #: Pruning margin: a peak must exceed the largest score below the threshold by this share.
+    prune: float = Field(default=0.13, ge=0, lt=10)
+
+    @model_validator(mode="after")
+    def _refresh_within_history(self) -> AdaptiveThreshold:
+        if self.refresh > self.history:
+            raise ValueError("refresh must not exceed history (scores between re-choices)")
+        return self
+
+
 class Scoring(_Strict):
     """What a score means and where alerts start."""
 
@@ -123,6 +147,8 @@ class Scoring(_Strict):
     calibration: str
     #: Exponential smoothing of successive scores per key (1.0: no smoothing).
     smoothing: float = Field(default=1.0, gt=0, le=1)
+    #: Per-key thresholds that follow each key's live scores; None: `threshold` for all keys.
+    adaptive: AdaptiveThreshold | None = None
 
 
 class TrainingSummary(_Strict):

@@ -46,13 +46,15 @@ class ReplaySummary:
 @dataclass(frozen=True, slots=True)
 class ReplayResult:
     """Per event, in INPUT order (index i is records[i]): `rows` (= i), `keys` (None for dead
-    letters), `times` (NaN when unreadable), `scores` (NaN when not scored) and `statuses`
-    (`Status` codes); the alerts and dead letters in processing order; and a summary."""
+    letters), `times` (NaN when unreadable), `scores` and the `thresholds` they were compared
+    with (NaN when not scored) and `statuses` (`Status` codes); the alerts and dead letters
+    in processing order; and a summary."""
 
     rows: np.ndarray
     keys: np.ndarray
     times: np.ndarray
     scores: np.ndarray
+    thresholds: np.ndarray
     statuses: np.ndarray
     alerts: list[Alert]
     dead_letters: list[DeadLetter]
@@ -112,6 +114,7 @@ def replay_records(
         keys=result.keys[inverse],
         times=result.times[inverse],
         scores=result.scores[inverse],
+        thresholds=result.thresholds[inverse],
         statuses=result.statuses[inverse],
         alerts=result.alerts,
         dead_letters=result.dead_letters,

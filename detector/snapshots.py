@@ -64,6 +64,8 @@ def fingerprint(manifest: Manifest) -> str:
         "ring": shape.ring,
         "state": shape.state,
     }
+    if shape.history is not None:  # only then: fingerprints of other models stay as they were
+        identity["history"] = shape.history
     return hashlib.sha256(orjson.dumps(identity, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
 
 

@@ -13,7 +13,8 @@ import pyarrow.csv
 import pytest
 import torch
 
-from detector.manifest import load_model_file
+from detector.engine import Status
+from detector.manifest import AdaptiveThreshold, load_model_file
 from trainer.calibrate import (
     CalibrationError,
     calibrate,
@@ -26,6 +27,7 @@ from trainer.calibrate import (
 from trainer.cli import main as trainer_main
 from trainer.config import TrainConfig, load_train_config
 from trainer.data import TRAIN, VALIDATION, Windows, load_events
+from trainer.evaluate import evaluate
 from trainer.fit import History, evaluate_loss, fit, make_loss, predict, seed_everything
 from trainer.metrics import average_precision, roc_auc
 from trainer.network import SequenceNet
@@ -166,6 +168,27 @@ def test_forecaster_scores_injected_spikes_far_above_normal_points(tmp_path) -> 
     assert manifest.scoring.calibration == "quantile=0.99"
     assert manifest.scoring.threshold == pytest.approx(
         np.quantile(result.validation.scores[result.validation.labels == 0], 0.99)
+    )
+
+
+def test_an_adaptive_threshold_goes_from_the_config_through_the_manifest_to_the_engine(
+    tmp_path,
+) -> None:
+    config_text = FORECAST + "\n[threshold.adaptive]\nhistory = 40\nrefresh = 8\n"
+    config, data = write(tmp_path, config_text, sensor_rows())
+    result = train(config, [data], tmp_path / "sensors.onnx", epochs=2, progress=False)
+
+    manifest, _ = load_model_file(result.model_path)
+    assert manifest.scoring.adaptive == AdaptiveThreshold(history=40, refresh=8)
+    evaluation = evaluate(result.model_path, data)
+    replay, static = evaluation.replay, manifest.scoring.threshold
+    scored = replay.statuses == Status.SCORED
+    assert (replay.thresholds[scored] >= static).all()
+    assert (replay.thresholds[scored] > static).any()
+    flagged = replay.scores[scored] >= replay.thresholds[scored]
+    point = evaluation.metrics["point"]
+    assert point["true_positives"] + point["false_positives"] == int(
+        flagged[~np.isnan(evaluation.labels[scored])].sum()
     )
 
 

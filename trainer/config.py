@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from detector import __version__
 from detector.manifest import (
+    AdaptiveThreshold,
     CategoricalFeature,
     Columns,
     Feature,
@@ -179,6 +180,9 @@ class ThresholdConfig(_Section):
     target: float | None = Field(default=None, gt=0, lt=1)
     #: EWMA alpha the detector applies to successive scores of a key (1.0: none).
     smoothing: float = Field(default=1.0, gt=0, le=1)
+    #: Per-key thresholds the detector re-chooses from each key's live scores, with the
+    #: calibrated one as their floor (`[threshold.adaptive]`; absent: one fixed threshold).
+    adaptive: AdaptiveThreshold | None = None
 
     @property
     def resolved_target(self) -> float | None:
@@ -252,6 +256,7 @@ class TrainConfig(_Section):
                 threshold=0.5 if model.task == "classify" else 1.0,
                 calibration="uncalibrated",
                 smoothing=self.threshold.smoothing,
+                adaptive=self.threshold.adaptive,
             ),
             training=TrainingSummary(rows=0, keys=0),
             trainer_version=__version__,

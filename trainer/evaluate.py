@@ -22,10 +22,10 @@ from detector.records import FileFormat, read_records
 from detector.replay import Progress, ReplayResult, replay_records
 from detector.scorer import Scorer
 from trainer.metrics import (
-    at_threshold,
     average_precision,
     key_time_order,
     point_adjusted_counts,
+    point_counts,
     range_counts,
     roc_auc,
 )
@@ -83,7 +83,7 @@ def evaluate(
             "calibration": manifest.scoring.calibration,
         },
         "data": {"file": Path(data_path).name, "label": column},
-        **detection_metrics(replay, labels, threshold),
+        **detection_metrics(replay, labels),
     }
     return Evaluation(manifest, threshold, replay, labels, metrics)
 
@@ -109,9 +109,11 @@ def read_labels(records: Sequence[Mapping[str, Any] | bytes], column: str) -> np
     return labels
 
 
-def detection_metrics(replay: ReplayResult, labels: np.ndarray, threshold: float) -> dict[str, Any]:
+def detection_metrics(replay: ReplayResult, labels: np.ndarray) -> dict[str, Any]:
     """Counts, point-wise, ranking, range-level and point-adjusted metrics of a replay.
 
+    An event is predicted positive when its score reached the threshold the engine compared
+    it with (the static one, or its key's adaptive one).
     Point-wise and ranking metrics use the scored events with a label. Range metrics use
     every labeled event the engine accepted, per key in time order; an event that was not
     scored (warming up, skipped) raised no alert, so it counts as predicted negative.
@@ -122,6 +124,7 @@ def detection_metrics(replay: ReplayResult, labels: np.ndarray, threshold: float
     scored = (statuses == Status.SCORED) & known
     truth = labels[scored] > 0
     points = scores[scored]
+    reached = scores >= replay.thresholds  # False where either is NaN
     counts = {
         "events": summary.events,
         "keys": summary.keys,
@@ -139,11 +142,11 @@ def detection_metrics(replay: ReplayResult, labels: np.ndarray, threshold: float
     accepted = known & (statuses != Status.DEAD_LETTER)
     order, groups = key_time_order(replay.keys[accepted], replay.times[accepted])
     in_order = np.flatnonzero(accepted)[order]
-    flagged = (statuses[in_order] == Status.SCORED) & (scores[in_order] >= threshold)
+    flagged = (statuses[in_order] == Status.SCORED) & reached[in_order]
     labeled = labels[in_order] > 0
     return {
         "counts": counts,
-        "point": at_threshold(truth, points, threshold).to_dict(),
+        "point": point_counts(truth, reached[scored]).to_dict(),
         "auprc": average_precision(truth, points),
         "auroc": roc_auc(truth, points),
         "ranges": range_counts(labeled, flagged, groups).to_dict(),

@@ -139,6 +139,7 @@ def train(
                 threshold=threshold,
                 calibration=description,
                 smoothing=config.threshold.smoothing,
+                adaptive=config.threshold.adaptive,
             ),
             "training": _summary(events, metrics),
             "trainer_version": __version__,

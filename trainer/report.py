@@ -180,11 +180,22 @@ def timeline_figure(evaluation: Evaluation) -> Figure:
         axes.plot(times, replay.scores[events], linewidth=0.8)
         for start, stop in runs(labeled[events]):
             axes.axvspan(times[start], times[stop - 1], color="orange", alpha=0.3, linewidth=0)
-        axes.axhline(evaluation.threshold, color="red", linestyle="--", linewidth=0.8)
+        axes.plot(times, replay.thresholds[events], color="red", linestyle="--", linewidth=0.8)
         if evaluation.manifest.scoring.semantics == "forecast_error":
             axes.set_yscale("log")
         axes.set_title(f"{key}: score (line), labeled (shaded), threshold (dashed)", fontsize=9)
     return figure
+
+
+def _adaptive_lines(manifest: Manifest) -> list[str]:
+    adaptive = manifest.scoring.adaptive
+    if adaptive is None:
+        return []
+    return [
+        f"Each key's threshold is re-chosen every {adaptive.refresh} scored events from its "
+        f"last {adaptive.history} smoothed scores (dynamic threshold, pruning margin "
+        f"{adaptive.prune:g}), never below that one.",
+    ]
 
 
 def model_card(result: TrainResult) -> str:
@@ -209,6 +220,7 @@ def model_card(result: TrainResult) -> str:
         "",
         f"Scores {purpose}. Alerts start at a score of **{manifest.scoring.threshold:.6g}** "
         f"(calibrated on the validation split: {manifest.scoring.calibration}).",
+        *_adaptive_lines(manifest),
         "",
         "## Data",
         f"- Training rows: {summary.rows}, keys: {summary.keys}, "

@@ -81,13 +81,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def write_scores(path: Path, result: ReplayResult) -> None:
-    """row, key, time, score, status: one row per input event, in input order."""
+    """row, key, time, score, threshold, status: one row per input event, in input order."""
     table = pa.table(
         {
             "row": result.rows,
             "key": pa.array(result.keys, pa.string()),
             "time": pa.array(result.times, from_pandas=True),
             "score": pa.array(result.scores, from_pandas=True),
+            "threshold": pa.array(result.thresholds, from_pandas=True),
             "status": pa.array(STATUS_NAMES[result.statuses], pa.string()),
         }
     )

@@ -1,0 +1,202 @@
+"""Adaptive per-key thresholds: the dynamic threshold re-chosen from each key's live scores."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pytest
+from model_factory import event, load_random, make_manifest
+from pydantic import ValidationError
+
+from detector.arena import ArenaShape, KeyArena
+from detector.engine import Engine, EngineOptions, Status
+from detector.manifest import AdaptiveThreshold, Manifest, Scoring
+from detector.records import InputRecord
+from detector.scorer import Scorer
+from detector.snapshots import decode_fields, encode_fields, fingerprint
+from detector.thresholds import CANDIDATE_Z, choose_levels
+from trainer.calibrate import dynamic_threshold
+
+T0 = 1_700_000_000.0
+HISTORY, REFRESH = 12, 4
+
+
+def adaptive_manifest(history: int = HISTORY, refresh: int = REFRESH, **changes) -> Manifest:
+    manifest = make_manifest("forecast", "stateful", window=4, **changes)
+    scoring = manifest.scoring.model_copy(
+        update={"adaptive": AdaptiveThreshold(history=history, refresh=refresh, prune=0.1)}
+    )
+    return manifest.model_copy(update={"scoring": scoring})
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="module")
+def adaptive(folder: Path) -> Scorer:
+    return load_random(folder / "adaptive.onnx", adaptive_manifest(threshold=0.05), seed=3)
+
+
+@pytest.fixture(scope="module")
+def fixed(folder: Path) -> Scorer:
+    """The same network without adaptive thresholds: its scores are the reference's input."""
+    return load_random(folder / "fixed.onnx", make_manifest("forecast", "stateful", window=4), 3)
+
+
+def noisy_stream(keys: int = 3, per_key: int = 45, seed: int = 0) -> list[InputRecord]:
+    """Interleaved keys whose amounts wander at different scales, with rare jumps."""
+    rng = np.random.default_rng(seed)
+    records = []
+    for i in range(per_key):
+        for key in range(keys):
+            scale = 5.0 * (key + 1)
+            jump = 150.0 if rng.random() < 0.05 else 0.0
+            amount = 50.0 + scale * rng.normal() + jump
+            records.append(event(f"k{key}", T0 + 60 * i + key, float(amount), items=key))
+    return [InputRecord(orjson.dumps(record)) for record in records]
+
+
+def run(scorer: Scorer, records: list[InputRecord], size: int) -> tuple[np.ndarray, ...]:
+    """Keys, scores, thresholds and statuses of `records` fed in batches of `size`."""
+    engine = Engine(scorer, EngineOptions(max_batch=64, max_keys=64))
+    parts = [engine.process(records[i : i + size]) for i in range(0, len(records), size)]
+    return tuple(np.concatenate([getattr(p, name) for p in parts]) for name in FIELDS)
+
+
+FIELDS = ("keys", "scores", "thresholds", "statuses")
+
+
+def expected_thresholds(keys: np.ndarray, scores: np.ndarray, statuses: np.ndarray, static):
+    """Per key: every REFRESH-th scored event, the dynamic threshold of its last HISTORY
+    scores (as float32, as the arena keeps them) becomes the key's, floored by `static`."""
+    thresholds = np.full(scores.size, np.nan)
+    for key in np.unique(keys.astype(str)):
+        events = np.flatnonzero((keys == key) & (statuses == Status.SCORED))
+        level = np.nan
+        for n, event_index in enumerate(events.tolist(), start=1):
+            if n % REFRESH == 0:
+                recent = scores[events[max(0, n - HISTORY) : n]].astype(np.float32)[None]
+                level = choose_levels(recent, np.ones(recent.shape, bool), prune=0.1)[0][0]
+            thresholds[event_index] = np.fmax(level, static)
+    return thresholds
+
+
+def test_levels_of_rows_are_those_of_each_row_alone_and_of_the_calibration() -> None:
+    rng = np.random.default_rng(1)
+    values = np.abs(rng.normal(1.0, 0.2, (70, 300)))
+    values[:, 150:156] += rng.uniform(2, 9, (70, 1))  # one burst per row
+    lengths = rng.integers(0, 301, 70)
+    lengths[:3] = [0, 300, 1]
+    valid = np.arange(300) < lengths[:, None]
+    levels, z = choose_levels(values, valid)  # 70 rows: more than one chunk
+    for row in range(70):
+        alone = choose_levels(values[row, : lengths[row]][None], np.ones((1, lengths[row]), bool))
+        np.testing.assert_allclose(levels[row], alone[0][0], rtol=1e-12)
+        if lengths[row] > 1:
+            assert levels[row] == pytest.approx(
+                dynamic_threshold(values[row, : lengths[row]], None)[0]
+            )
+    assert np.isnan(levels[0])  # no scores
+    assert levels[2] == np.nextafter(values[2, 0], np.inf)  # one score: just above it
+    full = values[1]
+    assert full[:150].max() < levels[1] <= full[150:156].min()
+    assert set(z.tolist()) <= set(CANDIDATE_Z.tolist())
+
+
+def test_a_break_starts_a_new_sequence() -> None:
+    """Two bursts that touch count as one sequence, or two across a key boundary: the
+    sequence count in the denominator then prefers a higher threshold."""
+    values = np.full(400, 1.0) + np.random.default_rng(2).normal(0, 0.05, 400)
+    values[200:204] = 6.0
+    values[204:208] = 4.0
+    breaks = np.zeros(400, bool)
+    one = choose_levels(values[None], np.ones((1, 400), bool))[1][0]
+    breaks[204] = True
+    two = choose_levels(values[None], np.ones((1, 400), bool), breaks[None])[1][0]
+    assert one <= two
+
+
+def test_engine_thresholds_equal_the_per_key_reference_however_batches_are_cut(
+    adaptive: Scorer, fixed: Scorer
+) -> None:
+    records = noisy_stream()
+    keys, scores, _, statuses = run(fixed, records, len(records))
+    want = expected_thresholds(keys, scores, statuses, adaptive.manifest.scoring.threshold)
+    assert (want > adaptive.manifest.scoring.threshold).sum() > 20  # the levels do matter
+    for size in (len(records), 7, 1):
+        _, got_scores, thresholds, got_statuses = run(adaptive, records, size)
+        np.testing.assert_array_equal(got_statuses, statuses)
+        np.testing.assert_allclose(got_scores, scores, rtol=1e-6)
+        np.testing.assert_allclose(thresholds, want, rtol=1e-6)
+
+
+def test_alerts_carry_their_keys_threshold_and_noisier_keys_get_higher_ones(
+    adaptive: Scorer,
+) -> None:
+    records = noisy_stream(per_key=60)
+    engine = Engine(adaptive, EngineOptions(max_batch=64, max_keys=64, cooldown_events=0))
+    result = engine.process(records)
+    scored = result.statuses == Status.SCORED
+    assert (result.thresholds[scored] >= adaptive.manifest.scoring.threshold).all()
+    assert np.isnan(result.thresholds[~scored]).all()
+    last = {key: result.thresholds[scored & (result.keys == key)][-1] for key in ("k0", "k2")}
+    assert last["k2"] > last["k0"]
+    assert result.alerts
+    for alert in result.alerts:
+        index = np.flatnonzero((result.keys == alert.key) & (result.times == alert.event_time))[0]
+        assert alert.threshold == result.thresholds[index] <= alert.score
+
+
+def test_adaptive_state_is_exported_and_restored_exactly(adaptive: Scorer) -> None:
+    records = noisy_stream(per_key=50)
+    half = len(records) // 2
+    whole = Engine(adaptive, EngineOptions(max_batch=64, max_keys=64))
+    whole.process(records[:half])
+    moved = Engine(adaptive, EngineOptions(max_batch=64, max_keys=64))
+    arena = whole.arena
+    fields = arena.export(np.flatnonzero(arena.used))
+    assert {"recent", "scored", "level"} <= set(fields)
+    moved.arena.restore(decode_fields(encode_fields(fields)), adaptive.codec.statistics_rows)
+    expected, got = whole.process(records[half:]), moved.process(records[half:])
+    np.testing.assert_array_equal(got.thresholds, expected.thresholds)
+    assert [a.alert_id for a in got.alerts] == [a.alert_id for a in expected.alerts]
+
+
+def test_the_history_costs_four_bytes_a_score_and_only_when_adaptive() -> None:
+    plain = make_manifest("forecast", "stateful", window=4)
+    with_history = adaptive_manifest(history=500)
+    bytes_plain = KeyArena(ArenaShape.for_manifest(plain), 8).nbytes_per_slot()
+    bytes_adaptive = KeyArena(ArenaShape.for_manifest(with_history), 8).nbytes_per_slot()
+    assert bytes_adaptive - bytes_plain == 500 * 4 + 8 + 8  # the ring, `scored` and `level`
+    assert not hasattr(KeyArena(ArenaShape.for_manifest(plain), 8), "recent")
+
+
+def test_snapshots_are_exchanged_only_between_models_of_the_same_history() -> None:
+    plain = make_manifest("forecast", "stateful", window=4)
+    assert fingerprint(adaptive_manifest()) != fingerprint(plain)
+    assert fingerprint(adaptive_manifest(history=24)) != fingerprint(adaptive_manifest())
+    assert fingerprint(adaptive_manifest(refresh=6)) == fingerprint(adaptive_manifest())
+
+
+def test_a_swap_keeps_state_only_for_the_same_history(adaptive: Scorer, folder: Path) -> None:
+    engine = Engine(adaptive, EngineOptions(max_batch=64, max_keys=64))
+    engine.process(noisy_stream(per_key=10))
+    same = load_random(folder / "same.onnx", adaptive_manifest(threshold=0.5), seed=4)
+    assert engine.swap_model(same) is True
+    longer = load_random(folder / "longer.onnx", adaptive_manifest(history=24), seed=4)
+    assert engine.swap_model(longer) is False
+    assert engine.keys == 0 and engine.arena.recent.shape[1] == 24
+
+
+def test_the_manifest_refuses_a_refresh_longer_than_the_history() -> None:
+    with pytest.raises(ValidationError, match="refresh must not exceed history"):
+        AdaptiveThreshold(history=20, refresh=21)
+    document = orjson.loads(adaptive_manifest().to_json())
+    document["scoring"]["adaptive"]["history"] = 5
+    with pytest.raises(ValidationError, match=r"scoring\.adaptive\.history"):
+        Manifest.model_validate(document)
+    assert Scoring.model_fields["adaptive"].default is None
