@@ -172,7 +172,7 @@ def test_forecaster_scores_injected_spikes_far_above_normal_points(tmp_path) -> 
 
 
 def test_an_adaptive_threshold_goes_from_the_config_through_the_manifest_to_the_engine(
-    tmp_path,
+    tmp_path, capsys
 ) -> None:
     config_text = FORECAST + "\n[threshold.adaptive]\nhistory = 40\nrefresh = 8\n"
     config, data = write(tmp_path, config_text, sensor_rows())
@@ -180,6 +180,9 @@ def test_an_adaptive_threshold_goes_from_the_config_through_the_manifest_to_the_
 
     manifest, _ = load_model_file(result.model_path)
     assert manifest.scoring.adaptive == AdaptiveThreshold(history=40, refresh=8)
+    capsys.readouterr()
+    assert trainer_main(["inspect", str(result.model_path)]) == 0
+    assert "every 8 events from the last 40" in " ".join(capsys.readouterr().out.split())
     evaluation = evaluate(result.model_path, data)
     replay, static = evaluation.replay, manifest.scoring.threshold
     scored = replay.statuses == Status.SCORED

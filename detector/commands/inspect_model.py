@@ -69,6 +69,10 @@ def overview(manifest: Manifest, providers: list[str]) -> Table:
         "score": scoring.semantics,
         "threshold": f"{scoring.threshold:.6g} ({scoring.calibration})",
         "smoothing": f"{scoring.smoothing:g}",
+        "adaptive threshold": "-"
+        if scoring.adaptive is None
+        else f"per key, every {scoring.adaptive.refresh} events from the last "
+        f"{scoring.adaptive.history} (prune {scoring.adaptive.prune:g})",
         "per-key statistics": f"{len(manifest.per_key_statistics or {})} keys",
         "trained on": f"{training.rows:,} rows, {training.keys:,} keys",
         "metrics": ", ".join(f"{k}={v:.4g}" for k, v in training.metrics.items()) or "-",
