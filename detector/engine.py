@@ -443,7 +443,8 @@ class _Batch:
 
     def _thresholds(self, slots: np.ndarray, scores: np.ndarray) -> np.ndarray:
         """Each slot's threshold for its new smoothed score: the static one, or with adaptive
-        thresholds the key's latest re-chosen one when it is higher."""
+        thresholds the key's latest re-chosen one when it is higher (infinite while the key
+        warms up)."""
         static = self.engine.threshold
         adaptive = self.manifest.scoring.adaptive
         if adaptive is None:
@@ -453,7 +454,7 @@ class _Batch:
         due = slots[scored % adaptive.refresh == 0]
         if due.size:
             arena.level[due] = choose_levels(*arena.recent_scores(due), prune=adaptive.prune)[0]
-        return np.fmax(arena.level[slots], static)
+        return np.where(scored < adaptive.warm_up, np.inf, np.fmax(arena.level[slots], static))
 
     def _alerts(
         self, events: np.ndarray, smoothed: np.ndarray, thresholds: np.ndarray, peaks: np.ndarray

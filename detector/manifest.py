@@ -118,7 +118,8 @@ class AdaptiveThreshold(_Strict):
 
     Every `refresh` scored events of a key, the dynamic threshold (`detector.thresholds`)
     of its last `history` smoothed scores becomes its threshold, never below the static one
-    (`Scoring.threshold`, the floor that keeps quiet keys from alerting on tiny errors).
+    (`Scoring.threshold`, the floor that keeps quiet keys from alerting on tiny errors);
+    a key alerts only from its `warm_up`-th scored event on.
     It follows keys whose live errors differ from the training data's (new operating modes,
     level shifts), as the rolling windows of telemanom do. Costs `history` × 4 bytes per key.
     """
@@ -129,6 +130,10 @@ class AdaptiveThreshold(_Strict):
     refresh: int = Field(default=70, ge=1, le=100_000)
     #: Pruning margin: a peak must exceed the largest score below the threshold by this share.
     prune: float = Field(default=0.13, ge=0, lt=10)
+    #: Scored events of a key before it may alert: until then its threshold is infinite, since
+    #: a handful of its own scores cannot say what is unusual for it (telemanom judges its
+    #: first window with all of it in hand; a stream cannot look ahead, so it waits).
+    warm_up: int = Field(default=2100, ge=0, le=1_000_000)
 
     @model_validator(mode="after")
     def _refresh_within_history(self) -> AdaptiveThreshold:

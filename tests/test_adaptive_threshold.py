@@ -20,13 +20,17 @@ from detector.thresholds import CANDIDATE_Z, choose_levels
 from trainer.calibrate import dynamic_threshold
 
 T0 = 1_700_000_000.0
-HISTORY, REFRESH = 12, 4
+HISTORY, REFRESH, WARM_UP = 12, 4, 6
 
 
 def adaptive_manifest(history: int = HISTORY, refresh: int = REFRESH, **changes) -> Manifest:
     manifest = make_manifest("forecast", "stateful", window=4, **changes)
     scoring = manifest.scoring.model_copy(
-        update={"adaptive": AdaptiveThreshold(history=history, refresh=refresh, prune=0.1)}
+        update={
+            "adaptive": AdaptiveThreshold(
+                history=history, refresh=refresh, prune=0.1, warm_up=WARM_UP
+            )
+        }
     )
     return manifest.model_copy(update={"scoring": scoring})
 
@@ -72,7 +76,8 @@ FIELDS = ("keys", "scores", "thresholds", "statuses")
 
 def expected_thresholds(keys: np.ndarray, scores: np.ndarray, statuses: np.ndarray, static):
     """Per key: every REFRESH-th scored event, the dynamic threshold of its last HISTORY
-    scores (as float32, as the arena keeps them) becomes the key's, floored by `static`."""
+    scores (as float32, as the arena keeps them) becomes the key's, floored by `static`;
+    infinite before the key's WARM_UP-th scored event."""
     thresholds = np.full(scores.size, np.nan)
     for key in np.unique(keys.astype(str)):
         events = np.flatnonzero((keys == key) & (statuses == Status.SCORED))
@@ -81,7 +86,7 @@ def expected_thresholds(keys: np.ndarray, scores: np.ndarray, statuses: np.ndarr
             if n % REFRESH == 0:
                 recent = scores[events[max(0, n - HISTORY) : n]].astype(np.float32)[None]
                 level = choose_levels(recent, np.ones(recent.shape, bool), prune=0.1)[0][0]
-            thresholds[event_index] = np.fmax(level, static)
+            thresholds[event_index] = np.inf if n < WARM_UP else np.fmax(level, static)
     return thresholds
 
 
@@ -126,7 +131,9 @@ def test_engine_thresholds_equal_the_per_key_reference_however_batches_are_cut(
     records = noisy_stream()
     keys, scores, _, statuses = run(fixed, records, len(records))
     want = expected_thresholds(keys, scores, statuses, adaptive.manifest.scoring.threshold)
-    assert (want > adaptive.manifest.scoring.threshold).sum() > 20  # the levels do matter
+    finite = np.isfinite(want)
+    assert (want[finite] > adaptive.manifest.scoring.threshold).sum() > 20  # levels matter
+    assert (~finite & (statuses == Status.SCORED)).sum() == 3 * (WARM_UP - 1)
     for size in (len(records), 7, 1):
         _, got_scores, thresholds, got_statuses = run(adaptive, records, size)
         np.testing.assert_array_equal(got_statuses, statuses)
@@ -142,6 +149,9 @@ def test_alerts_carry_their_keys_threshold_and_noisier_keys_get_higher_ones(
     result = engine.process(records)
     scored = result.statuses == Status.SCORED
     assert (result.thresholds[scored] >= adaptive.manifest.scoring.threshold).all()
+    assert all(
+        alert.sequence - adaptive.manifest.min_history + 1 >= WARM_UP for alert in result.alerts
+    )
     assert np.isnan(result.thresholds[~scored]).all()
     last = {key: result.thresholds[scored & (result.keys == key)][-1] for key in ("k0", "k2")}
     assert last["k2"] > last["k0"]
