@@ -94,7 +94,11 @@ def summary_table(evaluation: Evaluation) -> Table:
             f"{counts['scored']} / {counts['warming_up']} / {counts['dead_letters']}",
         ),
         ("labeled positives (scored)", f"{counts['positives']} ({counts['scored_positives']})"),
-        ("threshold", f"{evaluation.threshold:.6g}"),
+        (
+            "threshold",
+            f"{evaluation.threshold:.6g}"
+            + (" (floor of per-key adaptive ones)" if evaluation.manifest.scoring.adaptive else ""),
+        ),
         ("precision / recall / F1", _triple(metrics["point"])),
         ("AUPRC / AUROC", f"{metrics['auprc']:.3f} / {metrics['auroc']:.3f}"),
         ("range precision / recall / F1", _triple(metrics["ranges"])),
