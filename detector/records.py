@@ -12,7 +12,7 @@ import base64
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import orjson
 import pyarrow as pa
@@ -60,6 +60,23 @@ class InputRecord:
     source: Source | None = None
 
 
+class PolledRecord(NamedTuple):
+    """A Kafka message as the engine reads it: what an `InputRecord` offers (payload, key,
+    source), as a tuple that `detector.restore.input_records` makes for a whole poll without
+    a Python call per record. The `Source` is made only when asked for: by an alert or a
+    dead letter, a few records of a batch."""
+
+    payload: bytes
+    key: str | None
+    topic: str
+    partition: int
+    offset: int
+
+    @property
+    def source(self) -> Source:
+        return Source(self.topic, self.partition, self.offset)
+
+
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
     """A record that could not be scored: its original bytes and a machine-readable reason."""
@@ -70,7 +87,7 @@ class DeadLetter:
     source: Source | None = None
 
     @classmethod
-    def of(cls, record: InputRecord, reason: str, detail: str) -> DeadLetter:
+    def of(cls, record: InputRecord | PolledRecord, reason: str, detail: str) -> DeadLetter:
         return cls(payload_bytes(record.payload), reason, detail, record.source)
 
     def to_dict(self) -> dict[str, Any]:
