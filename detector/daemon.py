@@ -3,13 +3,17 @@
 One thread does the Kafka work. Each round it takes a new model if the watcher has one ready,
 restores the key state of newly assigned partitions (`detector.restore`), collects records
 until `batching.max_batch` or `batching.max_latency_ms`, hands their raw bytes to the engine,
-and publishes the alerts and dead letters. Under `at_least_once` it waits until the broker
-acknowledged every one of them and then commits the offsets they cover: nothing is committed
-that is not acknowledged, so a crash or an outage at any point repeats work (alerts with the
-same `alert_id`) but loses none. Under `exactly_once` the outputs, the offsets and any state
-snapshot of a batch are one Kafka transaction: a crash aborts the batch, the restarted
-instance restores the state the transaction left, and read_committed consumers see each
-alert once. Every `processing.snapshot_interval_s`, at revocation and at shutdown, each
+and publishes the alerts and dead letters. Under `at_least_once` the round does not wait for
+their acknowledgement: it stays in flight (`detector.inflight`) while the next rounds poll and
+score, and the offsets it covers are committed (asynchronously) once the broker acknowledged
+every output of it and of the rounds before it. Nothing is committed that is not
+acknowledged, so a crash or an outage at any point repeats work (alerts with the same
+`alert_id`) but loses none; a revocation, a snapshot and the shutdown wait for everything in
+flight, and the shutdown commits synchronously. Under `exactly_once` the outputs, the
+offsets and any state snapshot of a batch are one Kafka transaction, committed before the
+next round (a transaction must end before the next begins): a crash aborts the batch, the
+restarted instance restores the state the transaction left, and read_committed consumers
+see each alert once. Every `processing.snapshot_interval_s`, at revocation and at shutdown, each
 partition's key state goes to the compacted state topic (`detector.snapshots`).
 
 kafka-python 3 runs the consumer's network I/O, and the rebalance listener, on its own
@@ -24,7 +28,7 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import orjson
@@ -38,6 +42,7 @@ from kafka.structs import OffsetAndMetadata
 from detector.alerts import Alert
 from detector.config import Settings
 from detector.engine import Counters, Engine, EngineOptions
+from detector.inflight import InFlight, Outgoing
 from detector.kafka_io import (
     TopicError,
     ensure_topics,
@@ -50,7 +55,7 @@ from detector.logs import bind_model_version
 from detector.manifest import ModelContractError
 from detector.model_watch import ModelWatcher, load_scorer
 from detector.ops_http import Health, OpsServer
-from detector.records import DeadLetter, InputRecord, Source
+from detector.records import DeadLetter, PolledRecord, Source
 from detector.restore import RestoreError, input_records, process_tagged, restore_partition
 from detector.scorer import Scorer
 from detector.snapshots import fingerprint, snapshot_messages
@@ -65,6 +70,9 @@ log = structlog.get_logger(__name__)
 IDLE_POLL_MS = 200
 #: One wait for acknowledgements; the wait is repeated until they come (or shutdown ends).
 FLUSH_STEP_S = 1.0
+#: Rounds whose outputs may wait for acknowledgement while the next rounds are polled and
+#: scored; beyond it the loop waits. Bounds how far the commit lags, e.g. in an outage.
+MAX_ROUNDS_IN_FLIGHT = 4
 COMMIT_TIMEOUT_MS = 5_000
 PROBE_INTERVAL_S = 2.0
 PROBE_TIMEOUT_MS = 2_000
@@ -85,17 +93,6 @@ def engine_options(settings: Settings) -> EngineOptions:
         cooldown_events=settings.scoring.cooldown_events,
         max_record_bytes=settings.scoring.max_record_bytes,
     )
-
-
-class Outgoing(NamedTuple):
-    """One message to publish: an alert or a dead letter."""
-
-    topic: str
-    key: bytes | None
-    value: bytes
-    headers: list[tuple[str, bytes]]
-    alert: Alert | None = None
-    partition: int | None = None
 
 
 def alert_message(topic: str, alert: Alert) -> Outgoing:
@@ -128,7 +125,7 @@ class InHand:
     """Records polled but not processed, and offsets processed and acknowledged but not
     committed: together, what a revocation or a shutdown must settle."""
 
-    records: list[InputRecord] = field(default_factory=list)
+    records: list[PolledRecord] = field(default_factory=list)
     polled: dict[TopicPartition, int] = field(default_factory=dict)  # next offset
     acked: dict[TopicPartition, int] = field(default_factory=dict)
     runs: list[tuple[int, int]] = field(default_factory=list)  # (partition, records) in order
@@ -145,7 +142,7 @@ class InHand:
         numbers, sizes = zip(*self.runs, strict=True) if self.runs else ((), ())
         return np.repeat(np.array(numbers, np.int32), np.array(sizes, np.intp))
 
-    def take(self) -> tuple[list[InputRecord], np.ndarray, dict[TopicPartition, int]]:
+    def take(self) -> tuple[list[PolledRecord], np.ndarray, dict[TopicPartition, int]]:
         """The records in hand with their partitions and next offsets; the hand is emptied."""
         taken = self.records, self.partitions(), self.polled
         self.records, self.runs, self.polled = [], [], {}
@@ -157,14 +154,12 @@ class InHand:
         self.records = [
             record
             for record in self.records
-            if record.source is None
-            or TopicPartition(record.source.topic, record.source.partition) not in lost
+            if TopicPartition(record.topic, record.partition) not in lost
         ]
         for offsets in (self.polled, self.acked):
             for partition in lost:
                 offsets.pop(partition, None)
-        numbers = [record.source.partition for record in self.records if record.source]
-        self.runs = [(number, 1) for number in numbers]
+        self.runs = [(record.partition, 1) for record in self.records]
 
 
 class Backoff:
@@ -196,6 +191,7 @@ class Daemon:
         self.consumer: KafkaConsumer | None = None
         self.producer: KafkaProducer | None = None
         self.in_hand = InHand()
+        self.in_flight = InFlight(self._send)
         self.totals = Counters()
         self._stop = threading.Event()
         self._stop_by: float | None = None
@@ -215,7 +211,11 @@ class Daemon:
         self._rejoin_after_s = 2 * settings.kafka.session_timeout_ms / 1000
         self._commit_backoff = Backoff()
         self._poll_backoff = Backoff()
+        self._resend_backoff = Backoff()
+        self._next_resend = 0.0
         self._next_commit = 0.0
+        #: The offsets of the asynchronous commit under way, if any.
+        self._committing: dict[TopicPartition, int] | None = None
         self._next_probe = 0.0
         self._next_status = 0.0
         self._next_watchdog = 0.0
@@ -355,6 +355,7 @@ class Daemon:
         if self.consumer is not None:
             if self.in_hand.records:
                 clean = self._settle_records()
+            clean = self._drain() and clean
             clean = self._commit_until_done() and clean
             if clean and not self._fenced:
                 clean = self._save_state(set(self._applied) - self._restoring)
@@ -394,9 +395,10 @@ class Daemon:
             self._poll_backoff.reset()
         if self.in_hand.records and not self._stop.is_set():
             self._settle_records()
-        self._try_commit()
-        if not self._exactly_once and self._snapshot_due() and not self.in_hand.acked:
-            self._save_state(set(self._applied) - self._restoring)
+        if not self._exactly_once:
+            self._settle_in_flight()
+            if self._snapshot_due():
+                self._save_state(set(self._applied) - self._restoring)
         self._probe()
 
     def _collect(self) -> None:
@@ -425,7 +427,8 @@ class Daemon:
 
     def _settle_records(self) -> bool:
         """Score the records in hand and publish the results; their offsets become committable
-        once every alert and dead letter is acknowledged. False if that did not happen."""
+        once every alert and dead letter is acknowledged (at_least_once: later, the round is
+        in flight meanwhile). False if the exactly_once transaction failed."""
         assert self.engine is not None
         records, partitions, polled = self.in_hand.take()
         started = time.perf_counter()
@@ -441,9 +444,7 @@ class Daemon:
             if self._snapshot_due():
                 outgoing += self._snapshot(set(self._applied) - self._restoring)
             return self._transact(outgoing, polled)
-        if not self._publish(outgoing):
-            return False
-        self.in_hand.acked.update(polled)
+        self.in_flight.add(outgoing, polled)
         return True
 
     # -- key state ---------------------------------------------------------------------------
@@ -480,8 +481,13 @@ class Daemon:
         exactly_once); False if that did not happen."""
         if not partitions:
             return True
-        outgoing = self._snapshot(partitions)
-        saved = self._transact(outgoing, {}) if self._exactly_once else self._publish(outgoing)
+        if self._exactly_once:
+            saved = self._transact(self._snapshot(partitions), {})
+        else:
+            # A snapshot valid at offset S may be written only once every output of the
+            # records before S is acknowledged: a restore resumes at S when S is ahead of
+            # the commit.
+            saved = self._drain() and self._publish(self._snapshot(partitions))
         if saved:
             log.info("key state saved", partitions=_names(partitions))
         return saved
@@ -600,34 +606,57 @@ class Daemon:
         self._restoring_changed()
 
     def _publish(self, outgoing: list[Outgoing]) -> bool:
-        """Send and wait for every acknowledgement, sending again what failed; False only when
-        the shutdown budget ran out first."""
+        """Send and wait for every acknowledgement (and those of the rounds in flight),
+        sending again what failed; False only when the shutdown budget ran out first."""
+        self.in_flight.add(outgoing, {})
+        return self._drain()
+
+    def _settle_in_flight(self) -> None:
+        """Between rounds: take what is acknowledged, wait only when too many rounds are in
+        flight, and commit what became committable (asynchronously)."""
+        self._release()
+        if len(self.in_flight) > MAX_ROUNDS_IN_FLIGHT:
+            self._drain(MAX_ROUNDS_IN_FLIGHT)
+        self._try_commit()
+
+    def _drain(self, limit: int = 0) -> bool:
+        """Wait until at most `limit` rounds are in flight, sending again what failed; False
+        only when the shutdown budget ran out first."""
         assert self.producer is not None
-        backoff = Backoff()
-        pending = outgoing
-        while pending:
-            futures = [self._send(message) for message in pending]
-            while not all(future.is_done for future in futures):
-                if self._out_of_time():
-                    return False
-                self._tick()
+        while self._release() > limit:
+            if self._out_of_time():
+                return False
+            self._tick()
+            if self.in_flight.pending():
                 try:
                     self.producer.flush(timeout=FLUSH_STEP_S)
                 except KafkaError:
                     self.health.broker_reachable = False
-            acked = [m for m, f in zip(pending, futures, strict=True) if f.succeeded()]
-            now = time.time()
-            self.metrics.observe_alerts(now - m.alert.event_time for m in acked if m.alert)
-            pending = [m for m, f in zip(pending, futures, strict=True) if f.failed()]
-            if pending:
-                errors = {str(f.exception) for f in futures if f.failed()}
-                log.warning("publishing failed; sending again", count=len(pending), errors=errors)
-                self.metrics.publish_retries.inc(len(pending))
-                self.health.broker_reachable = False
-                if self._out_of_time():
-                    return False
-                time.sleep(backoff.next())
+            else:  # every send answered, some failed: wait for the next attempt
+                time.sleep(min(FLUSH_STEP_S, max(0.0, self._next_resend - time.monotonic())))
         return True
+
+    def _release(self) -> int:
+        """Make the offsets of acknowledged rounds committable and send failures again when
+        their back-off is over; the rounds still in flight."""
+        offsets, acknowledged = self.in_flight.release()
+        if offsets or acknowledged:
+            self.in_hand.acked.update(offsets)
+            now = time.time()
+            self.metrics.observe_alerts(now - m.alert.event_time for m in acknowledged if m.alert)
+        if (errors := self.in_flight.failures()) and time.monotonic() >= self._next_resend:
+            count = self.in_flight.resend()
+            log.warning(
+                "publishing failed; sending again",
+                count=count,
+                errors=sorted({str(error) for error in errors}),
+            )
+            self.metrics.publish_retries.inc(count)
+            self.health.broker_reachable = False
+            self._next_resend = time.monotonic() + self._resend_backoff.next()
+        elif not errors:
+            self._resend_backoff.reset()
+        return len(self.in_flight)
 
     def _send(self, message: Outgoing) -> Future:
         assert self.producer is not None
@@ -645,9 +674,37 @@ class Daemon:
     # -- commits ---------------------------------------------------------------------------
 
     def _try_commit(self) -> None:
-        """Commit the acknowledged offsets now, unless a failed commit is still backing off."""
-        if self.in_hand.acked and time.monotonic() >= self._next_commit:
-            self._commit_once()
+        """Commit the acknowledged offsets asynchronously: the request goes out while the next
+        round polls, and its outcome comes back through `_committed` in a later poll. One
+        commit at a time, none while a failed one backs off."""
+        acked = self.in_hand.acked
+        if not acked or self._committing is not None or time.monotonic() < self._next_commit:
+            return
+        assert self.consumer is not None
+        self._committing = dict(acked)
+        try:
+            self.consumer.commit_async(self._offsets(), callback=self._committed)
+        except KafkaError as error:
+            self._committed({}, error)
+
+    def _committed(self, offsets: object, outcome: Exception | None) -> None:
+        """The outcome of an asynchronous commit: forget what it committed (unless acknowledged
+        further meanwhile), or back off and commit again later."""
+        committing, self._committing = self._committing or {}, None
+        if isinstance(outcome, Exception):
+            self.metrics.commit_failures.inc()
+            if not isinstance(outcome, CommitFailedError):  # that one: a rebalance
+                self.health.broker_reachable = False
+            delay = self._commit_backoff.next()
+            self._next_commit = time.monotonic() + delay
+            log.warning("commit failed; retrying", error=str(outcome), retry_in_s=delay)
+            return
+        acked = self.in_hand.acked
+        for tp, offset in committing.items():
+            if acked.get(tp) == offset:
+                del acked[tp]
+        self._commit_backoff.reset()
+        self.health.broker_reachable = True
 
     def _commit_until_done(self) -> bool:
         """At shutdown: retry the commit until it succeeds or the budget is spent."""
@@ -752,12 +809,14 @@ class Daemon:
     def partitions_revoked(
         self, revoked: set[TopicPartition]
     ) -> dict[TopicPartition, OffsetAndMetadata]:
-        """Settle what is in hand and save the revoked partitions' key state; the offsets to
-        commit before the partitions go."""
-        if self.in_hand.records:
-            records = len(self.in_hand.records)
-            if self._settle_records():
-                log.info("settled the records in hand before a revocation", records=records)
+        """Settle what is in hand and in flight, and save the revoked partitions' key state;
+        the offsets to commit before the partitions go."""
+        records = len(self.in_hand.records)
+        settled = self._settle_records() if records else True
+        if not self._exactly_once:
+            settled = self._drain() and settled
+        if records and settled:
+            log.info("settled the records in hand before a revocation", records=records)
         if not self._fenced:
             self._save_state(revoked & set(self._applied) - self._restoring)
         self._forget(revoked)
@@ -807,6 +866,7 @@ class Daemon:
     def partitions_lost(self, partitions: set[TopicPartition]) -> None:
         self.rebalance_started()
         self.in_hand.drop(partitions)
+        self.in_flight.drop(partitions)
         self._forget(partitions)
         self.metrics.forget_partitions(partitions)
         assert self.consumer is not None

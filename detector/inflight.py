@@ -1,0 +1,110 @@
+"""Outputs sent but not yet acknowledged, round by round, and the input offsets they hold back.
+
+Under `at_least_once` the daemon does not wait for a round's acknowledgements before it polls
+and scores the next round: the wait (`acks=all`, 10 to 15 ms on a local broker) would leave
+the consumer idle. Each round's alerts and dead letters are sent and kept here with the
+offsets the round covers. Rounds are released oldest first and only once every output of the
+round is acknowledged, so an offset becomes committable only when everything caused by the
+records before it is acknowledged: one failed send holds back its round and every later one.
+Failed messages are sent again (same alert ids) until they are acknowledged.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from kafka import TopicPartition
+from kafka.future import Future
+
+from detector.alerts import Alert
+
+__all__ = ["InFlight", "Outgoing", "Round"]
+
+
+class Outgoing(NamedTuple):
+    """One message to publish: an alert, a dead letter or a piece of a state snapshot."""
+
+    topic: str
+    key: bytes | None
+    value: bytes
+    headers: list[tuple[str, bytes]]
+    alert: Alert | None = None
+    partition: int | None = None
+
+
+@dataclass(slots=True)
+class Round:
+    """The outputs of one round, their sends, and the offsets that become committable (the
+    next offset of each partition the round read) once all of them are acknowledged."""
+
+    messages: list[Outgoing]
+    futures: list[Future]
+    offsets: dict[TopicPartition, int]
+
+    def done(self) -> bool:
+        return all(future.is_done for future in self.futures)
+
+    def acknowledged(self) -> bool:
+        return all(future.is_done and future.succeeded() for future in self.futures)
+
+    def failed(self) -> list[int]:
+        """Positions of the messages whose send failed, once every send has an outcome."""
+        if not self.done():
+            return []
+        return [i for i, future in enumerate(self.futures) if future.failed()]
+
+
+class InFlight:
+    """The rounds whose outputs are not all acknowledged yet, oldest first."""
+
+    def __init__(self, send: Callable[[Outgoing], Future]) -> None:
+        self._send = send
+        self._rounds: deque[Round] = deque()
+
+    def __len__(self) -> int:
+        return len(self._rounds)
+
+    def __iter__(self) -> Iterator[Round]:
+        return iter(self._rounds)
+
+    def add(self, messages: list[Outgoing], offsets: dict[TopicPartition, int]) -> None:
+        """Send a round's outputs; its offsets wait for their acknowledgement."""
+        self._rounds.append(Round(messages, [self._send(m) for m in messages], dict(offsets)))
+
+    def pending(self) -> bool:
+        """Whether some send still waits for the broker's answer."""
+        return any(not future.is_done for r in self._rounds for future in r.futures)
+
+    def release(self) -> tuple[dict[TopicPartition, int], list[Outgoing]]:
+        """Take the acknowledged rounds off the front: the offsets they make committable and
+        the messages acknowledged. A round not acknowledged stops it, whatever follows."""
+        offsets: dict[TopicPartition, int] = {}
+        acknowledged: list[Outgoing] = []
+        while self._rounds and self._rounds[0].acknowledged():
+            done = self._rounds.popleft()
+            offsets.update(done.offsets)
+            acknowledged += done.messages
+        return offsets, acknowledged
+
+    def failures(self) -> list[Exception]:
+        """The errors of the sends that failed (in rounds whose every send has an outcome)."""
+        return [r.futures[i].exception for r in self._rounds for i in r.failed()]
+
+    def resend(self) -> int:
+        """Send the failed messages again; how many."""
+        count = 0
+        for waiting in self._rounds:
+            for i in waiting.failed():
+                waiting.futures[i] = self._send(waiting.messages[i])
+                count += 1
+        return count
+
+    def drop(self, partitions: Iterable[TopicPartition]) -> None:
+        """Offsets of lost partitions are not ours to commit; their outputs still go out."""
+        lost = set(partitions)
+        for waiting in self._rounds:
+            for partition in lost & waiting.offsets.keys():
+                del waiting.offsets[partition]
