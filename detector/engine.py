@@ -454,7 +454,11 @@ class _Batch:
         due = slots[scored % adaptive.refresh == 0]
         if due.size:
             arena.level[due] = choose_levels(*arena.recent_scores(due), prune=adaptive.prune)[0]
-        return np.where(scored < adaptive.warm_up, np.inf, np.fmax(arena.level[slots], static))
+        level = arena.level[slots]
+        chosen = np.fmax(level, static) if adaptive.floor == "calibrated" else level
+        return np.where(
+            scored < adaptive.warm_up, np.inf, np.where(np.isnan(level), static, chosen)
+        )
 
     def _alerts(
         self, events: np.ndarray, smoothed: np.ndarray, thresholds: np.ndarray, peaks: np.ndarray

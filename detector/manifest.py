@@ -117,9 +117,9 @@ class AdaptiveThreshold(_Strict):
     """Re-choose each key's threshold from its own recent smoothed scores.
 
     Every `refresh` scored events of a key, the dynamic threshold (`detector.thresholds`)
-    of its last `history` smoothed scores becomes its threshold, never below the static one
-    (`Scoring.threshold`, the floor that keeps quiet keys from alerting on tiny errors);
-    a key alerts only from its `warm_up`-th scored event on.
+    of its last `history` smoothed scores becomes its threshold, by default never below the
+    static one (`Scoring.threshold`, the floor that keeps quiet keys from alerting on tiny
+    errors); a key alerts only from its `warm_up`-th scored event on.
     It follows keys whose live errors differ from the training data's (new operating modes,
     level shifts), as the rolling windows of telemanom do. Costs `history` × 4 bytes per key.
     """
@@ -130,6 +130,10 @@ class AdaptiveThreshold(_Strict):
     refresh: int = Field(default=70, ge=1, le=100_000)
     #: Pruning margin: a peak must exceed the largest score below the threshold by this share.
     prune: float = Field(default=0.13, ge=0, lt=10)
+    #: calibrated: `Scoring.threshold` bounds every key's threshold from below (a model of
+    #: alike keys); none: a key's threshold is its own alone once chosen (a model shared by
+    #: unlike keys, whose pooled calibration suits none of them).
+    floor: Literal["calibrated", "none"] = "calibrated"
     #: Scored events of a key before it may alert: until then its threshold is infinite, since
     #: a handful of its own scores cannot say what is unusual for it (telemanom judges its
     #: first window with all of it in hand; a stream cannot look ahead, so it waits).

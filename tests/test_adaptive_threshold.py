@@ -23,12 +23,14 @@ T0 = 1_700_000_000.0
 HISTORY, REFRESH, WARM_UP = 12, 4, 6
 
 
-def adaptive_manifest(history: int = HISTORY, refresh: int = REFRESH, **changes) -> Manifest:
+def adaptive_manifest(
+    history: int = HISTORY, refresh: int = REFRESH, floor: str = "calibrated", **changes
+) -> Manifest:
     manifest = make_manifest("forecast", "stateful", window=4, **changes)
     scoring = manifest.scoring.model_copy(
         update={
             "adaptive": AdaptiveThreshold(
-                history=history, refresh=refresh, prune=0.1, warm_up=WARM_UP
+                history=history, refresh=refresh, prune=0.1, warm_up=WARM_UP, floor=floor
             )
         }
     )
@@ -74,10 +76,12 @@ def run(scorer: Scorer, records: list[InputRecord], size: int) -> tuple[np.ndarr
 FIELDS = ("keys", "scores", "thresholds", "statuses")
 
 
-def expected_thresholds(keys: np.ndarray, scores: np.ndarray, statuses: np.ndarray, static):
+def expected_thresholds(
+    keys: np.ndarray, scores: np.ndarray, statuses: np.ndarray, static: float, floor: bool = True
+) -> np.ndarray:
     """Per key: every REFRESH-th scored event, the dynamic threshold of its last HISTORY
-    scores (as float32, as the arena keeps them) becomes the key's, floored by `static`;
-    infinite before the key's WARM_UP-th scored event."""
+    scores (as float32, as the arena keeps them) becomes the key's, floored by `static` if
+    `floor` (`static` before the first one); infinite before the key's WARM_UP-th event."""
     thresholds = np.full(scores.size, np.nan)
     for key in np.unique(keys.astype(str)):
         events = np.flatnonzero((keys == key) & (statuses == Status.SCORED))
@@ -86,7 +90,8 @@ def expected_thresholds(keys: np.ndarray, scores: np.ndarray, statuses: np.ndarr
             if n % REFRESH == 0:
                 recent = scores[events[max(0, n - HISTORY) : n]].astype(np.float32)[None]
                 level = choose_levels(recent, np.ones(recent.shape, bool), prune=0.1)[0][0]
-            thresholds[event_index] = np.inf if n < WARM_UP else np.fmax(level, static)
+            chosen = static if np.isnan(level) else max(level, static) if floor else level
+            thresholds[event_index] = np.inf if n < WARM_UP else chosen
     return thresholds
 
 
@@ -139,6 +144,16 @@ def test_engine_thresholds_equal_the_per_key_reference_however_batches_are_cut(
         np.testing.assert_array_equal(got_statuses, statuses)
         np.testing.assert_allclose(got_scores, scores, rtol=1e-6)
         np.testing.assert_allclose(thresholds, want, rtol=1e-6)
+
+
+def test_without_a_floor_a_keys_threshold_is_its_own_alone(fixed: Scorer, folder: Path) -> None:
+    manifest = adaptive_manifest(floor="none", threshold=1e6)
+    unfloored = load_random(folder / "unfloored.onnx", manifest, seed=3)
+    records = noisy_stream()
+    keys, scores, _, statuses = run(fixed, records, len(records))
+    want = expected_thresholds(keys, scores, statuses, 1e6, floor=False)
+    assert (want < 1e6).sum() > 20
+    np.testing.assert_allclose(run(unfloored, records, 5)[2], want, rtol=1e-6)
 
 
 def test_alerts_carry_their_keys_threshold_and_noisier_keys_get_higher_ones(

@@ -72,7 +72,8 @@ def overview(manifest: Manifest, providers: list[str]) -> Table:
         "adaptive threshold": "-"
         if scoring.adaptive is None
         else f"per key, every {scoring.adaptive.refresh} events from the last "
-        f"{scoring.adaptive.history} (prune {scoring.adaptive.prune:g})",
+        f"{scoring.adaptive.history} (prune {scoring.adaptive.prune:g}, floor "
+        f"{scoring.adaptive.floor}, warm-up {scoring.adaptive.warm_up})",
         "per-key statistics": f"{len(manifest.per_key_statistics or {})} keys",
         "trained on": f"{training.rows:,} rows, {training.keys:,} keys",
         "metrics": ", ".join(f"{k}={v:.4g}" for k, v in training.metrics.items()) or "-",
