@@ -5,7 +5,7 @@
 Each channel's train part trains a forecast model with the trainer (`bench/configs/smap.toml`,
 one model per channel; `smap_shared.toml`, one model for all channels with per-channel
 z-scores); each channel's test part is replayed through the detector's engine, whose alert
-episodes (threshold from the manifest, `--cooldown` events to close) are the predicted
+episodes (thresholds as the manifest says, `--cooldown` events to close) are the predicted
 anomalous sequences. A labeled sequence is caught when an episode overlaps it; an episode
 that overlaps no label is one false positive. Point-wise F1 compares each scored event with
 its label, without point adjustment. Published (telemanom, SMAP): precision and recall 85.5 %.
@@ -248,7 +248,7 @@ def _channel_result(evaluation: Evaluation, label: Label, cooldown: int) -> Chan
     rows = np.flatnonzero(replay.keys == label.channel)
     rows = rows[np.argsort(replay.times[rows], kind="stable")]
     scored = replay.statuses[rows] == Status.SCORED
-    above = scored & (replay.scores[rows] >= evaluation.threshold)
+    above = scored & (replay.scores[rows] >= replay.thresholds[rows])
     episodes = episode_flags(above, None, cooldown)
     truth = np.zeros(rows.size, bool)
     for start, end in label.sequences:
