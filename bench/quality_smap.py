@@ -79,6 +79,13 @@ def main() -> None:
     parser.add_argument("--mode", choices=["per_channel", "shared", "both"], default="both")
     parser.add_argument("--cooldown", type=int, default=100, help="engine cooldown_events")
     parser.add_argument("--epochs", type=int, help="override the configured epochs")
+    for mode, path in CONFIGS.items():
+        parser.add_argument(
+            f"--{mode.replace('_', '-')}-config",
+            type=Path,
+            default=path,
+            help=f"training configuration of the {mode.replace('_', ' ')} model(s)",
+        )
     parser.add_argument(
         "--jobs", type=int, default=1, help="models trained at once (one torch thread each)"
     )
@@ -102,7 +109,7 @@ def main() -> None:
         "cooldown_events": args.cooldown,
     }
     tasks = [
-        Task(mode, group, root, events, labels, options, args.work, args.epochs)
+        Task(mode, getattr(args, f"{mode}_config"), group, root, events, labels, options, args)
         for mode in modes
         for group in ([channels] if mode == "shared" else [[c] for c in channels])
     ]
@@ -185,6 +192,7 @@ class Task:
     """One model to train and replay: a channel's own, or the shared one of all channels."""
 
     mode: str
+    config: Path
     group: list[str]
     root: Path
     events: Path
@@ -219,7 +227,7 @@ def _train_and_replay(task: Task) -> Outcome:
     console.print(f"[bold]{task.mode}[/] {name}: training")
     clock = time.perf_counter()
     train(
-        load_train_config(CONFIGS[task.mode]),
+        load_train_config(task.config),
         [train_path],
         model,
         epochs=task.epochs,
