@@ -109,7 +109,17 @@ def main() -> None:
         "cooldown_events": args.cooldown,
     }
     tasks = [
-        Task(mode, getattr(args, f"{mode}_config"), group, root, events, labels, options, args)
+        Task(
+            mode,
+            getattr(args, f"{mode}_config"),
+            group,
+            root,
+            events,
+            labels,
+            options,
+            args.work,
+            args.epochs,
+        )
         for mode in modes
         for group in ([channels] if mode == "shared" else [[c] for c in channels])
     ]
