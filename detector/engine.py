@@ -443,8 +443,8 @@ class _Batch:
 
     def _thresholds(self, slots: np.ndarray, scores: np.ndarray) -> np.ndarray:
         """Each slot's threshold for its new smoothed score: the static one, or with adaptive
-        thresholds the key's latest re-chosen one when it is higher (infinite while the key
-        warms up)."""
+        thresholds the key's latest re-chosen one (at least the static one unless the floor
+        is "none"; the static one before the first choice; infinite while the key warms up)."""
         static = self.engine.threshold
         adaptive = self.manifest.scoring.adaptive
         if adaptive is None:
