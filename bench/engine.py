@@ -4,8 +4,9 @@
                            [--batch 4096] [--threads N] [--cpu-time]
 
 The model: 8 features (6 numeric, 1 categorical, time delta), LSTM hidden 64 x 2 layers,
-window 32, every event scored (min_history 1, stride 1). Events are JSON bytes, as from
-Kafka, spread uniformly over the keys. The baseline is what one would write first: a
+window 32, every event scored (min_history 1, stride 1); the stateful model also runs with
+adaptive per-key thresholds (history 512, re-chosen every 16 events). Events are JSON bytes,
+as from Kafka, spread uniformly over the keys. The baseline is what one would write first: a
 Python list per key holding its encoded events and one onnxruntime call per event on the
 window graph. Memory per key is measured with tracemalloc over the engine's own state.
 """
@@ -28,6 +29,7 @@ from rich.table import Table
 from detector.engine import Engine, EngineOptions
 from detector.features import parse_json_record
 from detector.manifest import (
+    AdaptiveThreshold,
     CategoricalFeature,
     Columns,
     Manifest,
@@ -47,9 +49,11 @@ NUMERIC = [f"x{i}" for i in range(6)]
 #: load on the machine disturbs far less (with `--threads 1` it is one core's time).
 clock = time.perf_counter
 CHANNELS = ["web", "app", "pos", "atm"]
+#: Short enough for the default 20 events per key to re-choose each key's threshold once.
+ADAPTIVE = AdaptiveThreshold(history=512, refresh=16, warm_up=0)
 
 
-def manifest(export_mode: str) -> Manifest:
+def manifest(export_mode: str, adaptive: AdaptiveThreshold | None = None) -> Manifest:
     features = [NumericFeature(name=name) for name in NUMERIC]
     features += [CategoricalFeature(name="channel", vocabulary=CHANNELS), TimeDeltaFeature()]
     return Manifest(
@@ -60,16 +64,20 @@ def manifest(export_mode: str) -> Manifest:
         window=32,
         min_history=1,
         network=Network(hidden=64, layers=2),
-        scoring=Scoring(semantics="probability", threshold=0.99, calibration="bench"),
+        scoring=Scoring(
+            semantics="probability", threshold=0.99, calibration="bench", adaptive=adaptive
+        ),
         training=TrainingSummary(rows=0, keys=0),
         trainer_version="bench",
     )
 
 
-def load(folder: Path, export_mode: str, threads: int = 0) -> Scorer:
+def load(
+    folder: Path, export_mode: str, threads: int = 0, adaptive: AdaptiveThreshold | None = None
+) -> Scorer:
     torch.manual_seed(0)
-    spec = manifest(export_mode)
-    path = folder / f"{export_mode}.onnx"
+    spec = manifest(export_mode, adaptive)
+    path = folder / f"{export_mode}{'-adaptive' if adaptive else ''}.onnx"
     export_model(SequenceNet.from_manifest(spec), spec, path)
     return Scorer.load(path, providers=["CPUExecutionProvider"], intra_op_threads=threads)
 
@@ -158,12 +166,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         window = load(Path(folder), "window", args.threads)
         stateful = load(Path(folder), "stateful", args.threads)
+        adaptive = load(Path(folder), "stateful", args.threads, ADAPTIVE)
         base = baseline(window, records[: args.baseline_events])
         rows = [
             ("decoding only (ceiling)", decode_rate(window, records), None),
             ("baseline (per-event call)", base, None),
         ]
-        for name, scorer in (("window", window), ("stateful", stateful)):
+        paths = (("window", window), ("stateful", stateful), ("stateful, adaptive", adaptive))
+        for name, scorer in paths:
             rate = engine_rate(scorer, records, args.batch)
             rows.append((name, rate, bytes_per_key(scorer, records, args.batch)))
     # Decoding is the same Python loop in every path: what is left is the cost of scoring.
