@@ -31,7 +31,7 @@ import platform
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -40,8 +40,9 @@ import kafka
 import numpy as np
 import onnxruntime
 import orjson
-from kafka import KafkaConsumer
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import KafkaError
+from kafka.partitioner.default import murmur2
 from kafka_rig import Cluster, Daemon, DaemonError, Rate, Stopwatch, local_broker, running
 from rich.console import Console
 from rich.table import Table
@@ -61,6 +62,10 @@ THROUGHPUT_ALERT_SHARE = 0.001
 LATENCY_ALERT_SHARE = 0.01
 #: Events replayed in process to place the thresholds at those shares.
 CALIBRATION_EVENTS = 50_000
+#: How long reading a latency run's topics back may take.
+READ_TIMEOUT_S = 120.0
+PATHS = ("raw_consume", "naive", "window", "stateful", "exactly_once")
+PARTS = (*PATHS, "latency", "memory")
 GOALS = {
     "stateful_vs_ceiling": (">=", 0.6),
     "stateful_vs_naive": (">=", 30.0),
@@ -193,17 +198,60 @@ def daemon_eps(
 
 @dataclass(frozen=True)
 class Latency:
-    """Milliseconds from an event's append to the input topic to its alert's append (both
-    broker LogAppendTime), and from the load generator's send() to the event's append."""
+    """Milliseconds from an event's produce timestamp (the load generator's clock at `send()`,
+    carried in the event's time field) to its alert's append to the alerts topic (broker
+    LogAppendTime; with one in-sync replica the acknowledgement follows the append at once),
+    and its two parts: `send()` to the event's append (the load generator's producer) and the
+    event's append to its alert's append (the detector, broker to broker). `achieved_eps` and
+    `late_p99_ms` (how late `send()` came after its scheduled time) say whether the load
+    generator kept its rate."""
 
+    rate_eps: float
+    achieved_eps: float
+    late_p99_ms: float
     p50_ms: float
     p99_ms: float
     max_ms: float
+    append_p50_ms: float
+    append_p99_ms: float
     send_p50_ms: float
     send_p99_ms: float
     produced: int
     alerts_expected: int
     alerts_received: int
+
+
+@dataclass(frozen=True)
+class Generated:
+    """What the load generator sent, and how well it kept its schedule."""
+
+    values: list[bytes]
+    seconds: float
+    late_s: np.ndarray
+
+
+def generate(
+    producer: KafkaProducer, topic: str, names: list[bytes], tails: list[bytes], rate: float
+) -> Generated:
+    """Send one event per name at `rate`, each at its scheduled time or at once when late, with
+    `time.time()` at the send as its event time (the produce timestamp). Each key's partition
+    is the default partitioner's (murmur2), found once per key rather than at every send."""
+    partition_of = {name: (murmur2(name) & 0x7FFFFFFF) % PARTITIONS for name in set(names)}
+    send, key_field, time_field = producer.send, KEY.encode(), TIME.encode()
+    values: list[bytes] = []
+    late = np.empty(len(names))
+    started = time.perf_counter()
+    for i, (name, tail) in enumerate(zip(names, tails, strict=True)):
+        due = started + i / rate
+        if (wait := due - time.perf_counter()) > 0:
+            time.sleep(wait)
+        late[i] = time.perf_counter() - due
+        value = b'{"%s":"%s","%s":%.6f,%s' % (key_field, name, time_field, time.time(), tail)
+        send(topic, value=value, key=name, partition=partition_of[name])
+        values.append(value)
+    seconds = time.perf_counter() - started
+    producer.flush()
+    return Generated(values, seconds, late)
 
 
 def latency(
@@ -223,73 +271,65 @@ def latency(
     count = int(rate * seconds)
     names = [f"dev-{d}".encode() for d in rng.integers(0, keys, count).tolist()]
     tails = [
-        orjson.dumps(dict(zip(FEATURES, row, strict=True)))
+        orjson.dumps(dict(zip(FEATURES, row, strict=True)))[1:]
         for row in rng.standard_normal((count, len(FEATURES))).tolist()
     ]
-    sent: list[bytes] = []
     with running(Daemon(cluster, topic, model, folder, settings)) as daemon:
         daemon.wait_ready()
         producer = cluster.producer(acks="all", linger_ms=1)
-        started = time.perf_counter()
-        for i in range(count):
-            if (wait := started + i / rate - time.perf_counter()) > 0:
-                time.sleep(wait)
-            value = b'{"%s":"%s","%s":%.6f,%s' % (
-                KEY.encode(),
-                names[i],
-                TIME.encode(),
-                time.time(),
-                tails[i][1:],
-            )
-            producer.send(topic, value=value, key=names[i])
-            sent.append(value)
-        producer.flush()
+        sent = generate(producer, topic, names, tails, rate)
         producer.close()
         daemon.wait_committed(count, timeout=120)
-    appended = {(m.partition, m.offset): m for m in read_all(cluster, topic, count)}
-    send_delays = np.array(
-        [m.timestamp - orjson.loads(m.value)[TIME] * 1000 for m in appended.values()]
-    )
+    appended = {(m.partition, m.offset): m for m in read_all(cluster, topic)}
+    produced_ms = {at: orjson.loads(m.value)[TIME] * 1000 for at, m in appended.items()}
     received = read_all(cluster, alerts)
     sources = [orjson.loads(m.value)["source"] for m in received]
-    delays = np.array(
-        [
-            m.timestamp - appended[source["partition"], source["offset"]].timestamp
-            for m, source in zip(received, sources, strict=True)
-        ]
-        or [np.nan]
+    at = [(source["partition"], source["offset"]) for source in sources]
+    total = np.array([m.timestamp - produced_ms[a] for m, a in zip(received, at, strict=True)])
+    detector = np.array(
+        [m.timestamp - appended[a].timestamp for m, a in zip(received, at, strict=True)]
     )
+    send = np.array([m.timestamp - produced_ms[a] for a, m in appended.items()])
     scorer = Scorer.load(model, providers=["CPUExecutionProvider"])
     threshold = float(settings["SCORING__THRESHOLD"])
     engine = Engine(scorer, EngineOptions(threshold=threshold, key_ttl_s=0.0))
-    records = [InputRecord(v, k.decode()) for v, k in zip(sent, names, strict=True)]
-    p50, p99, send_p50, send_p99 = (
-        float(np.percentile(values, q)) for values in (delays, send_delays) for q in (50, 99)
-    )
+    records = [InputRecord(v, k.decode()) for v, k in zip(sent.values, names, strict=True)]
     return Latency(
-        p50,
-        p99,
-        float(delays.max()),
-        send_p50,
-        send_p99,
-        count,
-        engine.process(records).counters.alerts,
-        len(received),
+        rate_eps=rate,
+        achieved_eps=count / sent.seconds,
+        late_p99_ms=_percentile(sent.late_s * 1000, 99),
+        p50_ms=_percentile(total, 50),
+        p99_ms=_percentile(total, 99),
+        max_ms=float(total.max()) if total.size else float("nan"),
+        append_p50_ms=_percentile(detector, 50),
+        append_p99_ms=_percentile(detector, 99),
+        send_p50_ms=_percentile(send, 50),
+        send_p99_ms=_percentile(send, 99),
+        produced=count,
+        alerts_expected=engine.process(records).counters.alerts,
+        alerts_received=len(received),
     )
 
 
-def read_all(cluster: Cluster, topic: str, at_least: int = 0) -> list[Any]:
-    """Every record of `topic` (LogAppendTime), once `at_least` came and a second passed quiet."""
-    reader = KafkaConsumer(topic, bootstrap_servers=cluster.bootstrap, auto_offset_reset="earliest")
+def _percentile(values: np.ndarray, q: float) -> float:
+    return float(np.percentile(values, q)) if values.size else float("nan")
+
+
+def read_all(cluster: Cluster, topic: str) -> list[Any]:
+    """Every record of `topic` up to its end offsets now (LogAppendTime)."""
+    reader = KafkaConsumer(bootstrap_servers=cluster.bootstrap, enable_auto_commit=False)
     messages: list[Any] = []
-    deadline = time.monotonic() + 60
     try:
-        while time.monotonic() < deadline:
-            polled = reader.poll(timeout_ms=1000)
-            for batch in polled.values():
+        partitions = [TopicPartition(topic, p) for p in reader.partitions_for_topic(topic)]
+        reader.assign(partitions)
+        reader.seek_to_beginning()
+        ends = reader.end_offsets(partitions)
+        deadline = time.monotonic() + READ_TIMEOUT_S
+        while any(reader.position(tp) < ends[tp] for tp in partitions):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{topic}: read {len(messages)} records, not all of them")
+            for batch in reader.poll(timeout_ms=1000).values():
                 messages += batch
-            if not polled and len(messages) >= at_least and messages:
-                break
     finally:
         reader.close()
     if any(m.timestamp_type != 1 for m in messages):
@@ -377,11 +417,32 @@ def _meets(value: float, sense: str, goal: float) -> bool:
 
 def print_report(results: dict[str, Any]) -> None:
     console = Console()
+    if results["cpu_us_per_event"]:
+        print_rates(console, results)
+    if "latency" in results["setup"]:
+        print_latencies(console, results["setup"]["latency"])
+    for name, reason in results["failures"].items():
+        console.print(f"{name} is null: {reason}")
+
+
+def print_latencies(console: Console, measured: dict[str, dict[str, Any] | None]) -> None:
+    lats = Table(title="latency (ms): produce timestamp to the alert's append")
+    columns = ("rate", "sent events/s", "late p99", "p50", "p99", "max", "detector p99")
+    for column in columns:
+        lats.add_column(column, justify="right")
+    for name, lat in measured.items():
+        fields = ("achieved_eps", "late_p99_ms", "p50_ms", "p99_ms", "max_ms", "append_p99_ms")
+        shown = [_shown(lat and lat[field], 0) for field in fields]
+        lats.add_row(f"{name}: {lat['rate_eps']:,.0f}/s" if lat else name, *shown)
+    console.print(lats)
+
+
+def print_rates(console: Console, results: dict[str, Any]) -> None:
     rates = Table(title="through Kafka")
     for column in ("path", "events/s", "CPU µs/event"):
         rates.add_column(column, justify="right")
-    for name in ("raw_consume", "naive", "window", "stateful", "exactly_once"):
-        value, cpu = results[f"{name}_eps"], results["cpu_us_per_event"][name]
+    for name in PATHS:
+        value, cpu = results.get(f"{name}_eps"), results["cpu_us_per_event"].get(name)
         rates.add_row(name, _shown(value, 0), _shown(cpu, 1))
     goals = Table(title="goals")
     for column in ("figure", "measured", "by CPU time", "goal", "met"):
@@ -390,9 +451,7 @@ def print_report(results: dict[str, Any]) -> None:
         goals.add_row(*row)
     console.print(rates, goals)
     for name in ("p50_latency_ms", "max_latency_ms", "bytes_per_key_window"):
-        console.print(f"{name}: {_shown(results[name])}")
-    for name, reason in results["failures"].items():
-        console.print(f"{name} is null: {reason}")
+        console.print(f"{name}: {_shown(results.get(name))}")
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
@@ -401,8 +460,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     from matplotlib import pyplot
 
-    names = ["raw_consume", "naive", "window", "stateful", "exactly_once"]
-    values = [results[f"{name}_eps"] or 0.0 for name in names]
+    names = list(PATHS)
+    values = [results.get(f"{name}_eps") or 0.0 for name in names]
     figure, axes = pyplot.subplots(figsize=(7, 3.6), layout="constrained")
     bars = axes.bar(names, values, color=["#888", "#c44", "#48c", "#26a", "#6a4"])
     axes.bar_label(bars, [f"{v:,.0f}" if v else "n/a" for v in values], fontsize=8)
@@ -416,126 +475,176 @@ def plot(results: dict[str, Any], path: Path) -> None:
 # -- main ---------------------------------------------------------------------------------
 
 
-def measure(args: argparse.Namespace, cluster: Cluster, folder: Path) -> dict[str, Any]:
-    console = Console(stderr=True)
-    say = console.log
-    models = {mode: bench_model(args.cache, mode) for mode in ("window", "stateful")}
-    events = make_events(args.events, args.keys, seed=1)
-    alert_threshold, latency_threshold = thresholds(models["window"], events)
-    topic = cluster.create_topic(f"bench-{os.getpid()}", PARTITIONS)
-    say(f"producing {args.events:,} events over {args.keys:,} keys to {topic}")
-    produce_eps = cluster.produce(topic, events.values, events.keys)
-    del events
-    settings = {
-        "MODEL__INTRA_OP_THREADS": str(args.threads),
-        "SCORING__THRESHOLD": repr(alert_threshold),
-        "STATE__KEY_TTL_S": "0",
-    }
-    results: dict[str, Any] = {"events": args.events, "keys": args.keys}
-    failures: dict[str, str] = {}
+@dataclass
+class Run:
+    """One benchmark run: its options, the broker, and the figures as they are measured."""
 
-    def attempt(name: str, measurement: Callable[[], Any]) -> Any:
+    args: argparse.Namespace
+    cluster: Cluster
+    folder: Path
+    models: dict[str, Path]
+    settings: dict[str, str]
+    results: dict[str, Any] = field(default_factory=dict)
+    cpu: dict[str, float | None] = field(default_factory=dict)
+    failures: dict[str, str] = field(default_factory=dict)
+    setup: dict[str, Any] = field(default_factory=dict)
+    say: Callable[..., None] = field(default_factory=lambda: Console(stderr=True).log)
+
+    def attempt(self, name: str, measurement: Callable[[], Any]) -> Any:
         """Run one measurement; a failure is recorded with its reason and the run goes on."""
         try:
             return measurement()
         except (DaemonError, KafkaError) as error:
-            failures[name] = getattr(error, "reason", str(error))
-            say(f"[red]{name} failed:[/red] {failures[name]}")
+            self.failures[name] = getattr(error, "reason", str(error))
+            self.say(f"[red]{name} failed:[/red] {self.failures[name]}")
             return None
 
-    cpu: dict[str, float | None] = {}
-    say("ceiling: kafka-python poll + JSON decode")
-    raw = raw_consume(cluster, topic, args.events)
-    results["raw_consume_eps"], cpu["raw_consume"] = raw.eps, raw.cpu_us_per_event
-    say(f"naive loop on the first {args.naive_events:,} records")
-    slow = naive(cluster, topic, models["window"], alert_threshold, args.naive_events)
-    results["naive_eps"], cpu["naive"] = slow.eps, slow.cpu_us_per_event
-    runs: dict[str, DaemonResult | None] = {}
+    def daemon(self, name: str, topic: str, mode: str, total: int, **extra: str) -> Any:
+        """`detector run` over `topic`; None if it failed (the reason kept under `name`)."""
+        return self.attempt(
+            name,
+            lambda: daemon_eps(
+                self.cluster, topic, self.models[mode], self.folder, total, self.settings | extra
+            ),
+        )
+
+
+def throughput(run: Run, topic: str, paths: tuple[str, ...]) -> dict[str, DaemonResult | None]:
+    """The rates of `paths` over `topic`; the daemons' results (for their peak RSS)."""
+    args, results, cpu = run.args, run.results, run.cpu
+    if "raw_consume" in paths:
+        run.say("ceiling: kafka-python poll + JSON decode")
+        raw = raw_consume(run.cluster, topic, args.events)
+        results["raw_consume_eps"], cpu["raw_consume"] = raw.eps, raw.cpu_us_per_event
+    if "naive" in paths:
+        run.say(f"naive loop on the first {args.naive_events:,} records")
+        threshold = float(run.settings["SCORING__THRESHOLD"])
+        slow = naive(run.cluster, topic, run.models["window"], threshold, args.naive_events)
+        results["naive_eps"], cpu["naive"] = slow.eps, slow.cpu_us_per_event
+    daemons: dict[str, DaemonResult | None] = {}
     for name, mode, extra in (
         ("window", "window", {}),
         ("stateful", "stateful", {}),
         ("exactly_once", "stateful", {"PROCESSING__GUARANTEE": "exactly_once"}),
     ):
-        say(f"detector run: {name}")
-        runs[name] = attempt(
-            f"{name}_eps",
-            lambda mode=mode, extra=extra: daemon_eps(
-                cluster, topic, models[mode], folder, args.events, settings | extra
-            ),
-        )
-        run = runs[name]
-        results[f"{name}_eps"] = run.rate.eps if run else None
-        cpu[name] = run.rate.cpu_us_per_event if run else None
-    half = (results["stateful_eps"] or results["raw_consume_eps"] / 2) / 2
-    latency_settings = settings | {
-        "SCORING__THRESHOLD": repr(latency_threshold),
-        "BATCHING__MAX_LATENCY_MS": str(args.latency_batch_ms),
-    }
-    lats: dict[str, Latency | None] = {}
-    # At half the stateful rate (the goal's load), and at a tenth: the detector's own latency
-    # when the load generator and the broker leave it a core.
+        if name not in paths:
+            continue
+        run.say(f"detector run: {name}")
+        daemons[name] = done = run.daemon(f"{name}_eps", topic, mode, args.events, **extra)
+        results[f"{name}_eps"] = done.rate.eps if done else None
+        cpu[name] = done.rate.cpu_us_per_event if done else None
+    return daemons
+
+
+def latencies(run: Run, half: float, threshold: float) -> None:
+    """At half the stateful rate (the goal's load), and at a tenth: the detector's own latency
+    when the load generator and the broker leave it a core."""
+    args = run.args
+    settings = run.settings | {"SCORING__THRESHOLD": repr(threshold)}
+    if args.latency_batch_ms is not None:
+        settings["BATCHING__MAX_LATENCY_MS"] = str(args.latency_batch_ms)
+    measured: dict[str, Latency | None] = {}
     for name, rate in (("half", half), ("tenth", half / 5)):
-        say(f"latency at {rate:,.0f} events/s for {args.latency_seconds:.0f} s")
-        lats[name] = attempt(
+        run.say(f"latency at {rate:,.0f} events/s for {args.latency_seconds:.0f} s")
+        measured[name] = lat = run.attempt(
             f"latency_{name}",
             lambda rate=rate: latency(
-                cluster,
-                models["stateful"],
-                folder,
+                run.cluster,
+                run.models["stateful"],
+                run.folder,
                 rate,
                 args.latency_seconds,
                 args.keys,
-                latency_settings,
+                settings,
             ),
         )
-    lat = lats["half"]
-    results |= {
+        if lat is not None:
+            run.say(
+                f"p50 {lat.p50_ms:,.0f} ms, p99 {lat.p99_ms:,.0f} ms (detector alone: p99 "
+                f"{lat.append_p99_ms:,.0f} ms), load generator {lat.achieved_eps:,.0f} events/s"
+            )
+    lat = measured["half"]
+    run.results |= {
         "p50_latency_ms": lat.p50_ms if lat else None,
         "p99_latency_ms": lat.p99_ms if lat else None,
         "max_latency_ms": lat.max_ms if lat else None,
     }
-    say(f"memory: {args.memory_keys:,} events of as many keys")
+    run.setup |= {
+        "latency_threshold": threshold,
+        "latency_batching_max_latency_ms": args.latency_batch_ms,
+        "latency": {name: lat and asdict(lat) for name, lat in measured.items()},
+    }
+
+
+def memory(run: Run, daemons: dict[str, DaemonResult | None]) -> None:
+    """Peak RSS over `--memory-keys` distinct keys against the runs over `--keys`, per key."""
+    args = run.args
+    run.say(f"memory: {args.memory_keys:,} events of as many keys")
     many = make_events(args.memory_keys, args.memory_keys, seed=2, distinct=True)
-    memory_topic = cluster.create_topic(f"bench-keys-{os.getpid()}", PARTITIONS)
-    cluster.produce(memory_topic, many.values, many.keys)
+    topic = run.cluster.create_topic(f"bench-keys-{os.getpid()}", PARTITIONS)
+    run.cluster.produce(topic, many.values, many.keys)
     del many
     extra_keys = args.memory_keys - args.keys
     for mode in ("window", "stateful"):
-        big = attempt(
-            f"bytes_per_key_{mode}",
-            lambda mode=mode: daemon_eps(
-                cluster, memory_topic, models[mode], folder, args.memory_keys, settings
-            ),
-        )
-        small = runs[mode]
-        results[f"bytes_per_key_{mode}"] = (
+        big = run.daemon(f"bytes_per_key_{mode}", topic, mode, args.memory_keys)
+        small = daemons.get(mode)
+        run.results[f"bytes_per_key_{mode}"] = (
             (big.peak_rss - small.peak_rss) / extra_keys if big and small else None
         )
-        results[f"peak_rss_{mode}_bytes"] = big.peak_rss if big else None
-    results |= ratios(results)
-    results["cpu_us_per_event"] = cpu
-    results["cpu_ratios"] = cpu_ratios(cpu)
-    results["setup"] = {
+        run.results[f"peak_rss_{mode}_bytes"] = big.peak_rss if big else None
+    run.setup["peak_rss_few_keys"] = {
+        mode: daemon.peak_rss if daemon else None for mode, daemon in daemons.items()
+    }
+
+
+def measure(args: argparse.Namespace, cluster: Cluster, folder: Path) -> dict[str, Any]:
+    """Every figure of the run, or those of the parts named by `--only`."""
+    models = {mode: bench_model(args.cache, mode) for mode in ("window", "stateful")}
+    events = make_events(args.events, args.keys, seed=1)
+    alert_threshold, latency_threshold = thresholds(models["window"], events)
+    settings = {
+        "MODEL__INTRA_OP_THREADS": str(args.threads),
+        "SCORING__THRESHOLD": repr(alert_threshold),
+        "STATE__KEY_TTL_S": "0",
+    } | dict(setting.split("=", 1) for setting in args.set)
+    run = Run(args, cluster, folder, models, settings)
+    run.results |= {"events": args.events, "keys": args.keys}
+    parts = set(args.only or PARTS)
+    if "latency" in parts and not args.latency_rate:
+        parts.add("stateful")  # it sets the latency run's rate
+    if "memory" in parts:
+        parts |= {"window", "stateful"}  # their peak RSS is the memory run's baseline
+    paths = tuple(path for path in PATHS if path in parts)
+    daemons: dict[str, DaemonResult | None] = {}
+    if paths:
+        topic = cluster.create_topic(f"bench-{os.getpid()}", PARTITIONS)
+        run.say(f"producing {args.events:,} events over {args.keys:,} keys to {topic}")
+        run.setup["produce_eps"] = cluster.produce(topic, events.values, events.keys)
+        daemons = throughput(run, topic, paths)
+    del events
+    if "latency" in parts:
+        half = args.latency_rate or (run.results.get("stateful_eps") or 40_000.0) / 2
+        latencies(run, half, latency_threshold)
+    if "memory" in parts:
+        memory(run, daemons)
+    run.results |= ratios(run.results)
+    run.results["cpu_ratios"] = cpu_ratios(run.cpu)
+    run.results["cpu_us_per_event"] = run.cpu
+    run.results["setup"] = run.setup | {
+        "only": args.only,
+        "daemon_settings": args.set,
         "partitions": PARTITIONS,
         "features": len(FEATURES),
         "window": WINDOW,
         "model": "seeded random SequenceNet, hidden 64 x 2 layers, classify",
         "onnxruntime_threads": args.threads,
-        "produce_eps": produce_eps,
         "naive_events": args.naive_events,
         "memory_keys": args.memory_keys,
         "alert_threshold": alert_threshold,
-        "latency_threshold": latency_threshold,
-        "latency_batching_max_latency_ms": args.latency_batch_ms,
-        "latency": {
-            name: None if run is None else {"rate_eps": rate} | asdict(run)
-            for (name, run), rate in zip(lats.items(), (half, half / 5), strict=True)
-        },
-        "peak_rss_few_keys": {mode: run.peak_rss if run else None for mode, run in runs.items()},
     }
-    results["failures"] = failures
-    results["machine"] = machine()
-    return results
+    run.results["failures"] = run.failures
+    run.results["machine"] = machine()
+    return run.results
 
 
 def main() -> int:
@@ -549,15 +658,37 @@ def main() -> int:
     parser.add_argument(
         "--latency-batch-ms",
         type=int,
-        default=10,
-        help="batching.max_latency_ms of the latency run (the daemon's default is 50)",
+        help="batching.max_latency_ms of the latency run (default: the daemon's default)",
     )
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a setting of every daemon run, named as its SEQSENTINEL_ variable without the "
+        "prefix (e.g. KAFKA__LINGER_MS=0); repeatable",
+    )
+    parser.add_argument(
+        "--only",
+        type=lambda text: text.split(","),
+        metavar="PART[,PART]",
+        help=f"measure only these parts ({', '.join(PARTS)}); latency runs stateful first "
+        "for its rate unless --latency-rate is given, memory runs window and stateful",
+    )
+    parser.add_argument(
+        "--latency-rate",
+        type=float,
+        help="events/s of the latency run at half the stateful rate (the other runs at a "
+        "fifth of it); default: half the measured stateful_eps",
+    )
     parser.add_argument("--bootstrap-servers", help="use this broker instead of starting one")
     parser.add_argument("--cache", type=Path, default=Path(__file__).parent / ".cache")
     parser.add_argument("--json", type=Path, help="write every figure to this JSON file")
     parser.add_argument("--plot", type=Path, help="write a bar chart of events/s (PNG)")
     args = parser.parse_args()
+    if unknown := set(args.only or ()) - set(PARTS):
+        parser.error(f"--only: unknown part(s) {', '.join(sorted(unknown))}")
     scale = 200_000 if args.quick else 1_000_000
     args.events = args.events or scale
     args.memory_keys = args.memory_keys or scale
