@@ -70,9 +70,11 @@ log = structlog.get_logger(__name__)
 IDLE_POLL_MS = 200
 #: One wait for acknowledgements; the wait is repeated until they come (or shutdown ends).
 FLUSH_STEP_S = 1.0
-#: Rounds whose outputs may wait for acknowledgement while the next rounds are polled and
-#: scored; beyond it the loop waits. Bounds how far the commit lags, e.g. in an outage.
-MAX_ROUNDS_IN_FLIGHT = 4
+#: Input records, in batches of `batching.max_batch`, whose rounds may wait for
+#: acknowledgement while the next rounds are polled and scored; beyond it the loop waits.
+#: Bounds how far the commit lags, e.g. in an outage. Counted in records, not rounds: when
+#: the stream is caught up, rounds are small and many are in flight at once.
+BATCHES_IN_FLIGHT = 4
 COMMIT_TIMEOUT_MS = 5_000
 PROBE_INTERVAL_S = 2.0
 PROBE_TIMEOUT_MS = 2_000
@@ -444,7 +446,7 @@ class Daemon:
             if self._snapshot_due():
                 outgoing += self._snapshot(set(self._applied) - self._restoring)
             return self._transact(outgoing, polled)
-        self.in_flight.add(outgoing, polled)
+        self.in_flight.add(outgoing, polled, len(records))
         return True
 
     # -- key state ---------------------------------------------------------------------------
@@ -612,18 +614,20 @@ class Daemon:
         return self._drain()
 
     def _settle_in_flight(self) -> None:
-        """Between rounds: take what is acknowledged, wait only when too many rounds are in
-        flight, and commit what became committable (asynchronously)."""
+        """Between rounds: take what is acknowledged, wait only when the rounds in flight read
+        too many records, and commit what became committable (asynchronously)."""
         self._release()
-        if len(self.in_flight) > MAX_ROUNDS_IN_FLIGHT:
-            self._drain(MAX_ROUNDS_IN_FLIGHT)
+        most = BATCHES_IN_FLIGHT * self.settings.batching.max_batch
+        if self.in_flight.records > most:
+            self._drain(most)
         self._try_commit()
 
-    def _drain(self, limit: int = 0) -> bool:
-        """Wait until at most `limit` rounds are in flight, sending again what failed; False
-        only when the shutdown budget ran out first."""
+    def _drain(self, most_records: int = -1) -> bool:
+        """Wait until nothing is in flight, or with `most_records` until the rounds in flight
+        read at most that many records, sending again what failed; False only when the
+        shutdown budget ran out first."""
         assert self.producer is not None
-        while self._release() > limit:
+        while self._release() and self.in_flight.records > most_records:
             if self._out_of_time():
                 return False
             self._tick()

@@ -38,11 +38,13 @@ class Outgoing(NamedTuple):
 @dataclass(slots=True)
 class Round:
     """The outputs of one round, their sends, and the offsets that become committable (the
-    next offset of each partition the round read) once all of them are acknowledged."""
+    next offset of each partition the round read) once all of them are acknowledged;
+    `records`: how many input records the round read."""
 
     messages: list[Outgoing]
     futures: list[Future]
     offsets: dict[TopicPartition, int]
+    records: int = 0
 
     def done(self) -> bool:
         return all(future.is_done for future in self.futures)
@@ -63,6 +65,8 @@ class InFlight:
     def __init__(self, send: Callable[[Outgoing], Future]) -> None:
         self._send = send
         self._rounds: deque[Round] = deque()
+        #: Input records read by the rounds in flight: how far the commit lags behind.
+        self.records = 0
 
     def __len__(self) -> int:
         return len(self._rounds)
@@ -70,9 +74,14 @@ class InFlight:
     def __iter__(self) -> Iterator[Round]:
         return iter(self._rounds)
 
-    def add(self, messages: list[Outgoing], offsets: dict[TopicPartition, int]) -> None:
-        """Send a round's outputs; its offsets wait for their acknowledgement."""
-        self._rounds.append(Round(messages, [self._send(m) for m in messages], dict(offsets)))
+    def add(
+        self, messages: list[Outgoing], offsets: dict[TopicPartition, int], records: int = 0
+    ) -> None:
+        """Send the outputs of a round that read `records` input records; its offsets wait for
+        their acknowledgement."""
+        futures = [self._send(m) for m in messages]
+        self._rounds.append(Round(messages, futures, dict(offsets), records))
+        self.records += records
 
     def pending(self) -> bool:
         """Whether some send still waits for the broker's answer."""
@@ -85,6 +94,7 @@ class InFlight:
         acknowledged: list[Outgoing] = []
         while self._rounds and self._rounds[0].acknowledged():
             done = self._rounds.popleft()
+            self.records -= done.records
             offsets.update(done.offsets)
             acknowledged += done.messages
         return offsets, acknowledged

@@ -70,6 +70,18 @@ def test_rounds_are_released_in_order_and_a_failure_holds_back_every_later_round
     assert len(in_flight) == 0
 
 
+def test_the_records_of_the_rounds_in_flight_are_counted_until_they_are_released():
+    sends = Sends()
+    in_flight = InFlight(sends)
+    in_flight.add([message(b"a")], {P0: 10}, records=10)
+    in_flight.add([], {P0: 15}, records=5)
+    assert in_flight.records == 15
+    assert in_flight.release() == ({}, [])
+    sends.futures[0].success(None)
+    assert in_flight.release() == ({P0: 15}, [message(b"a")])
+    assert in_flight.records == 0
+
+
 def test_lost_partitions_leave_the_rounds_in_flight_without_their_offsets():
     sends = Sends()
     in_flight = InFlight(sends)
