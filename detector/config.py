@@ -89,6 +89,9 @@ class KafkaSettings(_Section):
     max_poll_records: PositiveInt = 5000
     fetch_max_bytes: PositiveInt = 52_428_800
     max_partition_fetch_bytes: PositiveInt = 1_048_576
+    linger_ms: NonNegativeInt = 0
+    """How long the producer holds alerts and dead letters to batch them; each millisecond is
+    added to an alert's latency, and alerts are too few for batching to save much."""
     session_timeout_ms: Annotated[int, Field(ge=1000, le=300_000)] = 10_000
     """A crashed detector's partitions move to the others after this long without a heartbeat
     (Kafka's default before 3.0; the 45 s default since then is slow for a stream of alerts)."""
@@ -174,8 +177,10 @@ class ModelSettings(_Section):
 
 class BatchingSettings(_Section):
     max_batch: PositiveInt = 4096
-    max_latency_ms: NonNegativeInt = 50
-    """How long a partial batch may wait for more events; 0 scores every poll at once."""
+    max_latency_ms: NonNegativeInt = 0
+    """How long a partial batch may wait for more events. 0 (the default) scores what a poll
+    returns at once: batches stay small while the stream is caught up and grow by themselves
+    up to `max_batch` when it falls behind (records pile up while a batch is scored)."""
 
 
 class StateSettings(_Section):

@@ -405,7 +405,8 @@ class Daemon:
 
     def _collect(self) -> None:
         """Poll until a batch is full, `max_latency_ms` passed since its first record, the
-        stream is idle, or a stop is requested."""
+        stream is idle, or a stop is requested; with `max_latency_ms` 0 (the default), what
+        one poll returns: every record the consumer holds, up to `max_batch`."""
         assert self.consumer is not None
         batching = self.settings.batching
         hand = self.in_hand

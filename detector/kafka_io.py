@@ -97,7 +97,7 @@ def make_producer(settings: Settings) -> KafkaProducer:
         enable_idempotence=True,
         transactional_id=transactional_id(settings) if transactional else None,
         compression_type=settings.kafka.compression_type,
-        linger_ms=5,
+        linger_ms=settings.kafka.linger_ms,
         batch_size=256 * 1024,
         max_block_ms=MAX_BLOCK_MS,
         **_options(settings),

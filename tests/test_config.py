@@ -76,6 +76,16 @@ def test_environment_with_nested_delimiter(monkeypatch: pytest.MonkeyPatch) -> N
     assert settings.log.level == "debug"
 
 
+def test_latency_settings_default_to_no_waiting(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batches are scored as polled and alerts sent at once unless told otherwise."""
+    settings = load_settings()
+    assert (settings.batching.max_latency_ms, settings.kafka.linger_ms) == (0, 0)
+    monkeypatch.setenv("SEQSENTINEL_BATCHING__MAX_LATENCY_MS", "20")
+    monkeypatch.setenv("SEQSENTINEL_KAFKA__LINGER_MS", "5")
+    settings = load_settings()
+    assert (settings.batching.max_latency_ms, settings.kafka.linger_ms) == (20, 5)
+
+
 def test_toml_file(tmp_path: Path) -> None:
     path = write_toml(
         tmp_path,
@@ -109,6 +119,7 @@ def test_precedence_overrides_then_env_then_file_then_defaults(
         ("[http]\nport = 70000", "http.port", "less than or equal to 65535"),
         ('[kafka]\nauto_offset_reset = "newest"', "kafka.auto_offset_reset", "'earliest'"),
         ("[batching]\nmax_batch = 0", "batching.max_batch", "greater than 0"),
+        ("[kafka]\nlinger_ms = -1", "kafka.linger_ms", "greater than or equal to 0"),
         ("[processing]\nshutdown_timeout_s = 30", "processing.shutdown_timeout_s", "less than 30"),
         ('[kafka]\nbootstrap_servers = "a:1,,b:2"', "kafka.bootstrap_servers", "empty"),
         ('[kafka]\napi_version = "latest"', "kafka.api_version", "pattern"),

@@ -10,6 +10,9 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.structs import OffsetAndMetadata
 from kafka_support import PINNED_API_VERSION, client_config
 
+from detector.config import load_settings
+from detector.kafka_io import make_producer
+
 pytestmark = pytest.mark.kafka
 
 MESSAGES = 20
@@ -81,3 +84,12 @@ def test_topic_factory_makes_unique_topics_with_partitions(kafka_bootstrap, kafk
         assert consumer.partitions_for_topic(first) == {0, 1, 2}
     finally:
         consumer.close()
+
+
+def test_the_daemon_producer_takes_its_linger_from_the_settings(kafka_bootstrap):
+    settings = load_settings(kafka={"bootstrap_servers": kafka_bootstrap, "linger_ms": 3})
+    producer = make_producer(settings)
+    try:
+        assert producer.config["linger_ms"] == 3
+    finally:
+        producer.close()
