@@ -8,8 +8,9 @@ their acknowledgement: it stays in flight (`detector.inflight`) while the next r
 score, and the offsets it covers are committed (asynchronously) once the broker acknowledged
 every output of it and of the rounds before it. Nothing is committed that is not
 acknowledged, so a crash or an outage at any point repeats work (alerts with the same
-`alert_id`) but loses none; a revocation, a snapshot and the shutdown wait for everything in
-flight, and the shutdown commits synchronously. Under `exactly_once` the outputs, the
+`alert_id`) but loses none; a revocation and the shutdown wait for everything in flight, and
+the shutdown commits synchronously; a periodic snapshot waits in line behind the rounds before
+it, and is sent once they are acknowledged. Under `exactly_once` the outputs, the
 offsets and any state snapshot of a batch are one Kafka transaction, committed before the
 next round (a transaction must end before the next begins): a crash aborts the batch, the
 restarted instance restores the state the transaction left, and read_committed consumers
@@ -400,7 +401,7 @@ class Daemon:
         if not self._exactly_once:
             self._settle_in_flight()
             if self._snapshot_due():
-                self._save_state(set(self._applied) - self._restoring)
+                self._hold_snapshot()
         self._probe()
 
     def _collect(self) -> None:
@@ -494,6 +495,15 @@ class Daemon:
         if saved:
             log.info("key state saved", partitions=_names(partitions))
         return saved
+
+    def _hold_snapshot(self) -> None:
+        """The periodic snapshot under at_least_once: the key state now, sent once every output
+        before it is acknowledged while the next rounds go on (waiting for that and for the
+        snapshot's own acknowledgement stopped the loop for about 0.4 s at 10,000 keys)."""
+        partitions = set(self._applied) - self._restoring
+        if partitions:
+            self.in_flight.hold(self._snapshot(partitions))
+            log.info("key state snapshot queued", partitions=_names(partitions))
 
     def _restore_pending(self) -> None:
         """Restore the key state of the partitions assigned since the last round."""

@@ -6,7 +6,9 @@ the consumer idle. Each round's alerts and dead letters are sent and kept here w
 offsets the round covers. Rounds are released oldest first and only once every output of the
 round is acknowledged, so an offset becomes committable only when everything caused by the
 records before it is acknowledged: one failed send holds back its round and every later one.
-Failed messages are sent again (same alert ids) until they are acknowledged.
+Failed messages are sent again (same alert ids) until they are acknowledged. A key-state
+snapshot valid at some offsets may be written only once every output of the records before
+them is acknowledged: it is held in line and sent when the rounds before it are.
 """
 
 from __future__ import annotations
@@ -45,12 +47,14 @@ class Round:
     futures: list[Future]
     offsets: dict[TopicPartition, int]
     records: int = 0
+    #: Not sent until every round before it is acknowledged (a key-state snapshot).
+    held: bool = False
 
     def done(self) -> bool:
-        return all(future.is_done for future in self.futures)
+        return not self.held and all(future.is_done for future in self.futures)
 
     def acknowledged(self) -> bool:
-        return all(future.is_done and future.succeeded() for future in self.futures)
+        return not self.held and all(f.is_done and f.succeeded() for f in self.futures)
 
     def failed(self) -> list[int]:
         """Positions of the messages whose send failed, once every send has an outcome."""
@@ -83,16 +87,26 @@ class InFlight:
         self._rounds.append(Round(messages, futures, dict(offsets), records))
         self.records += records
 
+    def hold(self, messages: list[Outgoing]) -> None:
+        """Send `messages` only once every round added before them is acknowledged, without
+        waiting for that here."""
+        self._rounds.append(Round(messages, [], {}, held=True))
+
     def pending(self) -> bool:
         """Whether some send still waits for the broker's answer."""
         return any(not future.is_done for r in self._rounds for future in r.futures)
 
     def release(self) -> tuple[dict[TopicPartition, int], list[Outgoing]]:
         """Take the acknowledged rounds off the front: the offsets they make committable and
-        the messages acknowledged. A round not acknowledged stops it, whatever follows."""
+        the messages acknowledged. A round not acknowledged stops it, whatever follows; a held
+        round that reaches the front is sent."""
         offsets: dict[TopicPartition, int] = {}
         acknowledged: list[Outgoing] = []
-        while self._rounds and self._rounds[0].acknowledged():
+        while self._rounds:
+            if (front := self._rounds[0]).held:
+                front.futures, front.held = [self._send(m) for m in front.messages], False
+            if not front.acknowledged():
+                break
             done = self._rounds.popleft()
             self.records -= done.records
             offsets.update(done.offsets)
