@@ -43,10 +43,8 @@ __all__ = [
 FORMAT = 1
 #: Chunk size: below Kafka's default 1 MB message limit with room for the record overhead.
 CHUNK_BYTES = 900 * 1024
-#: zlib level 0 (stored): level 1 took 0.3 s per 10 MB (10,000 keys of the benchmark's
-#: stateful model, shrunk by 11%) while the loop waited. `kafka.compression_type` compresses
-#: the state topic instead, on the producer's own thread.
-COMPRESSION_LEVEL = 0
+#: zlib level 1: state is mostly floats, where higher levels gain little and cost much time.
+COMPRESSION_LEVEL = 1
 _LENGTH = struct.Struct("<I")
 
 
@@ -72,7 +70,7 @@ def fingerprint(manifest: Manifest) -> str:
 
 
 def encode_fields(fields: dict[str, np.ndarray]) -> bytes:
-    """The arrays of `KeyArena.export` as one zlib blob; keys as UTF-8 with lengths."""
+    """The arrays of `KeyArena.export` as one compressed blob; keys as UTF-8 with lengths."""
     keys = [key.encode() for key in fields["keys"].tolist()]
     arrays = {name: array for name, array in fields.items() if name != "keys"}
     arrays["key_lengths"] = np.fromiter(map(len, keys), np.int32, len(keys))
