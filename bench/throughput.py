@@ -3,6 +3,7 @@ of the Kafka client and a naive baseline, all measured in one run on one machine
 
     python bench/throughput.py [--quick] [--json OUT] [--plot PNG] [--bootstrap-servers H:P]
                                [--events N] [--keys K] [--memory-keys M] [--threads T]
+                               [--only PART[,PART]] [--latency-rate R] [--set NAME=VALUE]
 
 1. Pre-produces N JSON events (8 standard-normal features) over K keys to a topic of 4
    partitions, keyed by the device, on a broker started with deploy/kafka/local-kafka.
@@ -12,8 +13,9 @@ of the Kafka client and a naive baseline, all measured in one run on one machine
    when over the threshold; on the first `--naive-events` records only, it is slow),
    `window_eps`, `stateful_eps` and `exactly_once_eps` (`detector run` as a subprocess,
    from its first to its last committed offset).
-3. Latency: a fresh topic fed at half `stateful_eps`, with a lowered threshold; each
-   alert's broker append time (LogAppendTime) minus its event's produce time.
+3. Latency: a fresh topic fed at half `stateful_eps` (or `--latency-rate`) and at a tenth,
+   with a lowered threshold; each alert's broker append time (LogAppendTime) minus its
+   event's produce time, and the detector's part, from the event's append.
 4. Memory: `detector run` over M events of M distinct keys; peak RSS (VmHWM) minus the
    peak of the run over K keys, per extra key.
 
