@@ -40,6 +40,9 @@ from detector.thresholds import choose_levels
 
 log = structlog.get_logger(__name__)
 
+#: Rings of recent scores larger than this at `max_keys` are worth a warning at start.
+ADAPTIVE_WARNING_BYTES = 2**30
+
 
 class Status(IntEnum):
     """What happened to each event of a batch."""
@@ -146,7 +149,7 @@ class Engine:
     def __init__(self, model: Scorer, options: EngineOptions | None = None) -> None:
         self.options = options or EngineOptions()
         self.model = model
-        self.arena = KeyArena(ArenaShape.for_manifest(model.manifest), self.options.max_keys)
+        self.arena = self._arena_for(model.manifest)
         self._tick = 0
 
     @property
@@ -172,7 +175,7 @@ class Engine:
         reason = incompatibility(self.manifest, model.manifest)
         self.model = model
         if reason is not None:
-            self.arena = KeyArena(ArenaShape.for_manifest(model.manifest), self.options.max_keys)
+            self.arena = self._arena_for(model.manifest)
         log.info(
             "model swapped",
             model_version=model.manifest.model_version,
@@ -180,6 +183,21 @@ class Engine:
             reason=reason,
         )
         return reason is None
+
+    def _arena_for(self, manifest: Manifest) -> KeyArena:
+        """A fresh arena; says so when adaptive thresholds could fill memory at `max_keys`
+        (the arena grows with the keys, so the cost would show only once they arrive)."""
+        shape = ArenaShape.for_manifest(manifest)
+        max_keys = self.options.max_keys
+        if shape.history is not None and shape.history * 4 * max_keys > ADAPTIVE_WARNING_BYTES:
+            log.warning(
+                "adaptive thresholds keep a ring of scores per key",
+                gib_at_max_keys=round(shape.history * 4 * max_keys / 2**30, 1),
+                history=shape.history,
+                max_keys=max_keys,
+                hint="lower state.max_keys (SEQSENTINEL_STATE__MAX_KEYS) or the model's history",
+            )
+        return KeyArena(shape, max_keys)
 
     def process(self, records: Sequence[InputRecord], now: float | None = None) -> BatchResult:
         """Score a batch; larger batches than `max_batch` are processed in slices of it."""

@@ -9,6 +9,7 @@ import orjson
 import pytest
 from model_factory import event, load_random, make_manifest
 from pydantic import ValidationError
+from structlog.testing import capture_logs
 
 from detector.arena import ArenaShape, KeyArena
 from detector.engine import Engine, EngineOptions, Status
@@ -225,3 +226,12 @@ def test_the_manifest_refuses_a_refresh_longer_than_the_history() -> None:
     with pytest.raises(ValidationError, match=r"scoring\.adaptive\.history"):
         Manifest.model_validate(document)
     assert Scoring.model_fields["adaptive"].default is None
+
+
+def test_a_ring_that_could_fill_memory_at_max_keys_is_announced(adaptive: Scorer) -> None:
+    with capture_logs() as logs:
+        Engine(adaptive, EngineOptions(max_batch=64, max_keys=64))
+    assert not logs
+    with capture_logs() as logs:
+        Engine(adaptive, EngineOptions(max_keys=30_000_000))  # 12 scores x 4 bytes each: 1.3 GiB
+    assert [(log["log_level"], log["gib_at_max_keys"]) for log in logs] == [("warning", 1.3)]
