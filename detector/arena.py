@@ -297,12 +297,9 @@ class KeyArena:
         """Each slot's last min(count, window) events, oldest first and right-padded with zeros
         [n, window, width], and their lengths [n]."""
         window, width = self.shape.ring
-        count = self.count[slots]
-        lengths = np.minimum(count, window)
-        steps = np.arange(window)
-        rows = slots[:, None] * window + ((count - lengths)[:, None] + steps) % window
+        rows, lengths, real = _oldest_first(slots, self.count[slots], window)
         gathered = np.take(self.ring.reshape(-1, width), rows, axis=0)
-        gathered[steps >= lengths[:, None]] = 0.0
+        gathered[~real] = 0.0
         return gathered, lengths
 
     # -- adaptive thresholds ---------------------------------------------------------------
@@ -319,12 +316,8 @@ class KeyArena:
     def recent_scores(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Each slot's remembered scores, oldest first [n, history], and which are real (a key
         with fewer scores than `history` has them at the front)."""
-        history = self.shape.history
-        scored = self.scored[slots]
-        kept = np.minimum(scored, history)
-        steps = np.arange(history)
-        positions = slots[:, None] * history + ((scored - kept)[:, None] + steps) % history
-        return np.take(self.recent.reshape(-1), positions), steps < kept[:, None]
+        positions, _, real = _oldest_first(slots, self.scored[slots], self.shape.history)
+        return np.take(self.recent.reshape(-1), positions), real
 
     def _fill(self, slots: np.ndarray, fields: dict[str, tuple[type, object]]) -> None:
         for name, (_, fill) in fields.items():
@@ -346,3 +339,15 @@ class KeyArena:
             extra_recent = np.zeros((extra, self.shape.history), np.float32)
             self.recent = np.concatenate([self.recent, extra_recent])
         self.capacity = capacity
+
+
+def _oldest_first(
+    slots: np.ndarray, count: np.ndarray, length: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each slot's last min(count, length) entries in rings of `length` per slot: their flat
+    positions [n, length], oldest first; how many there are [n]; and which positions are real
+    [n, length] (the rest, at the end, are filler for slots with fewer than `length`)."""
+    kept = np.minimum(count, length)
+    steps = np.arange(length)
+    positions = slots[:, None] * length + ((count - kept)[:, None] + steps) % length
+    return positions, kept, steps < kept[:, None]
