@@ -7,10 +7,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+import structlog
 from model_factory import export_random, make_manifest
 
+from detector import scorer as scorer_module
 from detector.manifest import ModelContractError
-from detector.scorer import CPU, Scorer, resolve_providers
+from detector.scorer import CPU, Scorer, load_cuda_libraries, resolve_providers
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +33,27 @@ def test_auto_providers_fall_back_to_cpu_and_unknown_ones_are_refused() -> None:
     assert resolve_providers([CPU, CPU]) == [CPU]
     with pytest.raises(ValueError, match="NoSuchExecutionProvider"):
         resolve_providers(["NoSuchExecutionProvider"])
+
+
+def test_missing_cuda_libraries_are_logged_not_printed(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """onnxruntime-gpu's preload prints what it cannot load; stdout may carry a summary."""
+
+    def preload() -> None:
+        print("Failed to load libcudnn.so.9: cannot open shared object file")
+
+    monkeypatch.setattr(scorer_module.onnxruntime, "preload_dlls", preload, raising=False)
+    with structlog.testing.capture_logs() as logs:
+        load_cuda_libraries.__wrapped__()
+    assert capsys.readouterr().out == ""
+    assert logs == [
+        {
+            "event": "cuda libraries incomplete",
+            "log_level": "warning",
+            "detail": "Failed to load libcudnn.so.9: cannot open shared object file",
+        }
+    ]
 
 
 def test_windows_scored_in_chunks_equal_one_call(folder: Path) -> None:
