@@ -98,6 +98,15 @@ def test_bad_records_are_dead_letters_and_left_out(trained: Trained, tmp_path: P
     assert not evaluation.scored[[10, 20]].any()
 
 
+def test_providers_are_those_asked_for(trained: Trained) -> None:
+    on_cpu = evaluate(trained.model, trained.test, providers=["CPUExecutionProvider"])
+    np.testing.assert_array_equal(
+        on_cpu.replay.scores, evaluate(trained.model, trained.test).replay.scores
+    )
+    with pytest.raises(ValueError, match="NoSuchExecutionProvider"):
+        evaluate(trained.model, trained.test, providers=["NoSuchExecutionProvider"])
+
+
 def test_threshold_override_moves_point_metrics(trained: Trained) -> None:
     calibrated = evaluate(trained.model, trained.test)
     everything = evaluate(trained.model, trained.test, options=EngineOptions(threshold=0.0))

@@ -55,13 +55,15 @@ def evaluate(
     label: str | None = None,
     options: EngineOptions | None = None,
     progress: Progress | None = None,
+    providers: Sequence[str] = ("auto",),
 ) -> Evaluation:
     """Replay `data_path` through the engine with `model_path` and compare with its labels.
 
     `label` names the label column when it is not the manifest's; `options` are the
-    engine's (its threshold, when set, overrides the calibrated one).
+    engine's (its threshold, when set, overrides the calibrated one); `providers` are the
+    onnxruntime execution providers, chosen as the daemon chooses them by default.
     """
-    scorer = Scorer.load(model_path)
+    scorer = Scorer.load(model_path, providers)
     manifest = scorer.manifest
     column = label or manifest.columns.label
     if column is None:
