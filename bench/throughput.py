@@ -4,6 +4,7 @@ of the Kafka client and a naive baseline, all measured in one run on one machine
     python bench/throughput.py [--quick] [--json OUT] [--plot PNG] [--bootstrap-servers H:P]
                                [--events N] [--keys K] [--memory-keys M] [--threads T]
                                [--only PART[,PART]] [--latency-rate R] [--set NAME=VALUE]
+                               [--load-generator java|python]
 
 1. Pre-produces N JSON events (8 standard-normal features) over K keys to a topic of 4
    partitions, keyed by the device, on a broker started with deploy/kafka/local-kafka.
@@ -14,8 +15,10 @@ of the Kafka client and a naive baseline, all measured in one run on one machine
    `window_eps`, `stateful_eps` and `exactly_once_eps` (`detector run` as a subprocess,
    from its first to its last committed offset).
 3. Latency: a fresh topic fed at half `stateful_eps` (or `--latency-rate`) and at a tenth,
-   with a lowered threshold; each alert's broker append time (LogAppendTime) minus its
-   event's produce time, and the detector's part, from the event's append.
+   with a lowered threshold, by `bench/LoadGenerator.java` in a JVM of its own (or by
+   kafka-python in this process: `--load-generator python`); each alert's broker append
+   time (LogAppendTime) minus its event's produce time, and the detector's part, from the
+   event's append.
 4. Memory: `detector run` over M events of M distinct keys; peak RSS (VmHWM) minus the
    peak of the run over K keys, per extra key.
 
@@ -30,6 +33,8 @@ import collections
 import contextlib
 import os
 import platform
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -42,10 +47,19 @@ import kafka
 import numpy as np
 import onnxruntime
 import orjson
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 from kafka.partitioner.default import murmur2
-from kafka_rig import Cluster, Daemon, DaemonError, Rate, Stopwatch, local_broker, running
+from kafka_rig import (
+    LOCAL_KAFKA,
+    Cluster,
+    Daemon,
+    DaemonError,
+    Rate,
+    Stopwatch,
+    local_broker,
+    running,
+)
 from rich.console import Console
 from rich.table import Table
 from seeded_models import FEATURES, KEY, TIME, WINDOW, bench_model
@@ -66,6 +80,10 @@ LATENCY_ALERT_SHARE = 0.01
 CALIBRATION_EVENTS = 50_000
 #: How long reading a latency run's topics back may take.
 READ_TIMEOUT_S = 120.0
+#: The latency runs' Java load generator, and the JVM options that keep it small: one
+#: garbage-collector thread, and the quick C1 compiler only (its start-up costs less).
+GENERATOR = Path(__file__).with_name("LoadGenerator.java")
+GENERATOR_JVM_OPTIONS = ("-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1", "-Xmx256m")
 PATHS = ("raw_consume", "naive", "window", "stateful", "exactly_once")
 PARTS = (*PATHS, "latency", "memory")
 GOALS = {
@@ -225,35 +243,54 @@ class Latency:
 
 @dataclass(frozen=True)
 class Generated:
-    """What the load generator sent, and how well it kept its schedule."""
+    """How well the load generator kept its schedule."""
 
-    values: list[bytes]
     seconds: float
-    late_s: np.ndarray
+    late_p99_ms: float
 
 
-def generate(
-    producer: KafkaProducer, topic: str, names: list[bytes], tails: list[bytes], rate: float
-) -> Generated:
-    """Send one event per name at `rate`, each at its scheduled time or at once when late, with
-    `time.time()` at the send as its event time (the produce timestamp). Each key's partition
-    is the default partitioner's (murmur2), found once per key rather than at every send."""
-    partition_of = {name: (murmur2(name) & 0x7FFFFFFF) % PARTITIONS for name in set(names)}
+#: The events of a latency run: (key, the JSON object's text after its key and time fields).
+Schedule = list[tuple[bytes, bytes]]
+
+
+def generate_python(cluster: Cluster, topic: str, events: Schedule, rate: float) -> Generated:
+    """Send the events at `rate` from this process with kafka-python, each at its scheduled
+    time or at once when late, with `time.time()` at the send as its event time (the produce
+    timestamp). Each key's partition is the default partitioner's (murmur2), found once per
+    key rather than at every send."""
+    producer = cluster.producer(acks="all", linger_ms=1)
+    partition_of = {name: (murmur2(name) & 0x7FFFFFFF) % PARTITIONS for name, _ in events}
     send, key_field, time_field = producer.send, KEY.encode(), TIME.encode()
-    values: list[bytes] = []
-    late = np.empty(len(names))
+    late = np.empty(len(events))
     started = time.perf_counter()
-    for i, (name, tail) in enumerate(zip(names, tails, strict=True)):
+    for i, (name, tail) in enumerate(events):
         due = started + i / rate
         if (wait := due - time.perf_counter()) > 0:
             time.sleep(wait)
         late[i] = time.perf_counter() - due
-        value = b'{"%s":"%s","%s":%.6f,%s' % (key_field, name, time_field, time.time(), tail)
+        value = b'{"%s":"%s","%s":%.6f%s' % (key_field, name, time_field, time.time(), tail)
         send(topic, value=value, key=name, partition=partition_of[name])
-        values.append(value)
     seconds = time.perf_counter() - started
     producer.flush()
-    return Generated(values, seconds, late)
+    producer.close()
+    return Generated(seconds, _percentile(late * 1000, 99))
+
+
+def generate_java(
+    cluster: Cluster, topic: str, events: Schedule, rate: float, folder: Path
+) -> Generated:
+    """The same from `bench/LoadGenerator.java` in a JVM of its own, which costs a fraction
+    of the CPU that kafka-python takes for each send."""
+    lines = folder / f"{topic}.events"
+    lines.write_bytes(b"".join(b"%s\t%s\n" % event for event in events))
+    command = [sys.executable, str(LOCAL_KAFKA), "java", "--", *GENERATOR_JVM_OPTIONS]
+    command += [str(GENERATOR), cluster.bootstrap, topic, str(lines), repr(rate), KEY, TIME]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    lines.unlink()
+    if done.returncode != 0:
+        raise DaemonError("the Java load generator failed", done.stderr.splitlines())
+    report = orjson.loads(done.stdout.splitlines()[-1])
+    return Generated(report["seconds"], report["late_p99_ms"])
 
 
 def latency(
@@ -264,6 +301,7 @@ def latency(
     seconds: float,
     keys: int,
     settings: dict[str, str],
+    generator: str,
 ) -> Latency:
     """Produce at `rate` for `seconds` into a fresh topic; each alert's latency."""
     append_time = {"message.timestamp.type": "LogAppendTime"}
@@ -273,14 +311,16 @@ def latency(
     count = int(rate * seconds)
     names = [f"dev-{d}".encode() for d in rng.integers(0, keys, count).tolist()]
     tails = [
-        orjson.dumps(dict(zip(FEATURES, row, strict=True)))[1:]
+        b"," + orjson.dumps(dict(zip(FEATURES, row, strict=True)))[1:]
         for row in rng.standard_normal((count, len(FEATURES))).tolist()
     ]
+    events = list(zip(names, tails, strict=True))
     with running(Daemon(cluster, topic, model, folder, settings)) as daemon:
         daemon.wait_ready()
-        producer = cluster.producer(acks="all", linger_ms=1)
-        sent = generate(producer, topic, names, tails, rate)
-        producer.close()
+        if generator == "java":
+            sent = generate_java(cluster, topic, events, rate, folder)
+        else:
+            sent = generate_python(cluster, topic, events, rate)
         daemon.wait_committed(count, timeout=120)
     appended = {(m.partition, m.offset): m for m in read_all(cluster, topic)}
     produced_ms = {at: orjson.loads(m.value)[TIME] * 1000 for at, m in appended.items()}
@@ -295,11 +335,12 @@ def latency(
     scorer = Scorer.load(model, providers=["CPUExecutionProvider"])
     threshold = float(settings["SCORING__THRESHOLD"])
     engine = Engine(scorer, EngineOptions(threshold=threshold, key_ttl_s=0.0))
-    records = [InputRecord(v, k.decode()) for v, k in zip(sent.values, names, strict=True)]
+    in_send_order = sorted(appended, key=produced_ms.__getitem__)
+    records = [InputRecord(appended[a].value, appended[a].key.decode()) for a in in_send_order]
     return Latency(
         rate_eps=rate,
         achieved_eps=count / sent.seconds,
-        late_p99_ms=_percentile(sent.late_s * 1000, 99),
+        late_p99_ms=sent.late_p99_ms,
         p50_ms=_percentile(total, 50),
         p99_ms=_percentile(total, 99),
         max_ms=float(total.max()) if total.size else float("nan"),
@@ -558,6 +599,7 @@ def latencies(run: Run, half: float, threshold: float) -> None:
                 args.latency_seconds,
                 args.keys,
                 settings,
+                args.load_generator,
             ),
         )
         if lat is not None:
@@ -574,6 +616,7 @@ def latencies(run: Run, half: float, threshold: float) -> None:
     run.setup |= {
         "latency_threshold": threshold,
         "latency_batching_max_latency_ms": args.latency_batch_ms,
+        "latency_load_generator": args.load_generator,
         "latency": {name: lat and asdict(lat) for name, lat in measured.items()},
     }
 
@@ -661,6 +704,13 @@ def main() -> int:
         "--latency-batch-ms",
         type=int,
         help="batching.max_latency_ms of the latency run (default: the daemon's default)",
+    )
+    parser.add_argument(
+        "--load-generator",
+        choices=("java", "python"),
+        default="java",
+        help="what sends the latency runs' events: bench/LoadGenerator.java in a JVM (a small "
+        "fraction of a core), or kafka-python in this process (about 16 us of CPU per event)",
     )
     parser.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
     parser.add_argument(
