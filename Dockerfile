@@ -5,31 +5,20 @@
 #
 #   docker build -t seqsentinel-detector .                                  # runtime (default)
 #   docker build --target trainer -t seqsentinel-trainer .                  # adds torch
-#   docker build --build-arg VARIANT=gpu -t seqsentinel-detector:gpu .      # CUDA, onnxruntime-gpu
+#   docker build --build-arg VARIANT=gpu -t seqsentinel-detector:gpu .      # onnxruntime-gpu, CUDA
 #
 # The runtime runs as uid 10001 with a read-only root: it writes only under /tmp and reads its
 # model from /models (mount a volume there), e.g.
 #   docker run --read-only --tmpfs /tmp -v models:/models:ro --env-file detector.env seqsentinel-detector
 
-# cpu or gpu: picks the base image and the onnxruntime package.
+# cpu or gpu: picks the onnxruntime package. One base image serves both: onnxruntime-gpu brings
+# the CUDA and cuDNN libraries of its own CUDA release as pip packages (deploy/install.sh), so
+# no CUDA base image has to match it, and the NVIDIA container toolkit mounts the host's driver.
 ARG VARIANT=cpu
-ARG CPU_BASE_IMAGE=python:3.11-slim-bookworm
-ARG GPU_BASE_IMAGE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04
+ARG BASE_IMAGE=python:3.11-slim-bookworm
 
-FROM ${CPU_BASE_IMAGE} AS base-cpu
-
-FROM ${GPU_BASE_IMAGE} AS base-gpu
-# CUDA images carry no Python: Ubuntu's own, with venv for the install step. Its version follows
-# the pinned base image, so the packages are not pinned again.
-# hadolint ignore=DL3008
-RUN apt-get update \
-    && apt-get install --yes --no-install-recommends python3 python3-venv \
-    && rm -rf /var/lib/apt/lists/*
-
-# What both images share: the service user and the folders it may write. base-cpu and base-gpu are
-# stages of this file, tagged through the ARGs above.
-# hadolint ignore=DL3006
-FROM base-${VARIANT} AS base
+# What every image shares: the service user and the folders it may write.
+FROM ${BASE_IMAGE} AS base
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     HOME=/tmp \

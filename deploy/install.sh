@@ -78,12 +78,14 @@ fi
 
 if [ "$variant" = gpu ]; then
     # onnxruntime-gpu is released later than onnxruntime and may lag it: ask for the project's own
-    # requirement (e.g. onnxruntime>=1.18) under the GPU name rather than the same release.
+    # requirement (e.g. onnxruntime>=1.18) under the GPU name rather than the same release. Its
+    # cuda and cudnn extras install the CUDA and cuDNN libraries of the CUDA release it was built
+    # for (CUDA 13 for 1.31: a CUDA 12 base image could not run it); the detector loads them.
     requirement=$("$python" -c '
 from importlib.metadata import requires
 from packaging.requirements import Requirement
 (spec,) = [Requirement(r).specifier for r in requires("seqsentinel") if Requirement(r).name == "onnxruntime"]
-print(f"onnxruntime-gpu{spec}")')
+print(f"onnxruntime-gpu[cuda,cudnn]{spec}")')
     "$python" -m pip uninstall --yes onnxruntime
     "$python" -m pip install "$requirement"
 fi
