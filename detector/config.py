@@ -92,6 +92,10 @@ class KafkaSettings(_Section):
     linger_ms: NonNegativeInt = 0
     """How long the producer holds alerts and dead letters to batch them; each millisecond is
     added to an alert's latency, and alerts are too few for batching to save much."""
+    commit_interval_ms: Annotated[int, Field(ge=0, le=60_000)] = 100
+    """Under at_least_once, at most one offset commit per interval (0: one after every round
+    acknowledged); shutdown and revocation commit at once. Each commit is a request and a write
+    to the offsets topic, and a crash replays at most this much more."""
     session_timeout_ms: Annotated[int, Field(ge=1000, le=300_000)] = 10_000
     """A crashed detector's partitions move to the others after this long without a heartbeat
     (Kafka's default before 3.0; the 45 s default since then is slow for a stream of alerts)."""

@@ -691,12 +691,14 @@ class Daemon:
     def _try_commit(self) -> None:
         """Commit the acknowledged offsets asynchronously: the request goes out while the next
         round polls, and its outcome comes back through `_committed` in a later poll. One
-        commit at a time, none while a failed one backs off."""
+        commit at a time, at most one per `kafka.commit_interval_ms`, none while a failed one
+        backs off."""
         acked = self.in_hand.acked
         if not acked or self._committing is not None or time.monotonic() < self._next_commit:
             return
         assert self.consumer is not None
         self._committing = dict(acked)
+        self._next_commit = time.monotonic() + self.settings.kafka.commit_interval_ms / 1000
         try:
             self.consumer.commit_async(self._offsets(), callback=self._committed)
         except KafkaError as error:
