@@ -224,7 +224,8 @@ class Latency:
     and its two parts: `send()` to the event's append (the load generator's producer) and the
     event's append to its alert's append (the detector, broker to broker). `achieved_eps` and
     `late_p99_ms` (how late `send()` came after its scheduled time) say whether the load
-    generator kept its rate."""
+    generator kept its rate. `detector_cpu_us_per_event` and `detector_core_share` (its CPU
+    seconds per second of sending) say how close the detector came to filling its core."""
 
     rate_eps: float
     achieved_eps: float
@@ -239,6 +240,8 @@ class Latency:
     produced: int
     alerts_expected: int
     alerts_received: int
+    detector_cpu_us_per_event: float
+    detector_core_share: float
 
 
 @dataclass(frozen=True)
@@ -317,11 +320,13 @@ def latency(
     events = list(zip(names, tails, strict=True))
     with running(Daemon(cluster, topic, model, folder, settings)) as daemon:
         daemon.wait_ready()
+        cpu_before = daemon.cpu_seconds()
         if generator == "java":
             sent = generate_java(cluster, topic, events, rate, folder)
         else:
             sent = generate_python(cluster, topic, events, rate)
         daemon.wait_committed(count, timeout=120)
+        cpu_seconds = daemon.cpu_seconds() - cpu_before
     appended = {(m.partition, m.offset): m for m in read_all(cluster, topic)}
     produced_ms = {at: orjson.loads(m.value)[TIME] * 1000 for at, m in appended.items()}
     received = read_all(cluster, alerts)
@@ -351,6 +356,8 @@ def latency(
         produced=count,
         alerts_expected=engine.process(records).counters.alerts,
         alerts_received=len(received),
+        detector_cpu_us_per_event=cpu_seconds * 1e6 / count,
+        detector_core_share=cpu_seconds / sent.seconds,
     )
 
 
@@ -471,11 +478,13 @@ def print_report(results: dict[str, Any]) -> None:
 def print_latencies(console: Console, measured: dict[str, dict[str, Any] | None]) -> None:
     lats = Table(title="latency (ms): produce timestamp to the alert's append")
     columns = ("rate", "sent events/s", "late p99", "p50", "p99", "max", "detector p99")
-    for column in columns:
+    for column in (*columns, "detector CPU µs/event", "detector core share"):
         lats.add_column(column, justify="right")
     for name, lat in measured.items():
         fields = ("achieved_eps", "late_p99_ms", "p50_ms", "p99_ms", "max_ms", "append_p99_ms")
         shown = [_shown(lat and lat[field], 0) for field in fields]
+        shown += [_shown(lat and lat["detector_cpu_us_per_event"], 1)]
+        shown += [_shown(lat and lat["detector_core_share"], 2)]
         lats.add_row(f"{name}: {lat['rate_eps']:,.0f}/s" if lat else name, *shown)
     console.print(lats)
 
