@@ -8,7 +8,8 @@ round is acknowledged, so an offset becomes committable only when everything cau
 records before it is acknowledged: one failed send holds back its round and every later one.
 Failed messages are sent again (same alert ids) until they are acknowledged. A key-state
 snapshot valid at some offsets may be written only once every output of the records before
-them is acknowledged: it is held in line and sent when the rounds before it are.
+them is acknowledged: it is held in line and sent when the rounds before it are; its
+messages are made only then, so that their encoding can go on elsewhere meanwhile.
 """
 
 from __future__ import annotations
@@ -47,8 +48,10 @@ class Round:
     futures: list[Future]
     offsets: dict[TopicPartition, int]
     records: int = 0
-    #: Not sent until every round before it is acknowledged (a key-state snapshot).
+    #: Not sent until every round before it is acknowledged (a key-state snapshot); then
+    #: `make` makes its messages.
     held: bool = False
+    make: Callable[[], list[Outgoing]] | None = None
 
     def done(self) -> bool:
         return not self.held and all(future.is_done for future in self.futures)
@@ -87,10 +90,10 @@ class InFlight:
         self._rounds.append(Round(messages, futures, dict(offsets), records))
         self.records += records
 
-    def hold(self, messages: list[Outgoing]) -> None:
-        """Send `messages` only once every round added before them is acknowledged, without
-        waiting for that here."""
-        self._rounds.append(Round(messages, [], {}, held=True))
+    def hold(self, make: Callable[[], list[Outgoing]]) -> None:
+        """Send the messages `make` returns only once every round added before them is
+        acknowledged, without waiting for that here; `make` is called then."""
+        self._rounds.append(Round([], [], {}, held=True, make=make))
 
     def pending(self) -> bool:
         """Whether some send still waits for the broker's answer."""
@@ -104,7 +107,9 @@ class InFlight:
         acknowledged: list[Outgoing] = []
         while self._rounds:
             if (front := self._rounds[0]).held:
-                front.futures, front.held = [self._send(m) for m in front.messages], False
+                assert front.make is not None
+                front.messages, front.held = front.make(), False
+                front.futures = [self._send(m) for m in front.messages]
             if not front.acknowledged():
                 break
             done = self._rounds.popleft()

@@ -25,19 +25,23 @@ from dataclasses import dataclass
 
 import numpy as np
 import orjson
+from kafka import TopicPartition
 
 from detector.arena import ArenaShape
+from detector.inflight import Outgoing
 from detector.manifest import Manifest
 
 __all__ = [
     "CHUNK_BYTES",
     "Snapshot",
     "SnapshotHeader",
+    "StateCopy",
     "decode_fields",
     "encode_fields",
     "fingerprint",
     "latest_snapshot",
     "snapshot_messages",
+    "snapshot_records",
 ]
 
 FORMAT = 1
@@ -172,6 +176,33 @@ def snapshot_messages(
         (chunk_key(input_topic, partition, generation, i), chunk) for i, chunk in enumerate(chunks)
     ]
     return [*messages, (header_key(input_topic, partition), header.to_bytes())]
+
+
+@dataclass(frozen=True, slots=True)
+class StateCopy:
+    """The key state of one input partition, copied at `offset`, and where its snapshot goes."""
+
+    partition: TopicPartition
+    offset: int
+    generation: int
+    fields: dict[str, np.ndarray]
+    state_topic: str
+    state_partition: int
+
+
+def snapshot_records(copies: list[StateCopy], fingerprint: str) -> list[Outgoing]:
+    """The records to publish for the snapshots of `copies`, made by a model of `fingerprint`."""
+    outgoing: list[Outgoing] = []
+    for copy in copies:
+        tp = copy.partition
+        messages = snapshot_messages(
+            tp.topic, tp.partition, copy.offset, copy.fields, fingerprint, copy.generation
+        )
+        outgoing += [
+            Outgoing(copy.state_topic, key, value, [], partition=copy.state_partition)
+            for key, value in messages
+        ]
+    return outgoing
 
 
 def latest_snapshot(

@@ -84,20 +84,27 @@ def test_the_records_of_the_rounds_in_flight_are_counted_until_they_are_released
     assert in_flight.records == 0
 
 
-def test_a_held_snapshot_is_sent_only_once_the_rounds_before_it_are_acknowledged():
+def test_a_held_snapshot_is_made_and_sent_only_once_the_rounds_before_it_are_acknowledged():
     sends = Sends()
     in_flight = InFlight(sends)
+    made: list[int] = []
+
+    def snapshot() -> list[Outgoing]:
+        made.append(len(sends.futures))
+        return [message(b"snapshot")]
+
     in_flight.add([message(b"a")], {P0: 10}, records=10)
-    in_flight.hold([message(b"snapshot")])
+    in_flight.hold(snapshot)
     in_flight.add([], {P0: 20}, records=10)
     assert in_flight.release() == ({}, [])
-    assert len(sends.futures) == 1  # the snapshot waits for the round before it
+    assert len(sends.futures) == 1 and made == []  # the snapshot waits for the round before it
     sends.futures[0].success(None)
     assert in_flight.release() == ({P0: 10}, [message(b"a")])
     assert len(sends.futures) == 2  # sent, and the round after it waits in turn
+    assert made == [1]  # made once, when it reached the front
     sends.futures[1].success(None)
     assert in_flight.release() == ({P0: 20}, [message(b"snapshot")])
-    assert len(in_flight) == 0
+    assert len(in_flight) == 0 and made == [1]
 
 
 def test_lost_partitions_leave_the_rounds_in_flight_without_their_offsets():
