@@ -5,7 +5,8 @@
 
 The model: 8 features (6 numeric, 1 categorical, time delta), LSTM hidden 64 x 2 layers,
 window 32, every event scored (min_history 1, stride 1); the stateful model also runs with
-adaptive per-key thresholds (history 512, re-chosen every 16 events). Events are JSON bytes,
+adaptive per-key thresholds (history 512, re-chosen every 16 events). Last, the time a key-state
+snapshot of the stateful model's keys takes to copy and to encode. Events are JSON bytes,
 as from Kafka, spread uniformly over the keys. The baseline is what one would write first: a
 Python list per key holding its encoded events and one onnxruntime call per event on the
 window graph. Memory per key is measured with tracemalloc over the engine's own state.
@@ -41,6 +42,7 @@ from detector.manifest import (
 )
 from detector.records import InputRecord
 from detector.scorer import CPU, Scorer
+from detector.snapshots import encode_fields
 from trainer.export import export_model
 from trainer.network import SequenceNet
 
@@ -150,6 +152,17 @@ def bytes_per_key(scorer: Scorer, records: list[InputRecord], batch: int) -> int
     return per_key
 
 
+def snapshot_seconds(engine: Engine) -> tuple[float, float]:
+    """Seconds to copy every key's state (what the daemon's loop does for a snapshot) and to
+    encode the copies into a compressed blob (what its encoder thread does)."""
+    arena = engine.arena
+    started = clock()
+    fields = arena.export(np.flatnonzero(arena.used))
+    copied = clock()
+    encode_fields(fields)
+    return copied - started, clock() - copied
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=200_000)
@@ -189,6 +202,8 @@ def main() -> None:
             scorer = Scorer.load(path, providers, intra_op_threads=args.threads)
             rate = engine_rate(scorer, records, args.batch)
             rows.append((name, rate, bytes_per_key(scorer, records, args.batch)))
+        stateful = Scorer.load(models["stateful"], providers, intra_op_threads=args.threads)
+        copy_s, encode_s = snapshot_seconds(run(stateful, records, args.batch))
     # Decoding is the same Python loop in every path: what is left is the cost of scoring.
     decoding = 1e6 / rows[0][1]
     table = Table(
@@ -206,6 +221,10 @@ def main() -> None:
             f"{per_key:,}" if per_key else "-",
         )
     Console().print(table)
+    Console().print(
+        f"snapshot of {args.keys:,} stateful keys: copy {copy_s * 1000:,.1f} ms in the "
+        f"daemon's loop, encoding {encode_s * 1000:,.1f} ms on its encoder thread"
+    )
 
 
 if __name__ == "__main__":
