@@ -15,7 +15,7 @@ messages are made only then, so that their encoding can go on elsewhere meanwhil
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -77,9 +77,6 @@ class InFlight:
 
     def __len__(self) -> int:
         return len(self._rounds)
-
-    def __iter__(self) -> Iterator[Round]:
-        return iter(self._rounds)
 
     def add(
         self, messages: list[Outgoing], offsets: dict[TopicPartition, int], records: int = 0
