@@ -61,8 +61,6 @@ def resolve_providers(requested: Sequence[str] = ("auto",)) -> list[str]:
             resolved.append(name)
         else:
             raise ValueError(f"execution provider {name!r} is not available (have {available})")
-    if CUDA in resolved:
-        load_cuda_libraries()
     return list(dict.fromkeys(resolved))
 
 
@@ -131,9 +129,10 @@ class Scorer:
         options.inter_op_num_threads = inter_op_threads
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
-        chosen = [
-            (name, CUDA_OPTIONS) if name == CUDA else name for name in resolve_providers(providers)
-        ]
+        names = resolve_providers(providers)
+        if CUDA in names:
+            load_cuda_libraries()
+        chosen = [(name, CUDA_OPTIONS) if name == CUDA else name for name in names]
         try:
             session = onnxruntime.InferenceSession(data, options, providers=chosen)
         except Exception as error:  # onnxruntime raises its own unrelated exception types
