@@ -39,6 +39,7 @@ from trainer.metrics import (
     precision_recall_curve,
     range_counts,
     runs,
+    separable_ranges,
 )
 from trainer.pipeline import train
 
@@ -69,6 +70,9 @@ class ChannelResult:
     alerts: int
     #: Share of the channel's normal test events inside an alert episode.
     normal_in_episode: float
+    #: Labeled sequences whose peak smoothed score (within the cooldown after them) exceeds
+    #: every score of the `history` events before them (`trainer.metrics.separable_ranges`).
+    separable: int
 
 
 def main() -> None:
@@ -272,6 +276,10 @@ def _channel_result(evaluation: Evaluation, label: Label, cooldown: int) -> Chan
     for start, end in label.sequences:
         truth[start : end + 1] = True
     alerts = sum(alert.key == label.channel for alert in replay.alerts)
+    adaptive = evaluation.manifest.scoring.adaptive
+    separable = separable_ranges(
+        truth, replay.scores[rows], adaptive.history if adaptive else rows.size, cooldown
+    )
     if alerts != len(runs(episodes)):
         console.print(f"[red]{label.name}: {alerts} engine alerts, {len(runs(episodes))} episodes")
     return ChannelResult(
@@ -280,6 +288,7 @@ def _channel_result(evaluation: Evaluation, label: Label, cooldown: int) -> Chan
         point_counts(truth[scored], above[scored]),
         alerts,
         float(episodes[~truth].mean()) if (~truth).any() else 0.0,
+        int(separable.sum()),
     )
 
 
@@ -291,6 +300,7 @@ def _summary(outcomes: list[Outcome]) -> dict:
     points = Counts(
         *(sum(getattr(r.points, f) for r in results) for f in Counts.__dataclass_fields__)
     )
+    separable = sum(r.separable for r in results)
     return {
         "total": {
             "precision": ranges.precision,
@@ -303,6 +313,12 @@ def _summary(outcomes: list[Outcome]) -> dict:
             "false_positive_sequences": ranges.predicted - ranges.predicted_on_label,
             #: A channel in alert for most of its normal events "catches" every label.
             "channels_mostly_in_alert": sum(r.normal_in_episode > 0.5 for r in results),
+            "separable_sequences": separable,
+            #: The F1 of catching every separable sequence and raising no false alert: what
+            #: thresholding alone can reach with these models' scores.
+            "separable_f1_bound": 2 * separable / (ranges.labeled + separable)
+            if ranges.labeled
+            else 0.0,
         },
         "channels": {
             r.name: {
@@ -315,6 +331,7 @@ def _summary(outcomes: list[Outcome]) -> dict:
                 "false_positive_sequences": r.ranges.predicted - r.ranges.predicted_on_label,
                 "alerts": r.alerts,
                 "normal_in_episode": r.normal_in_episode,
+                "separable_sequences": r.separable,
             }
             for r in results
         },
@@ -335,6 +352,7 @@ def _print(mode: str, summary: dict) -> None:
             c["f1"],
             c["pointwise_f1"],
             c["normal_in_episode"],
+            c["separable_sequences"],
         )
         for name, c in summary["channels"].items()
     ]
@@ -351,11 +369,16 @@ def _print(mode: str, summary: dict) -> None:
                 "F1",
                 "point F1",
                 "normal in alert",
+                "separable",
             ],
             rows,
         )
     )
     total = summary["total"]
+    console.print(
+        f"separable sequences: {total['separable_sequences']} of {total['labeled_sequences']} "
+        f"(F1 at most {total['separable_f1_bound']:.3f} by thresholding these scores)"
+    )
     console.print(
         table(
             f"SMAP {mode}: total (train {summary['train_seconds']:.0f} s, "

@@ -21,6 +21,7 @@ from trainer.metrics import (
     roc_auc,
     roc_curve,
     runs,
+    separable_ranges,
 )
 
 LABELS = np.array([1, 0, 1, 1, 0], bool)
@@ -107,6 +108,21 @@ def test_range_point_adjusted_and_point_metrics_by_hand() -> None:
     )
     plain = point_counts(RANGE_LABELS, RANGE_PREDICTED)
     assert (plain.true_positives, plain.false_positives, plain.false_negatives) == (1, 2, 3)
+
+
+def test_separable_ranges_compare_each_peak_with_the_scores_before_it() -> None:
+    labels = np.array([0, 0, 0, 1, 1, 0, 0, 0, 1, 0, 0, 1], bool)
+    scores = np.array([1.0, 5.0, 2.0, 3.0, 4.0, 1.0, 1.0, 1.0, 0.5, 6.0, 1.0, np.nan])
+    # [3, 5) peaks at 4 below the 5 two events earlier; within one event before, it stands
+    # out. [8, 9) peaks at 0.5, or at 6 when the event after it counts. [11, 12) has no score.
+    np.testing.assert_array_equal(separable_ranges(labels, scores, before=3), [False, False, False])
+    np.testing.assert_array_equal(separable_ranges(labels, scores, before=1), [True, False, False])
+    np.testing.assert_array_equal(
+        separable_ranges(labels, scores, before=3, after=1), [False, True, False]
+    )
+    # Nothing scored before the first range: nothing says it is unusual.
+    assert not separable_ranges(np.array([1, 0], bool), np.array([9.0, 1.0]), before=5).any()
+    assert separable_ranges(np.zeros(3, bool), np.ones(3), before=2).shape == (0,)
 
 
 def test_key_time_order_groups_keys_and_sorts_time() -> None:

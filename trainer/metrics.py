@@ -210,6 +210,29 @@ def range_counts(
     )
 
 
+def separable_ranges(
+    labels: np.ndarray, scores: np.ndarray, before: int, after: int = 0
+) -> np.ndarray:
+    """Per labeled range, whether its peak score exceeds every score of the `before` events
+    preceding it (other labeled events among them count too).
+
+    One key's events in time order, NaN where not scored. A range that is not separable
+    cannot be caught by a threshold that stays put across those events without an alert
+    before it, so the share of separable ranges bounds what thresholding alone can reach
+    with these scores. `after` extends each range's peak over the events just after it
+    (an alert episode that opens there still overlaps the range in time for the engine's
+    cooldown). A range with no score inside, or none before it, is not separable.
+    """
+    labels = np.asarray(labels, bool)
+    scores = np.where(np.isnan(scores), -np.inf, np.asarray(scores, np.float64))
+    result = []
+    for start, stop in runs(labels):
+        peak = scores[start : min(stop + after, scores.size)].max(initial=-np.inf)
+        prior = scores[max(0, start - before) : start].max(initial=-np.inf)
+        result.append(np.isfinite(peak) and np.isfinite(prior) and peak > prior)
+    return np.array(result, bool)
+
+
 def point_adjusted_counts(
     labels: np.ndarray, predicted: np.ndarray, groups: np.ndarray | None = None
 ) -> Counts:
