@@ -150,6 +150,7 @@ class Engine:
         self.options = options or EngineOptions()
         self.model = model
         self.arena = self._arena_for(model.manifest)
+        self.static_thresholds = self._static_thresholds()
         self._tick = 0
 
     @property
@@ -176,6 +177,7 @@ class Engine:
         self.model = model
         if reason is not None:
             self.arena = self._arena_for(model.manifest)
+        self.static_thresholds = self._static_thresholds()
         log.info(
             "model swapped",
             model_version=model.manifest.model_version,
@@ -183,6 +185,21 @@ class Engine:
             reason=reason,
         )
         return reason is None
+
+    def _static_thresholds(self) -> np.ndarray:
+        """The static threshold of each statistics row (`KeyArena.stats_row`): row 0 the
+        model's, the others their key's own calibrated one where the manifest has it. An
+        explicit `EngineOptions.threshold` holds for every key."""
+        per_key = (self.manifest.per_key_statistics or {}).values()
+        own = self.options.threshold is None
+        return np.array(
+            [self.threshold]
+            + [
+                stats.threshold if own and stats.threshold is not None else self.threshold
+                for stats in per_key
+            ],
+            np.float64,
+        )
 
     def _arena_for(self, manifest: Manifest) -> KeyArena:
         """A fresh arena; says so when adaptive thresholds could fill memory at `max_keys`
@@ -460,14 +477,15 @@ class _Batch:
         )
 
     def _thresholds(self, slots: np.ndarray, scores: np.ndarray) -> np.ndarray:
-        """Each slot's threshold for its new smoothed score: the static one, or with adaptive
-        thresholds the key's latest re-chosen one (at least the static one unless the floor
-        is "none"; the static one before the first choice; infinite while the key warms up)."""
-        static = self.engine.threshold
+        """Each slot's threshold for its new smoothed score: the static one (its key's own
+        calibrated one, or the model's), or with adaptive thresholds the key's latest
+        re-chosen one (at least the static one unless the floor is "none"; the static one
+        before the first choice; infinite while the key warms up)."""
+        arena = self.arena
+        static = self.engine.static_thresholds[arena.stats_row[slots]]
         adaptive = self.manifest.scoring.adaptive
         if adaptive is None:
-            return np.full(slots.size, static)
-        arena = self.arena
+            return static
         scored = arena.remember_scores(slots, scores)
         due = slots[scored % adaptive.refresh == 0]
         if due.size:
@@ -594,7 +612,7 @@ def incompatibility(old: Manifest, new: Manifest) -> str | None:
         "export mode": (old.export_mode, new.export_mode),
         "window": (old.window, new.window),
         "features": (old.features, new.features),
-        "per-key statistics": (old.per_key_statistics, new.per_key_statistics),
+        "per-key statistics": (old.per_key_normalisation, new.per_key_normalisation),
         "adaptive threshold history": (
             ArenaShape.for_manifest(old).history,
             ArenaShape.for_manifest(new).history,

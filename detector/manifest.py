@@ -97,10 +97,15 @@ class Columns(_Strict):
 
 
 class KeyStatistics(_Strict):
-    """Per-key mean and std of the numeric features, in feature order."""
+    """Per-key mean and std of the numeric features, in feature order, and optionally the
+    key's own calibrated threshold."""
 
     mean: list[float]
     std: list[float]
+    #: Calibrated on this key's validation scores alone (trainer `[threshold] per_key`): the
+    #: key's static threshold in place of `Scoring.threshold`, so that one model shared by
+    #: unlike keys holds each to its own normal error level. None: `Scoring.threshold`.
+    threshold: float | None = Field(default=None, ge=0, allow_inf_nan=False)
 
 
 class Network(_Strict):
@@ -118,8 +123,9 @@ class AdaptiveThreshold(_Strict):
 
     Every `refresh` scored events of a key, the dynamic threshold (`detector.thresholds`)
     of its last `history` smoothed scores becomes its threshold, by default never below the
-    static one (`Scoring.threshold`, the floor that keeps quiet keys from alerting on tiny
-    errors); a key alerts only from its `warm_up`-th scored event on.
+    static one (the key's calibrated threshold, or `Scoring.threshold`: the floor that keeps
+    quiet keys from alerting on tiny errors); a key alerts only from its `warm_up`-th scored
+    event on.
     It follows keys whose live errors differ from the training data's (new operating modes,
     level shifts), as the rolling windows of telemanom do. Costs `history` × 4 bytes per key.
     """
@@ -130,9 +136,10 @@ class AdaptiveThreshold(_Strict):
     refresh: int = Field(default=70, ge=1, le=100_000)
     #: Pruning margin: a peak must exceed the largest score below the threshold by this share.
     prune: float = Field(default=0.13, ge=0, lt=10)
-    #: calibrated: `Scoring.threshold` bounds every key's threshold from below (a model of
-    #: alike keys); none: a key's threshold is its own alone once chosen (a model shared by
-    #: unlike keys, whose pooled calibration suits none of them).
+    #: calibrated: the static threshold (the key's own calibrated one where the manifest has
+    #: it, else `Scoring.threshold`) bounds every key's threshold from below; none: a key's
+    #: threshold is its own alone once chosen (a model shared by unlike keys whose pooled
+    #: calibration suits none of them, and which has no per-key thresholds).
     floor: Literal["calibrated", "none"] = "calibrated"
     #: Scored events of a key before it may alert: until then its threshold is infinite, since
     #: a handful of its own scores cannot say what is unusual for it (telemanom judges its
@@ -208,6 +215,17 @@ class Manifest(_Strict):
             if len(stats.mean) != numeric or len(stats.std) != numeric:
                 raise ValueError(f"per_key_statistics[{key!r}] must have {numeric} means and stds")
         return self
+
+    @property
+    def per_key_normalisation(self) -> dict[str, dict[str, list[float]]] | None:
+        """The per-key means and stds, which shape how a key's state was encoded (the per-key
+        thresholds do not: a model that only changes them can keep the keys' state)."""
+        if self.per_key_statistics is None:
+            return None
+        return {
+            key: stats.model_dump(include={"mean", "std"})
+            for key, stats in self.per_key_statistics.items()
+        }
 
     @property
     def numeric_features(self) -> list[NumericFeature]:

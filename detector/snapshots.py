@@ -62,7 +62,7 @@ def fingerprint(manifest: Manifest) -> str:
         "export_mode": manifest.export_mode,
         "window": manifest.window,
         "features": [feature.model_dump(mode="json") for feature in manifest.features],
-        "per_key_statistics": manifest.model_dump(mode="json")["per_key_statistics"],
+        "per_key_statistics": manifest.per_key_normalisation,
         "network": [manifest.network.layers, manifest.network.hidden],
         "bidirectional": manifest.network.bidirectional,
         "ring": shape.ring,

@@ -13,7 +13,7 @@ from structlog.testing import capture_logs
 
 from detector.arena import ArenaShape, KeyArena
 from detector.engine import Engine, EngineOptions, Status
-from detector.manifest import AdaptiveThreshold, Manifest, Scoring
+from detector.manifest import AdaptiveThreshold, KeyStatistics, Manifest, Scoring
 from detector.records import InputRecord
 from detector.scorer import Scorer
 from detector.snapshots import decode_fields, encode_fields, fingerprint
@@ -155,6 +155,51 @@ def test_without_a_floor_a_keys_threshold_is_its_own_alone(fixed: Scorer, folder
     want = expected_thresholds(keys, scores, statuses, 1e6, floor=False)
     assert (want < 1e6).sum() > 20
     np.testing.assert_allclose(run(unfloored, records, 5)[2], want, rtol=1e-6)
+
+
+def own_thresholds(**thresholds: float | None) -> dict[str, KeyStatistics]:
+    """Per-key statistics equal to the global ones (scores stay those of `fixed`), each key
+    with the given threshold of its own."""
+    return {
+        key: KeyStatistics(mean=[50.0, 2.0], std=[20.0, 1.5], threshold=threshold)
+        for key, threshold in thresholds.items()
+    }
+
+
+def test_a_keys_own_calibrated_threshold_replaces_the_models(fixed: Scorer, folder: Path) -> None:
+    statistics = own_thresholds(k1=1e6, k2=None)
+    manifest = adaptive_manifest(threshold=0.05, per_key_statistics=statistics)
+    scorer = load_random(folder / "own.onnx", manifest, seed=3)
+    records = noisy_stream()
+    keys, scores, _, statuses = run(fixed, records, len(records))
+    want = expected_thresholds(keys, scores, statuses, 0.05)
+    k1 = keys == "k1"
+    want[k1] = expected_thresholds(keys, scores, statuses, 1e6)[k1]
+    assert (want[k1 & (statuses == Status.SCORED)] >= 1e6).all()
+    np.testing.assert_allclose(run(scorer, records, 5)[2], want, rtol=1e-6)
+
+    plain = make_manifest("forecast", "stateful", window=4, threshold=0.05)
+    fixed_own = load_random(
+        folder / "fixed-own.onnx", plain.model_copy(update={"per_key_statistics": statistics}), 3
+    )
+    result = Engine(fixed_own).process(records)
+    scored = result.statuses == Status.SCORED
+    expected = np.where(result.keys == "k1", 1e6, 0.05)
+    np.testing.assert_array_equal(result.thresholds[scored], expected[scored])
+    overridden = Engine(fixed_own, EngineOptions(threshold=0.3)).process(records)
+    assert set(overridden.thresholds[scored].tolist()) == {0.3}  # an explicit one holds for all
+
+
+def test_per_key_thresholds_do_not_change_how_state_is_kept(folder: Path) -> None:
+    without = adaptive_manifest(per_key_statistics=own_thresholds(k1=None))
+    with_own = adaptive_manifest(per_key_statistics=own_thresholds(k1=2.0))
+    assert fingerprint(with_own) == fingerprint(without)
+    engine = Engine(load_random(folder / "without.onnx", without, seed=4))
+    engine.process(noisy_stream(per_key=10))
+    assert engine.swap_model(load_random(folder / "with-own.onnx", with_own, seed=4)) is True
+    assert engine.keys == 3 and engine.static_thresholds.tolist() == [0.5, 2.0]
+    with pytest.raises(ValidationError, match="threshold"):
+        KeyStatistics(mean=[0.0], std=[1.0], threshold=float("nan"))
 
 
 def test_alerts_carry_their_keys_threshold_and_noisier_keys_get_higher_ones(

@@ -16,8 +16,10 @@ import torch
 from detector.engine import Status
 from detector.manifest import AdaptiveThreshold, load_model_file
 from trainer.calibrate import (
+    MIN_KEY_SCORES,
     CalibrationError,
     calibrate,
+    calibrate_per_key,
     fpr_threshold,
     max_f1_threshold,
     precision_threshold,
@@ -196,6 +198,76 @@ def test_an_adaptive_threshold_goes_from_the_config_through_the_manifest_to_the_
     assert point["true_positives"] + point["false_positives"] == int(
         flagged[~np.isnan(evaluation.labels[scored])].sum()
     )
+
+
+def test_per_key_thresholds_go_from_the_config_through_the_manifest_to_the_engine(
+    tmp_path, capsys
+) -> None:
+    rows = sensor_rows()
+    noise = np.random.default_rng(7)
+    for row in rows:  # every other sensor is noisier: its own errors run higher
+        if int(row["sensor"][1:]) % 2:
+            row["temperature"] = round(row["temperature"] + float(noise.normal(0, 1.5)), 3)
+    config_text = FORECAST.replace(
+        "hidden = 16\n", "hidden = 16\nper_key_normalisation = true\n"
+    ).replace("target = 0.99\n", "target = 0.99\nper_key = true\n")
+    config, data = write(tmp_path, config_text, rows)
+    result = train(config, [data], tmp_path / "sensors.onnx", epochs=2, progress=False)
+
+    manifest, _ = load_model_file(result.model_path)
+    validation = result.validation
+    want = calibrate_per_key(
+        validation.scores, validation.labels, "quantile", 0.99, validation.keys
+    )
+    got = {key: stats.threshold for key, stats in manifest.per_key_statistics.items()}
+    assert got == want and len(got) == 12 and result.metrics["per_key_thresholds"] == 12
+    assert len(set(got.values())) == 12 and manifest.scoring.threshold not in got.values()
+    replay = evaluate(result.model_path, data).replay
+    scored = replay.statuses == Status.SCORED
+    np.testing.assert_array_equal(
+        replay.thresholds[scored], [got[key] for key in replay.keys[scored]]
+    )
+    capsys.readouterr()
+    assert trainer_main(["inspect", str(result.model_path)]) == 0
+    assert "per-key thresholds 12 keys" in " ".join(
+        capsys.readouterr().out.replace("│", " ").split()
+    )
+
+
+def test_per_key_thresholds_are_each_keys_own_calibration() -> None:
+    rng = np.random.default_rng(3)
+    keys = rng.permutation(["quiet"] * 60 + ["loud"] * 60 + ["rare"] * (MIN_KEY_SCORES - 1))
+    scale = {"quiet": 1.0, "loud": 10.0, "rare": 5.0}
+    scores = np.array([scale[key] for key in keys]) * rng.gamma(2.0, size=keys.size)
+    thresholds = calibrate_per_key(scores, None, "quantile", 0.9, keys)
+    assert set(thresholds) == {"quiet", "loud"}  # "rare" has MIN_KEY_SCORES - 1 scores
+    for key in ("quiet", "loud"):
+        assert thresholds[key] == calibrate(scores[keys == key], None, "quantile", 0.9)[0]
+    assert thresholds["loud"] > 3 * thresholds["quiet"]
+    labels = (np.arange(keys.size) % 7 == 0).astype(float)
+    labels[keys == "loud"] = 1.0  # no normal score left: the key keeps the model's threshold
+    assert set(calibrate_per_key(scores, labels, "quantile", 0.9, keys)) == {"quiet"}
+
+
+def test_per_key_thresholds_need_per_key_normalisation_and_no_labels(tmp_path) -> None:
+    with pytest.raises(ValueError, match="per_key_normalisation"):
+        load_train_config(write_config(tmp_path, FORECAST + "per_key = true\n"))
+    per_key_model = FORECAST.replace("hidden = 16\n", "hidden = 16\nper_key_normalisation = true\n")
+    with pytest.raises(ValueError, match="'quantile' or 'dynamic'"):
+        load_train_config(
+            write_config(
+                tmp_path,
+                per_key_model.replace('method = "quantile"', 'method = "max_f1"')
+                + "per_key = true\n",
+            )
+        )
+    assert load_train_config(write_config(tmp_path, per_key_model + "per_key = true\n"))
+
+
+def write_config(folder: Path, text: str) -> Path:
+    path = folder / "config.toml"
+    path.write_text(text)
+    return path
 
 
 def _fit_once(

@@ -52,6 +52,41 @@ def calibrate(
     raise ValueError(f"unknown threshold method {method!r}")
 
 
+#: Validation scores a key needs for a threshold of its own: fewer say little about its
+#: normal level, and the key keeps the model's threshold.
+MIN_KEY_SCORES = 20
+
+
+def calibrate_per_key(
+    scores: np.ndarray,
+    labels: np.ndarray | None,
+    method: str,
+    target: float | None,
+    keys: np.ndarray,
+) -> dict[str, float]:
+    """Each key's own threshold, calibrated by `calibrate` on that key's scores alone.
+
+    Keys with fewer than `MIN_KEY_SCORES` scores, or whose scores cannot support the method
+    (no normal ones), are left out: the detector gives them the model's threshold.
+    """
+    scores = np.asarray(scores, np.float64)
+    keys = np.asarray(keys)
+    order = np.argsort(keys, kind="stable")  # stable: each key's scores stay in event order
+    distinct, starts, counts = np.unique(keys[order], return_index=True, return_counts=True)
+    thresholds = {}
+    for key, start, count in zip(distinct.tolist(), starts, counts, strict=True):
+        if count < MIN_KEY_SCORES:
+            continue
+        index = order[start : start + count]
+        try:
+            thresholds[str(key)], _ = calibrate(
+                scores[index], None if labels is None else labels[index], method, target
+            )
+        except CalibrationError:
+            continue
+    return thresholds
+
+
 def max_f1_threshold(scores: np.ndarray, labels: np.ndarray) -> tuple[float, str]:
     precision, recall, thresholds = precision_recall_curve(labels, scores)
     f1 = np.divide(

@@ -183,6 +183,10 @@ class ThresholdConfig(_Section):
     #: Per-key thresholds the detector re-chooses from each key's live scores, with the
     #: calibrated one as their floor (`[threshold.adaptive]`; absent: one fixed threshold).
     adaptive: AdaptiveThreshold | None = None
+    #: Also calibrate each key's own threshold on its validation scores alone (the model's
+    #: stays for keys seen later): one model shared by unlike keys then holds each to its own
+    #: normal error level. Needs `model.per_key_normalisation` and an unsupervised method.
+    per_key: bool = False
 
     @property
     def resolved_target(self) -> float | None:
@@ -210,6 +214,14 @@ class TrainConfig(_Section):
                 f"threshold.method {self.threshold.method!r} needs labels; "
                 "use 'quantile' or 'dynamic'"
             )
+        if self.threshold.per_key:
+            if not self.model.per_key_normalisation:
+                raise ValueError("threshold.per_key needs model.per_key_normalisation = true")
+            if self.threshold.method not in UNSUPERVISED_METHODS:
+                raise ValueError(
+                    "threshold.per_key needs method 'quantile' or 'dynamic' "
+                    "(most keys have too few anomalies to calibrate on labels)"
+                )
         return self
 
     def draft_manifest(self, vocabularies: dict[str, list[str]]) -> Manifest:

@@ -13,8 +13,8 @@ import onnx
 import torch
 
 from detector import __version__
-from detector.manifest import Manifest, Scoring, TrainingSummary, write_model
-from trainer.calibrate import calibrate, smooth_per_key
+from detector.manifest import KeyStatistics, Manifest, Scoring, TrainingSummary, write_model
+from trainer.calibrate import calibrate, calibrate_per_key, smooth_per_key
 from trainer.config import TrainConfig
 from trainer.data import SPLIT_NAMES, TEST, TRAIN, VALIDATION, Events, Windows, load_events
 from trainer.export import build_onnx, check_parity, onnx_scores, quantize_model
@@ -128,6 +128,17 @@ def train(
         model, validation, test, threshold, description, quantisation = _quantise(
             model, manifest, config, validation_windows, events.windows(TEST), validation, threshold
         )
+    key_thresholds = (
+        calibrate_per_key(
+            validation.scores,
+            validation.labels,
+            config.threshold.method,
+            config.threshold.resolved_target,
+            validation.keys,
+        )
+        if config.threshold.per_key
+        else {}
+    )
     metrics = {
         "validation": _split_metrics(validation, threshold, history.best_validation_loss),
         "test": _split_metrics(test, threshold, None),
@@ -141,6 +152,7 @@ def train(
                 smoothing=config.threshold.smoothing,
                 adaptive=config.threshold.adaptive,
             ),
+            "per_key_statistics": _with_thresholds(manifest.per_key_statistics, key_thresholds),
             "training": _summary(events, metrics),
             "trainer_version": __version__,
         }
@@ -155,6 +167,7 @@ def train(
         "export_mode": manifest.export_mode,
         "threshold": threshold,
         "calibration": description,
+        "per_key_thresholds": len(key_thresholds),
         "parity_max_difference": parity,
         "int8": quantisation,
         "windows": {
@@ -174,6 +187,18 @@ def train(
         json.dumps(report, indent=2, allow_nan=False, default=_json_default) + "\n"
     )
     return TrainResult(manifest, out, metrics_path, history, validation, test, report)
+
+
+def _with_thresholds(
+    statistics: dict[str, KeyStatistics] | None, thresholds: dict[str, float]
+) -> dict[str, KeyStatistics] | None:
+    """The per-key statistics with each key's own calibrated threshold, where it has one."""
+    if statistics is None or not thresholds:
+        return statistics
+    return {
+        key: stats.model_copy(update={"threshold": thresholds.get(key)})
+        for key, stats in statistics.items()
+    }
 
 
 def _split_scores(

@@ -191,10 +191,28 @@ def _adaptive_lines(manifest: Manifest) -> list[str]:
     adaptive = manifest.scoring.adaptive
     if adaptive is None:
         return []
+    floor = (
+        "never below the calibrated one" if adaptive.floor == "calibrated" else "without a floor"
+    )
     return [
         f"Each key's threshold is re-chosen every {adaptive.refresh} scored events from its "
         f"last {adaptive.history} smoothed scores (dynamic threshold, pruning margin "
-        f"{adaptive.prune:g}), never below that one.",
+        f"{adaptive.prune:g}), {floor}.",
+    ]
+
+
+def _per_key_threshold_lines(manifest: Manifest) -> list[str]:
+    own = [
+        stats.threshold
+        for stats in (manifest.per_key_statistics or {}).values()
+        if stats.threshold is not None
+    ]
+    if not own:
+        return []
+    return [
+        f"{len(own)} keys have a threshold of their own instead, calibrated the same way on "
+        f"their own validation scores ({min(own):.6g} to {max(own):.6g}); keys seen later "
+        "use the one above.",
     ]
 
 
@@ -220,6 +238,7 @@ def model_card(result: TrainResult) -> str:
         "",
         f"Scores {purpose}. Alerts start at a score of **{manifest.scoring.threshold:.6g}** "
         f"(calibrated on the validation split: {manifest.scoring.calibration}).",
+        *_per_key_threshold_lines(manifest),
         *_adaptive_lines(manifest),
         "",
         "## Data",

@@ -75,6 +75,7 @@ def overview(manifest: Manifest, providers: list[str]) -> Table:
         f"{scoring.adaptive.history} (prune {scoring.adaptive.prune:g}, floor "
         f"{scoring.adaptive.floor}, warm-up {scoring.adaptive.warm_up})",
         "per-key statistics": f"{len(manifest.per_key_statistics or {})} keys",
+        "per-key thresholds": _per_key_thresholds(manifest),
         "trained on": f"{training.rows:,} rows, {training.keys:,} keys",
         "metrics": ", ".join(f"{k}={v:.4g}" for k, v in training.metrics.items()) or "-",
         "created": f"{manifest.created_at:%Y-%m-%d %H:%M:%S %Z} by {manifest.trainer_version}",
@@ -84,6 +85,15 @@ def overview(manifest: Manifest, providers: list[str]) -> Table:
     for name, value in rows.items():
         table.add_row(name, value)
     return table
+
+
+def _per_key_thresholds(manifest: Manifest) -> str:
+    own = [
+        s.threshold for s in (manifest.per_key_statistics or {}).values() if s.threshold is not None
+    ]
+    if not own:
+        return "-"
+    return f"{len(own)} keys, {min(own):.6g} to {max(own):.6g}; other keys the threshold above"
 
 
 def features(manifest: Manifest) -> Table:
