@@ -1,8 +1,9 @@
 """From scores to alerts: per-key smoothing, anomalous episodes, and why a score was high.
 
 An alert is raised once per episode, not once per event: an episode of a key opens when its
-(smoothed) score reaches the threshold, stays open while scores stay there, and closes after
-`cooldown` consecutive scored events below it. The update is vectorised over the keys of one
+(smoothed) score reaches the threshold (for `confirm` consecutive scored events, if the model
+asks for it), stays open while scores stay there, and closes after `cooldown` consecutive
+scored events below it. The update is vectorised over the keys of one
 round of a batch (each key at most once), so a key's events are still applied in order.
 """
 
@@ -101,14 +102,25 @@ def smooth(arena: KeyArena, slots: np.ndarray, scores: np.ndarray, alpha: float)
 
 
 def advance_episodes(
-    arena: KeyArena, slots: np.ndarray, scores: np.ndarray, threshold: float, cooldown: int
+    arena: KeyArena,
+    slots: np.ndarray,
+    scores: np.ndarray,
+    threshold: np.ndarray,
+    cooldown: int,
+    confirm: int = 1,
 ) -> np.ndarray:
     """Apply one scored event per slot to the episode state; True where an episode opened.
 
-    An open episode closes at its `cooldown`-th consecutive score below the threshold (at
-    the first one when `cooldown` is 0 or 1); the peak is the highest score while open.
+    A score counts as above once it is the `confirm`-th consecutive one at or above the
+    threshold. An episode opens at such a score and closes at the `cooldown`-th consecutive
+    score not above (at the first one when `cooldown` is 0 or 1); the peak is the highest
+    score while open.
     """
     above = scores >= threshold
+    if confirm > 1:
+        run = np.where(above, arena.above[slots] + 1, 0)
+        arena.above[slots] = run
+        above = run >= confirm
     was_open = arena.in_episode[slots]
     opened = above & ~was_open
     below = np.where(above, 0, arena.below[slots] + was_open)

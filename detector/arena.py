@@ -32,14 +32,23 @@ class ArenaShape:
     state: tuple[int, int] | None = None
     #: adaptive thresholds: recent smoothed scores kept per key.
     history: int | None = None
+    #: alert confirmation: consecutive scores at or above the threshold counted per key.
+    confirm: bool = False
 
     @classmethod
     def for_manifest(cls, manifest: Manifest) -> ArenaShape:
         adaptive = manifest.scoring.adaptive
         history = None if adaptive is None else adaptive.history
+        confirm = manifest.scoring.confirm > 1
         if manifest.export_mode == "window":
-            return cls(ring=(manifest.window, len(manifest.features)), history=history)
-        return cls(state=(manifest.network.layers, manifest.network.hidden), history=history)
+            return cls(
+                ring=(manifest.window, len(manifest.features)), history=history, confirm=confirm
+            )
+        return cls(
+            state=(manifest.network.layers, manifest.network.hidden),
+            history=history,
+            confirm=confirm,
+        )
 
 
 # Per-slot fields: name -> (dtype, value of a fresh slot). The sequence group is what the
@@ -59,6 +68,10 @@ _SCORE_FIELDS: dict[str, tuple[type, object]] = {
 _ADAPTIVE_FIELDS: dict[str, tuple[type, object]] = {
     "scored": (np.int64, 0),
     "level": (np.float64, np.nan),
+}
+#: Score field of alert confirmation: consecutive scores at or above the threshold.
+_CONFIRM_FIELDS: dict[str, tuple[type, object]] = {
+    "above": (np.int32, 0),
 }
 _SLOT_FIELDS: dict[str, tuple[type, object]] = {
     "used": (np.bool_, False),
@@ -127,14 +140,16 @@ class KeyArena:
         return len(self._slots)
 
     def _score_fields(self) -> dict[str, tuple[type, object]]:
-        return _SCORE_FIELDS if self.shape.history is None else _SCORE_FIELDS | _ADAPTIVE_FIELDS
+        fields = _SCORE_FIELDS if self.shape.history is None else _SCORE_FIELDS | _ADAPTIVE_FIELDS
+        return fields | _CONFIRM_FIELDS if self.shape.confirm else fields
 
     def _scalar_fields(self) -> dict[str, tuple[type, object]]:
         return _SEQUENCE_FIELDS | self._score_fields() | _SLOT_FIELDS
 
     def _snapshot_fields(self) -> tuple[str, ...]:
         adaptive = () if self.shape.history is None else (*_ADAPTIVE_FIELDS, "recent")
-        return (*_SNAPSHOT_FIELDS, *adaptive)
+        confirm = tuple(_CONFIRM_FIELDS) if self.shape.confirm else ()
+        return (*_SNAPSHOT_FIELDS, *adaptive, *confirm)
 
     def nbytes_per_slot(self) -> int:
         """Bytes of array state per slot (the key strings and the key index come on top)."""

@@ -466,7 +466,12 @@ class _Batch:
             smoothed[events] = scores
             thresholds[events] = threshold = self._thresholds(slots, scores)
             opened[events] = advance_episodes(
-                arena, slots, scores, threshold, options.cooldown_events
+                arena,
+                slots,
+                scores,
+                threshold,
+                options.cooldown_events,
+                self.manifest.scoring.confirm,
             )
             peaks[events] = arena.peak[slots]
         return (
@@ -616,6 +621,10 @@ def incompatibility(old: Manifest, new: Manifest) -> str | None:
         "adaptive threshold history": (
             ArenaShape.for_manifest(old).history,
             ArenaShape.for_manifest(new).history,
+        ),
+        "alert confirmation": (
+            ArenaShape.for_manifest(old).confirm,
+            ArenaShape.for_manifest(new).confirm,
         ),
         "network shape": (
             (old.network.layers, old.network.hidden, old.network.bidirectional),

@@ -165,6 +165,10 @@ class Scoring(_Strict):
     smoothing: float = Field(default=1.0, gt=0, le=1)
     #: Per-key thresholds that follow each key's live scores; None: `threshold` for all keys.
     adaptive: AdaptiveThreshold | None = None
+    #: Consecutive scored events at or above the threshold before a key's alert episode opens
+    #: (1: at once). A smoothed score that only touches the threshold is more often noise than
+    #: a fault; a real one stays there. Costs 4 bytes per key when above 1.
+    confirm: int = Field(default=1, ge=1, le=100_000)
 
 
 class TrainingSummary(_Strict):

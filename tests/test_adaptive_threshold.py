@@ -271,6 +271,10 @@ def test_the_manifest_refuses_a_refresh_longer_than_the_history() -> None:
     with pytest.raises(ValidationError, match=r"scoring\.adaptive\.history"):
         Manifest.model_validate(document)
     assert Scoring.model_fields["adaptive"].default is None
+    document = orjson.loads(adaptive_manifest().to_json())
+    document["scoring"]["confirm"] = 0
+    with pytest.raises(ValidationError, match=r"scoring\.confirm"):
+        Manifest.model_validate(document)
 
 
 def test_a_ring_that_could_fill_memory_at_max_keys_is_announced(adaptive: Scorer) -> None:

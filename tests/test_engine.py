@@ -188,16 +188,18 @@ def scored_threshold(scorer: Scorer, events: list[InputRecord]) -> tuple[np.ndar
 
 
 def reference_episodes(
-    keys: np.ndarray, scores: np.ndarray, threshold: float, cooldown: int
+    keys: np.ndarray, scores: np.ndarray, threshold: float, cooldown: int, confirm: int = 1
 ) -> list[tuple[int, float]]:
     """(opening event, peak score) of each episode, by a plain per-key state machine."""
     episodes: list[tuple[int, float]] = []
     open_episode: dict[str, int] = {}  # key -> index into episodes
     below: dict[str, int] = {}
+    streak: dict[str, int] = {}
     for i, (key, score) in enumerate(zip(keys, scores, strict=True)):
         if np.isnan(score):
             continue
-        if score >= threshold:
+        streak[key] = streak.get(key, 0) + 1 if score >= threshold else 0
+        if streak[key] >= confirm:
             below[key] = 0
             if key not in open_episode:
                 open_episode[key] = len(episodes)
@@ -229,6 +231,42 @@ def test_one_alert_per_episode_closed_by_cooldown(classify: Scorer) -> None:
     assert result.counters.alerts == len(alerts)
     longer = Engine(classify, EngineOptions(threshold=threshold, cooldown_events=6))
     assert len(longer.process(events).alerts) < len(alerts)
+
+
+def test_an_episode_opens_only_after_confirm_scores_above(classify: Scorer, folder: Path) -> None:
+    manifest = make_manifest(min_history=2)
+    manifest = manifest.model_copy(
+        update={"scoring": manifest.scoring.model_copy(update={"confirm": 3})}
+    )
+    confirming = load_random(folder / "confirm.onnx", manifest, seed=1)
+    events = stream("ab" * 40, step=3.0)
+    scores, _ = scored_threshold(classify, events)
+    threshold = float(np.nanquantile(scores, 0.3))
+    options = EngineOptions(threshold=threshold, cooldown_events=2)
+    keys = np.array(list("ab" * 40))
+    expected = reference_episodes(keys, scores, threshold, 2, confirm=3)
+    assert len(expected) >= 3 and expected != reference_episodes(keys, scores, threshold, 2)
+    for size in (len(events), 5, 1):  # however the stream is cut, and from snapshots
+        engine = Engine(confirming, options)
+        alerts = [
+            a
+            for i in range(0, len(events), size)
+            for a in engine.process(events[i : i + size]).alerts
+        ]
+        assert [a.event_time for a in alerts] == [T0 + 3.0 * i for i, _ in expected]
+        if size == len(events):  # an alert's peak is its episode's within the batch
+            assert [a.peak_score for a in alerts] == [peak for _, peak in expected]
+    engine = Engine(confirming, options)
+    engine.process(events[:41])
+    moved = Engine(confirming, options)
+    moved.arena.restore(
+        engine.arena.export(np.flatnonzero(engine.arena.used)), confirming.codec.statistics_rows
+    )
+    assert [a.alert_id for a in moved.process(events[41:]).alerts] == [
+        a.alert_id for a in engine.process(events[41:]).alerts
+    ]
+    assert "above" in engine.arena.export(np.flatnonzero(engine.arena.used))
+    assert not hasattr(Engine(classify).arena, "above")
 
 
 def test_smoothing_is_an_ewma_of_each_keys_raw_scores(folder: Path) -> None:

@@ -13,6 +13,7 @@ from trainer.metrics import (
     Counts,
     at_threshold,
     average_precision,
+    episode_flags,
     key_time_order,
     point_adjusted_counts,
     point_counts,
@@ -123,6 +124,21 @@ def test_separable_ranges_compare_each_peak_with_the_scores_before_it() -> None:
     # Nothing scored before the first range: nothing says it is unusual.
     assert not separable_ranges(np.array([1, 0], bool), np.array([9.0, 1.0]), before=5).any()
     assert separable_ranges(np.zeros(3, bool), np.ones(3), before=2).shape == (0,)
+
+
+def test_confirmed_episodes_open_at_the_confirm_th_event_above_in_a_row() -> None:
+    above = np.array([1, 1, 0, 1, 1, 1, 0, 0, 0, 1, 1, 1], bool)
+    keys = np.array([0] * 9 + [1] * 3)
+    np.testing.assert_array_equal(
+        episode_flags(above, keys, cooldown=2, confirm=3).astype(int),
+        [0, 0, 0, 0, 0, 1, 1, 0, 0, 0, 0, 1],
+    )
+    # The stretch [9, 12) is key 1's alone: key 0's last events do not count for it.
+    split = np.array([0] * 10 + [1] * 2)
+    assert not episode_flags(above, split, cooldown=2, confirm=3)[9:].any()
+    np.testing.assert_array_equal(
+        episode_flags(above, keys, cooldown=2, confirm=1), episode_flags(above, keys, cooldown=2)
+    )
 
 
 def test_key_time_order_groups_keys_and_sorts_time() -> None:

@@ -210,7 +210,7 @@ def test_per_key_thresholds_go_from_the_config_through_the_manifest_to_the_engin
             row["temperature"] = round(row["temperature"] + float(noise.normal(0, 1.5)), 3)
     config_text = FORECAST.replace(
         "hidden = 16\n", "hidden = 16\nper_key_normalisation = true\n"
-    ).replace("target = 0.99\n", "target = 0.99\nper_key = true\n")
+    ).replace("target = 0.99\n", "target = 0.99\nper_key = true\nconfirm = 3\n")
     config, data = write(tmp_path, config_text, rows)
     result = train(config, [data], tmp_path / "sensors.onnx", epochs=2, progress=False)
 
@@ -229,9 +229,9 @@ def test_per_key_thresholds_go_from_the_config_through_the_manifest_to_the_engin
     )
     capsys.readouterr()
     assert trainer_main(["inspect", str(result.model_path)]) == 0
-    assert "per-key thresholds 12 keys" in " ".join(
-        capsys.readouterr().out.replace("│", " ").split()
-    )
+    shown = " ".join(capsys.readouterr().out.replace("│", " ").split())
+    assert "per-key thresholds 12 keys" in shown
+    assert manifest.scoring.confirm == 3 and "alerts after 3 consecutive scores" in shown
 
 
 def test_per_key_thresholds_are_each_keys_own_calibration() -> None:

@@ -187,6 +187,9 @@ class ThresholdConfig(_Section):
     #: stays for keys seen later): one model shared by unlike keys then holds each to its own
     #: normal error level. Needs `model.per_key_normalisation` and an unsupervised method.
     per_key: bool = False
+    #: Consecutive scored events at or above the threshold before an alert episode opens
+    #: (`Scoring.confirm`; 1: at once).
+    confirm: int = Field(default=1, ge=1, le=100_000)
 
     @property
     def resolved_target(self) -> float | None:

@@ -256,16 +256,27 @@ def key_time_order(keys: np.ndarray, times: np.ndarray) -> tuple[np.ndarray, np.
     return order, codes[order]
 
 
-def episode_flags(above: np.ndarray, groups: np.ndarray | None, cooldown: int) -> np.ndarray:
+def episode_flags(
+    above: np.ndarray, groups: np.ndarray | None, cooldown: int, confirm: int = 1
+) -> np.ndarray:
     """Whether each scored event is inside an alert episode, as the detector's engine tracks it.
 
-    An episode opens at an event at or above the threshold and closes at the `cooldown`-th
-    consecutive event below it (`detector.alerts.advance_episodes`), so an event is inside
-    one when an event at most `cooldown - 1` scored events before it, of its key, was above.
+    An event counts as above once it is the `confirm`-th consecutive one at or above the
+    threshold; an episode opens at such an event and closes at the `cooldown`-th consecutive
+    event not above (`detector.alerts.advance_episodes`), so an event is inside one when an
+    event at most `cooldown - 1` scored events before it, of its key, was above.
     Positions as in `runs`: each key's scored events contiguous and in time order. The runs
     of the result are the episodes, one alert each.
     """
     above = np.asarray(above, bool)
+    if confirm > 1:
+        stretches = runs(above, groups)
+        lengths = stretches[:, 1] - stretches[:, 0]
+        # Each event's position within its stretch of events above, from 1.
+        offsets = np.arange(above.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths) + 1
+        confirmed = np.zeros_like(above)
+        confirmed[np.flatnonzero(above)[offsets >= confirm]] = True
+        above = confirmed
     positions = np.arange(above.size)
     last_above = np.maximum.accumulate(np.where(above, positions, -1))
     if groups is not None and above.size:

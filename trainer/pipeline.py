@@ -151,6 +151,7 @@ def train(
                 calibration=description,
                 smoothing=config.threshold.smoothing,
                 adaptive=config.threshold.adaptive,
+                confirm=config.threshold.confirm,
             ),
             "per_key_statistics": _with_thresholds(manifest.per_key_statistics, key_thresholds),
             "training": _summary(events, metrics),

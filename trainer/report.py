@@ -237,7 +237,12 @@ def model_card(result: TrainResult) -> str:
         f"# Model card: {manifest.task} model {manifest.model_version}",
         "",
         f"Scores {purpose}. Alerts start at a score of **{manifest.scoring.threshold:.6g}** "
-        f"(calibrated on the validation split: {manifest.scoring.calibration}).",
+        f"(calibrated on the validation split: {manifest.scoring.calibration})"
+        + (
+            f", held for {manifest.scoring.confirm} consecutive scored events."
+            if manifest.scoring.confirm > 1
+            else "."
+        ),
         *_per_key_threshold_lines(manifest),
         *_adaptive_lines(manifest),
         "",
