@@ -271,7 +271,7 @@ def _channel_result(evaluation: Evaluation, label: Label, cooldown: int) -> Chan
     rows = rows[np.argsort(replay.times[rows], kind="stable")]
     scored = replay.statuses[rows] == Status.SCORED
     above = scored & (replay.scores[rows] >= replay.thresholds[rows])
-    episodes = episode_flags(above, None, cooldown)
+    episodes = episode_flags(above, None, cooldown, evaluation.manifest.scoring.confirm)
     truth = np.zeros(rows.size, bool)
     for start, end in label.sequences:
         truth[start : end + 1] = True
