@@ -3,8 +3,8 @@
 An alert is raised once per episode, not once per event: an episode of a key opens when its
 (smoothed) score reaches the threshold (for `confirm` consecutive scored events, if the model
 asks for it), stays open while scores stay there, and closes after `cooldown` consecutive
-scored events below it. The update is vectorised over the keys of one
-round of a batch (each key at most once), so a key's events are still applied in order.
+scored events below it. The update is vectorised over the keys of one round of a batch (each
+key at most once), so a key's events are still applied in order.
 """
 
 from __future__ import annotations

@@ -69,7 +69,9 @@ def overview(manifest: Manifest, providers: list[str]) -> Table:
         "score": scoring.semantics,
         "threshold": f"{scoring.threshold:.6g} ({scoring.calibration})",
         "smoothing": f"{scoring.smoothing:g}",
-        "alerts after": f"{scoring.confirm} consecutive scores at or above the threshold",
+        "alerts after": "the first score at or above the threshold"
+        if scoring.confirm == 1
+        else f"{scoring.confirm} consecutive scores at or above the threshold",
         "adaptive threshold": "-"
         if scoring.adaptive is None
         else f"per key, every {scoring.adaptive.refresh} events from the last "
