@@ -5,7 +5,8 @@
 
 The model: 8 features (6 numeric, 1 categorical, time delta), LSTM hidden 64 x 2 layers,
 window 32, every event scored (min_history 1, stride 1); the stateful model also runs with
-adaptive per-key thresholds (history 512, re-chosen every 16 events). Last, the time a key-state
+adaptive per-key thresholds (history 512, re-chosen every 16 events), and with alerts
+confirmed over 10 events on top. Last, the time a key-state
 snapshot of the stateful model's keys takes to copy and to encode. Events are JSON bytes,
 as from Kafka, spread uniformly over the keys. The baseline is what one would write first: a
 Python list per key holding its encoded events and one onnxruntime call per event on the
@@ -56,7 +57,9 @@ ADAPTIVE = AdaptiveThreshold(history=512, refresh=16, warm_up=0)
 PROVIDERS = {"cpu": CPU, "auto": "auto"}
 
 
-def manifest(export_mode: str, adaptive: AdaptiveThreshold | None = None) -> Manifest:
+def manifest(
+    export_mode: str, adaptive: AdaptiveThreshold | None = None, confirm: int = 1
+) -> Manifest:
     features = [NumericFeature(name=name) for name in NUMERIC]
     features += [CategoricalFeature(name="channel", vocabulary=CHANNELS), TimeDeltaFeature()]
     return Manifest(
@@ -68,18 +71,24 @@ def manifest(export_mode: str, adaptive: AdaptiveThreshold | None = None) -> Man
         min_history=1,
         network=Network(hidden=64, layers=2),
         scoring=Scoring(
-            semantics="probability", threshold=0.99, calibration="bench", adaptive=adaptive
+            semantics="probability",
+            threshold=0.99,
+            calibration="bench",
+            adaptive=adaptive,
+            confirm=confirm,
         ),
         training=TrainingSummary(rows=0, keys=0),
         trainer_version="bench",
     )
 
 
-def export(folder: Path, export_mode: str, adaptive: AdaptiveThreshold | None = None) -> Path:
+def export(
+    folder: Path, export_mode: str, adaptive: AdaptiveThreshold | None = None, confirm: int = 1
+) -> Path:
     """The benchmark network, seeded, exported in `export_mode`."""
     torch.manual_seed(0)
-    spec = manifest(export_mode, adaptive)
-    path = folder / f"{export_mode}{'-adaptive' if adaptive else ''}.onnx"
+    spec = manifest(export_mode, adaptive, confirm)
+    path = folder / f"{export_mode}{'-adaptive' if adaptive else ''}-{confirm}.onnx"
     export_model(SequenceNet.from_manifest(spec), spec, path)
     return path
 
@@ -189,6 +198,7 @@ def main() -> None:
             "window": export(Path(folder), "window"),
             "stateful": export(Path(folder), "stateful"),
             "stateful, adaptive": export(Path(folder), "stateful", ADAPTIVE),
+            "stateful, adaptive, confirm 10": export(Path(folder), "stateful", ADAPTIVE, 10),
         }
         # The baseline is the textbook loop: one call per event, on the CPU, where such small
         # calls are fastest.
