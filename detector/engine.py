@@ -190,16 +190,10 @@ class Engine:
         """The static threshold of each statistics row (`KeyArena.stats_row`): row 0 the
         model's, the others their key's own calibrated one where the manifest has it. An
         explicit `EngineOptions.threshold` holds for every key."""
-        per_key = (self.manifest.per_key_statistics or {}).values()
-        own = self.options.threshold is None
-        return np.array(
-            [self.threshold]
-            + [
-                stats.threshold if own and stats.threshold is not None else self.threshold
-                for stats in per_key
-            ],
-            np.float64,
-        )
+        base = self.threshold
+        own = self.manifest.key_thresholds if self.options.threshold is None else {}
+        keys = self.manifest.per_key_statistics or {}
+        return np.array([base] + [own.get(key, base) for key in keys], np.float64)
 
     def _arena_for(self, manifest: Manifest) -> KeyArena:
         """A fresh arena; says so when adaptive thresholds could fill memory at `max_keys`

@@ -221,6 +221,15 @@ class Manifest(_Strict):
         return self
 
     @property
+    def key_thresholds(self) -> dict[str, float]:
+        """The keys that have a calibrated threshold of their own, with it."""
+        return {
+            key: stats.threshold
+            for key, stats in (self.per_key_statistics or {}).items()
+            if stats.threshold is not None
+        }
+
+    @property
     def per_key_normalisation(self) -> dict[str, dict[str, list[float]]] | None:
         """The per-key means and stds, which shape how a key's state was encoded (the per-key
         thresholds do not: a model that only changes them can keep the keys' state)."""

@@ -244,9 +244,14 @@ def point_adjusted_counts(
     caught = labeled[predicted_sums[labeled[:, 1]] > predicted_sums[labeled[:, 0]]]
     if caught.size:
         lengths = caught[:, 1] - caught[:, 0]
-        offsets = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        offsets = _offsets_within(lengths)
         adjusted[np.repeat(caught[:, 0], lengths) + offsets] = True
     return point_counts(labels, adjusted)
+
+
+def _offsets_within(lengths: np.ndarray) -> np.ndarray:
+    """Each position's offset from the start of its run, for runs of `lengths` laid end to end."""
+    return np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
 
 
 def key_time_order(keys: np.ndarray, times: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -272,10 +277,8 @@ def episode_flags(
     if confirm > 1:
         stretches = runs(above, groups)
         lengths = stretches[:, 1] - stretches[:, 0]
-        # Each event's position within its stretch of events above, from 1.
-        offsets = np.arange(above.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths) + 1
         confirmed = np.zeros_like(above)
-        confirmed[np.flatnonzero(above)[offsets >= confirm]] = True
+        confirmed[np.flatnonzero(above)[_offsets_within(lengths) + 1 >= confirm]] = True
         above = confirmed
     positions = np.arange(above.size)
     last_above = np.maximum.accumulate(np.where(above, positions, -1))

@@ -202,11 +202,7 @@ def _adaptive_lines(manifest: Manifest) -> list[str]:
 
 
 def _per_key_threshold_lines(manifest: Manifest) -> list[str]:
-    own = [
-        stats.threshold
-        for stats in (manifest.per_key_statistics or {}).values()
-        if stats.threshold is not None
-    ]
+    own = manifest.key_thresholds.values()
     if not own:
         return []
     return [

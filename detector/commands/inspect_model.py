@@ -91,9 +91,7 @@ def overview(manifest: Manifest, providers: list[str]) -> Table:
 
 
 def _per_key_thresholds(manifest: Manifest) -> str:
-    own = [
-        s.threshold for s in (manifest.per_key_statistics or {}).values() if s.threshold is not None
-    ]
+    own = manifest.key_thresholds.values()
     if not own:
         return "-"
     return f"{len(own)} keys, {min(own):.6g} to {max(own):.6g}; other keys the threshold above"
