@@ -139,6 +139,9 @@ class FeatureCodec:
             ).reshape(1 + len(per_key), len(numeric)),
             MIN_STD,
         )
+        unscaled = [i for i, f in enumerate(numeric) if f.scale == "none"]
+        self._mean[:, unscaled] = 0.0
+        self._std[:, unscaled] = 1.0
         self._delta_mean = np.array([f.mean for f in delta], np.float64)
         self._delta_std = np.array([max(f.std, MIN_STD) for f in delta], np.float64)
         self._fallback = [

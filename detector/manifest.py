@@ -50,12 +50,17 @@ class _Strict(BaseModel):
 
 
 class NumericFeature(_Strict):
-    """A number, z-scored with statistics fitted on the training split only."""
+    """A number, z-scored with statistics fitted on the training split only (unless `scale`
+    says it is used as it is)."""
 
     kind: Literal["numeric"] = "numeric"
     name: str = Field(min_length=1)
     mean: float = 0.0
     std: float = Field(default=1.0, gt=0)
+    #: standard: z-scored with `mean` and `std` (or the key's own, with per-key statistics);
+    #: none: used as it is, for values already on a small scale such as one-hot flags, which
+    #: z-scores would blow up to large inputs whenever a rare flag is set.
+    scale: Literal["standard", "none"] = "standard"
     #: What to do when the value is absent or null: refuse the record, or use the training mean.
     missing: Literal["reject", "mean"] = "reject"
     #: Forecast models predict this feature of the next event (ignored by classify models).

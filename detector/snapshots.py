@@ -29,7 +29,7 @@ from kafka import TopicPartition
 
 from detector.arena import ArenaShape
 from detector.inflight import Outgoing
-from detector.manifest import Manifest
+from detector.manifest import Feature, Manifest
 
 __all__ = [
     "CHUNK_BYTES",
@@ -61,7 +61,7 @@ def fingerprint(manifest: Manifest) -> str:
         "task": manifest.task,
         "export_mode": manifest.export_mode,
         "window": manifest.window,
-        "features": [feature.model_dump(mode="json") for feature in manifest.features],
+        "features": [_layout(feature) for feature in manifest.features],
         "per_key_statistics": manifest.per_key_normalisation,
         "network": [manifest.network.layers, manifest.network.hidden],
         "bidirectional": manifest.network.bidirectional,
@@ -73,6 +73,15 @@ def fingerprint(manifest: Manifest) -> str:
     if shape.confirm:  # likewise
         identity["confirm"] = True
     return hashlib.sha256(orjson.dumps(identity, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
+
+
+def _layout(feature: Feature) -> dict:
+    """A feature as it shapes key state; `scale` only when set, so that the fingerprints of
+    models from before it existed stay as they were."""
+    dumped = feature.model_dump(mode="json")
+    if dumped.get("scale") == "standard":
+        del dumped["scale"]
+    return dumped
 
 
 def encode_fields(fields: dict[str, np.ndarray]) -> bytes:

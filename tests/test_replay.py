@@ -15,7 +15,9 @@ import pytest
 from model_factory import KEY, TIME, event, export_random, make_manifest
 
 from detector.cli import main
+from detector.commands.inspect_model import describe
 from detector.engine import Engine, EngineOptions, Status
+from detector.manifest import NumericFeature
 from detector.records import InputRecord, read_records
 from detector.replay import replay_records
 from detector.scorer import Scorer
@@ -187,6 +189,13 @@ def test_inspect_model_shows_the_manifest(model: Path, capsys: pytest.CaptureFix
     assert main(["inspect-model", str(model)]) == 0
     text = capsys.readouterr().out
     assert document["model_version"] in text and "merchant" in text
+
+
+def test_inspect_model_names_the_features_used_as_they_are() -> None:
+    assert describe(NumericFeature(name="flag", forecast=False, scale="none")) == (
+        "mean 0, std 1, missing: reject, not scaled"
+    )
+    assert "scaled" not in describe(NumericFeature(name="amount"))
 
 
 def test_parquet_timestamps_and_bad_csv_cells_are_read_as_the_codec_expects(

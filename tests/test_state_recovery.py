@@ -204,13 +204,17 @@ def test_large_snapshots_are_chunked_and_a_half_written_one_never_hides_the_last
 def test_the_fingerprint_follows_the_state_layout_not_the_weights() -> None:
     base = make_manifest("forecast", "window", window=5)
     assert fingerprint(base) == fingerprint(base.model_copy(update={"graph_sha256": "ab" * 32}))
+    unscaled = [base.features[0].model_copy(update={"scale": "none"}), *base.features[1:]]
     for changed in (
         make_manifest("forecast", "window", window=6),
         make_manifest("forecast", "window", window=5, hidden=9),
         make_manifest("forecast", "stateful", window=5),
         make_manifest("classify", "window", window=5),
+        base.model_copy(update={"features": unscaled}),
     ):
         assert fingerprint(changed) != fingerprint(base)
+    # The scale of a feature enters only when set: models from before it keep their snapshots.
+    assert fingerprint(base) == "8183f0bbaffc07fa"
 
 
 # -- the daemon ------------------------------------------------------------------------------

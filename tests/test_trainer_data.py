@@ -141,6 +141,37 @@ def test_missing_values_are_imputed_with_the_training_mean(tmp_path) -> None:
     assert events.encoded[8, 0] == 0.0
 
 
+def test_unscaled_features_reach_the_model_as_they_are(tmp_path) -> None:
+    """scale = "none" passes a feature unchanged, with global and with per-key statistics,
+    and its training mean still fills a missing value; the z-scored feature beside it is
+    z-scored as before."""
+    text = CONFIG.replace(
+        '{ name = "amount", kind = "numeric", missing = "mean" },',
+        '{ name = "amount", kind = "numeric", missing = "mean", scale = "none" },\n'
+        '  { name = "level", kind = "numeric" },',
+    )
+    rows = make_rows(keys=2, per_key=10)
+    for row in rows:
+        row["level"] = 3 * row["amount"] + 5
+    rows[4]["amount"] = None
+    for per_key in (False, True):
+        config = text.replace("[model]", f"[model]\nper_key_normalisation = {str(per_key).lower()}")
+        events = load_events(write_config(tmp_path, config), [write_csv(tmp_path / "e.csv", rows)])
+        amount, level = events.manifest.features[:2]
+        assert (amount.scale, level.scale) == ("none", "standard")
+        given = {(r["device"], r["ts"]): r["amount"] for r in rows}
+        expected = [given[key, int(t)] for key, t in zip(events.keys, events.times, strict=True)]
+        missing = np.array([value is None for value in expected])
+        present = np.array([value for value in expected if value is not None], np.float32)
+        np.testing.assert_array_equal(events.encoded[~missing, 0], present)
+        assert events.encoded[missing, 0] == pytest.approx([amount.mean])
+        train = events.split == TRAIN
+        for key in np.unique(events.keys) if per_key else [None]:
+            mine = train & (events.keys == key) if per_key else train
+            assert events.encoded[mine, 1].mean() == pytest.approx(0.0, abs=1e-5)
+            assert events.encoded[mine, 1].std() == pytest.approx(1.0, abs=1e-4)
+
+
 def test_windows_are_cut_as_the_engine_cuts_them(tmp_path) -> None:
     config = write_config(tmp_path)
     events = load_events(config, [write_csv(tmp_path / "e.csv", make_rows(per_key=10))])
@@ -204,6 +235,7 @@ def test_loading_tens_of_thousands_of_events(tmp_path) -> None:
     ("change", "field"),
     [
         (("window = 4", "window = 0"), "model.window"),
+        (('missing = "mean" }', 'missing = "mean", scale = "minmax" }'), "scale"),
         (('kind = "numeric"', 'kind = "number"'), "data.features.0"),
         (("[model]", "[model]\nlayers = 5"), "model.layers"),
         (("min_history = 2", "min_history = 9"), "min_history must not exceed window"),

@@ -54,6 +54,9 @@ class NumericFeatureConfig(_Section):
     missing: Literal["reject", "mean"] = "reject"
     #: Forecast models predict this feature of the next event.
     forecast: bool = True
+    #: standard: z-scored with training statistics; none: used as it is (one-hot flags,
+    #: values already scaled to about [-1, 1]).
+    scale: Literal["standard", "none"] = "standard"
 
 
 class CategoricalFeatureConfig(_Section):
@@ -233,7 +236,12 @@ class TrainConfig(_Section):
         for spec in self.data.features:
             if isinstance(spec, NumericFeatureConfig):
                 features.append(
-                    NumericFeature(name=spec.name, missing=spec.missing, forecast=spec.forecast)
+                    NumericFeature(
+                        name=spec.name,
+                        missing=spec.missing,
+                        forecast=spec.forecast,
+                        scale=spec.scale,
+                    )
                 )
             else:
                 features.append(

@@ -115,4 +115,5 @@ def describe(feature: Feature) -> str:
     text = f"mean {feature.mean:.4g}, std {feature.std:.4g}"
     if isinstance(feature, NumericFeature):
         text += f", missing: {feature.missing}" + (", forecast" if feature.forecast else "")
+        text += ", not scaled" if feature.scale == "none" else ""
     return text
