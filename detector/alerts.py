@@ -40,7 +40,10 @@ class Attribution:
 class Alert:
     """The opening of an anomalous episode of one key.
 
-    `score` is the (smoothed) score of the event that opened the episode. `peak_score` is the
+    `score` is the (smoothed) score of the event that opened the episode. `onset_time` is the
+    event time of the first of the `confirm` consecutive scores at or above the threshold that
+    opened it, when the anomaly began as far as the detector can tell (the alert's own
+    `event_time` without confirmation). `peak_score` is the
     highest score of the episode among the events of the batch in which it opened (from the
     opening event until it closed or the batch ended); later events of the same episode raise
     no new alert and do not change it. `sequence` numbers the event among its key's events
@@ -52,6 +55,7 @@ class Alert:
     alert_id: str
     key: str
     event_time: float
+    onset_time: float
     sequence: int
     score: float
     peak_score: float
@@ -68,6 +72,7 @@ class Alert:
             "alert_id": self.alert_id,
             "key": self.key,
             "event_time": self.event_time,
+            "onset_time": self.onset_time,
             "sequence": self.sequence,
             "score": self.score,
             "peak_score": self.peak_score,
@@ -105,21 +110,26 @@ def advance_episodes(
     arena: KeyArena,
     slots: np.ndarray,
     scores: np.ndarray,
+    times: np.ndarray,
     threshold: np.ndarray,
     cooldown: int,
     confirm: int = 1,
-) -> np.ndarray:
-    """Apply one scored event per slot to the episode state; True where an episode opened.
+) -> tuple[np.ndarray, np.ndarray]:
+    """Apply one scored event (at `times`) per slot to the episode state: True where an
+    episode opened, and the onset of each slot's current run of scores above the threshold.
 
     A score counts as above once it is the `confirm`-th consecutive one at or above the
-    threshold. An episode opens at such a score and closes at the `cooldown`-th consecutive
-    score not above (at the first one when `cooldown` is 0 or 1); the peak is the highest
-    score while open.
+    threshold; the run's onset is the time of the first of them (the event's own time
+    without confirmation). An episode opens at such a score and closes at the `cooldown`-th
+    consecutive score not above (at the first one when `cooldown` is 0 or 1); the peak is
+    the highest score while open.
     """
     above = scores >= threshold
+    onset = times
     if confirm > 1:
         run = np.where(above, arena.above[slots] + 1, 0)
         arena.above[slots] = run
+        arena.onset[slots] = onset = np.where(run == 1, times, arena.onset[slots])
         above = run >= confirm
     was_open = arena.in_episode[slots]
     opened = above & ~was_open
@@ -129,7 +139,7 @@ def advance_episodes(
     arena.peak[slots] = np.where(
         opened, scores, np.where(above, np.fmax(arena.peak[slots], scores), arena.peak[slots])
     )
-    return opened
+    return opened, onset
 
 
 def forecast_shares(contrib: np.ndarray, names: list[str]) -> list[tuple[Attribution, ...]]:

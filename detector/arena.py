@@ -32,7 +32,8 @@ class ArenaShape:
     state: tuple[int, int] | None = None
     #: adaptive thresholds: recent smoothed scores kept per key.
     history: int | None = None
-    #: alert confirmation: consecutive scores at or above the threshold counted per key.
+    #: alert confirmation: consecutive scores at or above the threshold counted per key, and
+    #: the time of the first of them.
     confirm: bool = False
 
     @classmethod
@@ -69,9 +70,11 @@ _ADAPTIVE_FIELDS: dict[str, tuple[type, object]] = {
     "scored": (np.int64, 0),
     "level": (np.float64, np.nan),
 }
-#: Score field of alert confirmation: consecutive scores at or above the threshold.
+#: Score fields of alert confirmation: consecutive scores at or above the threshold, and the
+#: event time of the first of them (the onset of the episode they open).
 _CONFIRM_FIELDS: dict[str, tuple[type, object]] = {
     "above": (np.int32, 0),
+    "onset": (np.float64, np.nan),
 }
 _SLOT_FIELDS: dict[str, tuple[type, object]] = {
     "used": (np.bool_, False),
@@ -95,7 +98,8 @@ class KeyArena:
     input partition the key's events come from, -1 when unknown), `smoothed`,
     `in_episode`, `below`, `peak` (alerting), and `ring` [slot, window, width] or
     `h`, `c` [layers, slot, hidden] (the model's memory). With adaptive thresholds also
-    `scored`, `level` and `recent` [slot, history] (a ring of the latest smoothed scores).
+    `scored`, `level` and `recent` [slot, history] (a ring of the latest smoothed scores);
+    with alert confirmation `above` and `onset`.
     """
 
     count: np.ndarray
@@ -115,6 +119,8 @@ class KeyArena:
     scored: np.ndarray
     level: np.ndarray
     recent: np.ndarray
+    above: np.ndarray
+    onset: np.ndarray
 
     def __init__(self, shape: ArenaShape, max_keys: int) -> None:
         if max_keys < 1:

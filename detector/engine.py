@@ -328,7 +328,7 @@ class _Batch:
             self._apply_windows()
         else:
             self._apply_steps()
-        smoothed, thresholds, opened, peaks = self._alerting()
+        smoothed, thresholds, opened, onsets, peaks = self._alerting()
 
         index = decoded.index
         result = self.result
@@ -340,7 +340,7 @@ class _Batch:
         counters.scored += int((self.status == Status.SCORED).sum())
         counters.warming_up += int((self.status == Status.WARMING_UP).sum())
         counters.skipped_by_stride += int((self.status == Status.SKIPPED_BY_STRIDE).sum())
-        result.alerts = self._alerts(np.flatnonzero(opened), smoothed, thresholds, peaks)
+        result.alerts = self._alerts(np.flatnonzero(opened), smoothed, thresholds, onsets, peaks)
         counters.alerts += len(result.alerts)
 
     def _assign_slots(self) -> np.ndarray:
@@ -441,13 +441,14 @@ class _Batch:
         if out.contrib is not None:
             self.contrib[events] = out.contrib[rows]
 
-    def _alerting(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Smoothed scores, thresholds, episode openings and episode peaks, per event."""
+    def _alerting(self) -> tuple[np.ndarray, ...]:
+        """Smoothed scores, thresholds, episode openings, onsets and episode peaks, per event."""
         arena, options = self.arena, self.options
         m = self.decoded.index.size
         smoothed = np.full(m, np.nan)
         thresholds = np.full(m, np.nan)
         opened = np.zeros(m, bool)
+        onsets = np.full(m, np.nan)
         peaks = np.full(m, np.nan)
         alpha = self.manifest.scoring.smoothing
         for events in self.rounds:
@@ -459,10 +460,11 @@ class _Batch:
             scores = smooth(arena, slots, self.raw_scores[events].astype(np.float64), alpha)
             smoothed[events] = scores
             thresholds[events] = threshold = self._thresholds(slots, scores)
-            opened[events] = advance_episodes(
+            opened[events], onsets[events] = advance_episodes(
                 arena,
                 slots,
                 scores,
+                self.decoded.times[events],
                 threshold,
                 options.cooldown_events,
                 self.manifest.scoring.confirm,
@@ -472,6 +474,7 @@ class _Batch:
             smoothed,
             thresholds,
             opened,
+            onsets,
             _episode_peaks(self.rounds.by_key, self.decoded.key_ids, opened, peaks),
         )
 
@@ -496,7 +499,12 @@ class _Batch:
         )
 
     def _alerts(
-        self, events: np.ndarray, smoothed: np.ndarray, thresholds: np.ndarray, peaks: np.ndarray
+        self,
+        events: np.ndarray,
+        smoothed: np.ndarray,
+        thresholds: np.ndarray,
+        onsets: np.ndarray,
+        peaks: np.ndarray,
     ) -> list[Alert]:
         if not events.size:
             return []
@@ -521,6 +529,7 @@ class _Batch:
                     alert_id=alert_id(manifest.model_version, key, time, sequence),
                     key=key,
                     event_time=time,
+                    onset_time=float(onsets[event]),
                     sequence=sequence,
                     score=float(smoothed[event]),
                     peak_score=float(peaks[event]),

@@ -70,8 +70,8 @@ def fingerprint(manifest: Manifest) -> str:
     }
     if shape.history is not None:  # only then: fingerprints of other models stay as they were
         identity["history"] = shape.history
-    if shape.confirm:  # likewise
-        identity["confirm"] = True
+    if shape.confirm:  # likewise; "onset": the run's first time is kept beside its length
+        identity["confirm"] = "onset"
     return hashlib.sha256(orjson.dumps(identity, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
 
 

@@ -189,23 +189,27 @@ def scored_threshold(scorer: Scorer, events: list[InputRecord]) -> tuple[np.ndar
 
 def reference_episodes(
     keys: np.ndarray, scores: np.ndarray, threshold: float, cooldown: int, confirm: int = 1
-) -> list[tuple[int, float]]:
-    """(opening event, peak score) of each episode, by a plain per-key state machine."""
-    episodes: list[tuple[int, float]] = []
+) -> list[tuple[int, int, float]]:
+    """(opening event, onset event, peak score) of each episode, by a plain per-key state
+    machine; the onset is the first event of the run of scores above that opened it."""
+    episodes: list[tuple[int, int, float]] = []
     open_episode: dict[str, int] = {}  # key -> index into episodes
     below: dict[str, int] = {}
     streak: dict[str, int] = {}
+    run_start: dict[str, int] = {}
     for i, (key, score) in enumerate(zip(keys, scores, strict=True)):
         if np.isnan(score):
             continue
         streak[key] = streak.get(key, 0) + 1 if score >= threshold else 0
+        if streak[key] == 1:
+            run_start[key] = i
         if streak[key] >= confirm:
             below[key] = 0
             if key not in open_episode:
                 open_episode[key] = len(episodes)
-                episodes.append((i, score))
-            opened, peak = episodes[open_episode[key]]
-            episodes[open_episode[key]] = (opened, max(peak, score))
+                episodes.append((i, run_start[key], score))
+            opened, onset, peak = episodes[open_episode[key]]
+            episodes[open_episode[key]] = (opened, onset, max(peak, score))
         elif key in open_episode:
             below[key] += 1
             if below[key] >= cooldown:
@@ -223,10 +227,11 @@ def test_one_alert_per_episode_closed_by_cooldown(classify: Scorer) -> None:
     assert len(expected) >= 3
     alerts = result.alerts
     assert [(a.key, a.event_time) for a in alerts] == [
-        (result.keys[i], T0 + 3.0 * i) for i, _ in expected
+        (result.keys[i], T0 + 3.0 * i) for i, _, _ in expected
     ]
-    assert [a.score for a in alerts] == [scores[i] for i, _ in expected]
-    assert [a.peak_score for a in alerts] == [peak for _, peak in expected]
+    assert all(a.onset_time == a.event_time for a in alerts)
+    assert [a.score for a in alerts] == [scores[i] for i, _, _ in expected]
+    assert [a.peak_score for a in alerts] == [peak for *_, peak in expected]
     assert all(a.threshold == threshold for a in alerts)
     assert result.counters.alerts == len(alerts)
     longer = Engine(classify, EngineOptions(threshold=threshold, cooldown_events=6))
@@ -253,19 +258,22 @@ def test_an_episode_opens_only_after_confirm_scores_above(classify: Scorer, fold
             for i in range(0, len(events), size)
             for a in engine.process(events[i : i + size]).alerts
         ]
-        assert [a.event_time for a in alerts] == [T0 + 3.0 * i for i, _ in expected]
+        # Each alert says when its run of scores above began: two events of its key earlier.
+        assert [(a.onset_time, a.event_time) for a in alerts] == [
+            (T0 + 3.0 * onset, T0 + 3.0 * i) for i, onset, _ in expected
+        ]
         if size == len(events):  # an alert's peak is its episode's within the batch
-            assert [a.peak_score for a in alerts] == [peak for _, peak in expected]
+            assert [a.peak_score for a in alerts] == [peak for *_, peak in expected]
     engine = Engine(confirming, options)
     engine.process(events[:41])
     moved = Engine(confirming, options)
     moved.arena.restore(
         engine.arena.export(np.flatnonzero(engine.arena.used)), confirming.codec.statistics_rows
     )
-    assert [a.alert_id for a in moved.process(events[41:]).alerts] == [
-        a.alert_id for a in engine.process(events[41:]).alerts
+    assert [(a.alert_id, a.onset_time) for a in moved.process(events[41:]).alerts] == [
+        (a.alert_id, a.onset_time) for a in engine.process(events[41:]).alerts
     ]
-    assert "above" in engine.arena.export(np.flatnonzero(engine.arena.used))
+    assert {"above", "onset"} <= set(engine.arena.export(np.flatnonzero(engine.arena.used)))
     assert not hasattr(Engine(classify).arena, "above")
 
 

@@ -141,6 +141,22 @@ def test_confirmed_episodes_open_at_the_confirm_th_event_above_in_a_row() -> Non
     )
 
 
+def test_episodes_from_onset_cover_the_scores_that_confirmed_them() -> None:
+    above = np.array([1, 1, 0, 1, 1, 1, 0, 0, 0, 1, 1, 1], bool)
+    keys = np.array([0] * 9 + [1] * 3)
+    np.testing.assert_array_equal(
+        episode_flags(above, keys, cooldown=2, confirm=3, from_onset=True).astype(int),
+        [0, 0, 0, 1, 1, 1, 1, 0, 0, 1, 1, 1],
+    )
+    # The second run begins at the event that closes the first episode (not yet confirmed, it
+    # counts as below) and is confirmed after it: from their onsets, the two are one sequence.
+    above = np.array([0, 1, 1, 0, 0, 1, 1, 1, 0], bool)
+    alone = episode_flags(above, None, cooldown=3, confirm=2)
+    np.testing.assert_array_equal(alone.astype(int), [0, 0, 1, 1, 1, 0, 1, 1, 1])
+    joined = episode_flags(above, None, cooldown=3, confirm=2, from_onset=True)
+    np.testing.assert_array_equal(joined.astype(int), [0, 1, 1, 1, 1, 1, 1, 1, 1])
+
+
 def test_key_time_order_groups_keys_and_sorts_time() -> None:
     keys = np.array(["b", "a", "b", "a"], dtype=object)
     times = np.array([2.0, 5.0, 1.0, 3.0])

@@ -262,7 +262,11 @@ def key_time_order(keys: np.ndarray, times: np.ndarray) -> tuple[np.ndarray, np.
 
 
 def episode_flags(
-    above: np.ndarray, groups: np.ndarray | None, cooldown: int, confirm: int = 1
+    above: np.ndarray,
+    groups: np.ndarray | None,
+    cooldown: int,
+    confirm: int = 1,
+    from_onset: bool = False,
 ) -> np.ndarray:
     """Whether each scored event is inside an alert episode, as the detector's engine tracks it.
 
@@ -271,7 +275,9 @@ def episode_flags(
     event not above (`detector.alerts.advance_episodes`), so an event is inside one when an
     event at most `cooldown - 1` scored events before it, of its key, was above.
     Positions as in `runs`: each key's scored events contiguous and in time order. The runs
-    of the result are the episodes, one alert each.
+    of the result are the episodes, one alert each. `from_onset` makes each episode start at
+    its alert's onset instead, the first of the scores that confirmed it: the anomalous
+    sequence the alert reports (an onset inside the key's previous episode joins the two).
     """
     above = np.asarray(above, bool)
     if confirm > 1:
@@ -287,4 +293,12 @@ def episode_flags(
         starts = np.flatnonzero(np.r_[True, groups[1:] != groups[:-1]])
         key_start = np.repeat(starts, np.diff(np.r_[starts, above.size]))
         last_above = np.where(last_above >= key_start, last_above, -1)
-    return (last_above >= 0) & (positions - last_above < max(cooldown, 1))
+    inside = (last_above >= 0) & (positions - last_above < max(cooldown, 1))
+    if from_onset and confirm > 1:
+        # A confirming run lies within one key, so its onset never reaches into another key.
+        openings = runs(inside, groups)[:, 0]
+        reach = np.zeros(above.size + 1, np.int64)
+        np.add.at(reach, openings - (confirm - 1), 1)
+        np.add.at(reach, openings, -1)
+        inside |= np.cumsum(reach)[:-1] > 0
+    return inside
