@@ -4,11 +4,12 @@
 
 Each channel's train part trains a forecast model with the trainer (`bench/configs/smap.toml`,
 one model per channel; `smap_shared.toml`, one model for all channels with per-channel
-z-scores); each channel's test part is replayed through the detector's engine, whose alert
-episodes (thresholds as the manifest says, `--cooldown` events to close) are the predicted
-anomalous sequences. A labeled sequence is caught when an episode overlaps it; an episode
-that overlaps no label is one false positive. Point-wise F1 compares each scored event with
-its label, without point adjustment. Published (telemanom, SMAP): precision and recall 85.5 %.
+thresholds); each channel's test part is replayed through the detector's engine, whose alert
+episodes (thresholds as the manifest says, `--cooldown` events to close), each from its
+alert's onset, are the predicted anomalous sequences. A labeled sequence is caught when an
+episode overlaps it; an episode that overlaps no label is one false positive. Point-wise F1
+compares each scored event with its label, without point adjustment. Published (telemanom,
+SMAP): precision and recall 85.5 %.
 """
 
 from __future__ import annotations
@@ -271,23 +272,30 @@ def _channel_result(evaluation: Evaluation, label: Label, cooldown: int) -> Chan
     rows = rows[np.argsort(replay.times[rows], kind="stable")]
     scored = replay.statuses[rows] == Status.SCORED
     above = scored & (replay.scores[rows] >= replay.thresholds[rows])
-    episodes = episode_flags(above, None, cooldown, evaluation.manifest.scoring.confirm)
+    confirm = evaluation.manifest.scoring.confirm
+    episodes = episode_flags(above, None, cooldown, confirm)
+    # Predicted sequences: each episode from its alert's onset (the first confirming score).
+    predicted = episode_flags(above, None, cooldown, confirm, from_onset=True)
     truth = np.zeros(rows.size, bool)
     for start, end in label.sequences:
         truth[start : end + 1] = True
-    alerts = sum(alert.key == label.channel for alert in replay.alerts)
+    onsets = sorted(alert.onset_time for alert in replay.alerts if alert.key == label.channel)
+    expected = replay.times[rows][runs(episodes)[:, 0] - (confirm - 1)]
     adaptive = evaluation.manifest.scoring.adaptive
     separable = separable_ranges(
         truth, replay.scores[rows], adaptive.history if adaptive else rows.size, cooldown
     )
-    if alerts != len(runs(episodes)):
-        console.print(f"[red]{label.name}: {alerts} engine alerts, {len(runs(episodes))} episodes")
+    if not np.array_equal(onsets, expected):
+        console.print(
+            f"[red]{label.name}: {len(onsets)} engine alerts, {len(expected)} episodes, "
+            "or their onsets differ"
+        )
     return ChannelResult(
         label.name,
-        range_counts(truth, episodes),
+        range_counts(truth, predicted),
         point_counts(truth[scored], above[scored]),
-        alerts,
-        float(episodes[~truth].mean()) if (~truth).any() else 0.0,
+        len(onsets),
+        float(predicted[~truth].mean()) if (~truth).any() else 0.0,
         int(separable.sum()),
     )
 
