@@ -128,6 +128,7 @@ def test_tail_alerts_prints_one_line_per_alert(kafka_bootstrap, kafka_topic_fact
         }
         for i in range(2)
     ]
+    alerts[1]["onset_time"] = alerts[1]["event_time"] - 90  # confirmed 90 s after it began
     send(kafka_bootstrap, topic, [orjson.dumps(a) for a in alerts], [b"dev-0", b"dev-1"])
     result = detector(
         "tail-alerts",
@@ -140,9 +141,10 @@ def test_tail_alerts_prints_one_line_per_alert(kafka_bootstrap, kafka_topic_fact
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [describe(alert) for alert in alerts]
     assert describe(alerts[1]) == (
-        "2024-01-01T00:00:01Z  dev-1  score 13.5 >= 4  model abcdef012345  "
-        "forecast_error_share: temperature 0.90, vibration 0.10"
+        "2024-01-01T00:00:01Z  dev-1  since 2023-12-31T23:58:31Z  score 13.5 >= 4  "
+        "model abcdef012345  forecast_error_share: temperature 0.90, vibration 0.10"
     )
+    assert describe(alerts[0]).startswith("2024-01-01T00:00:00Z  dev-0  score 12.5 >= 4  ")
 
 
 def test_daemon_commands_are_registered():

@@ -90,12 +90,20 @@ def tail_alerts(args: argparse.Namespace) -> int:
 
 
 def describe(alert: dict[str, Any]) -> str:
-    """`2024-01-01T10:00:00Z dev-7 score 12.4 >= 4.02 model ab12 temperature 0.91, ...`"""
-    when = datetime.fromtimestamp(alert["event_time"], UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    """`2024-01-01T10:00:00Z dev-7 score 12.4 >= 4.02 model ab12 temperature 0.91, ...`, with
+    `since <onset>` after the key when a confirmed alert's scores rose earlier (alerts from
+    before onsets existed have none)."""
+    onset = alert.get("onset_time", alert["event_time"])
+    since = f"since {_utc(onset)}  " if onset < alert["event_time"] else ""
     top = ", ".join(
         f"{item['feature']} {item['value']:.2f}" for item in alert["explanation"][:TOP_FEATURES]
     )
     return (
-        f"{when}  {alert['key']}  score {alert['score']:.3g} >= {alert['threshold']:.3g}  "
-        f"model {alert['model_version']}  {alert['explanation_kind']}: {top}"
+        f"{_utc(alert['event_time'])}  {alert['key']}  {since}score {alert['score']:.3g} >= "
+        f"{alert['threshold']:.3g}  model {alert['model_version']}  "
+        f"{alert['explanation_kind']}: {top}"
     )
+
+
+def _utc(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
