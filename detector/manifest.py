@@ -172,7 +172,8 @@ class Scoring(_Strict):
     adaptive: AdaptiveThreshold | None = None
     #: Consecutive scored events at or above the threshold before a key's alert episode opens
     #: (1: at once). A smoothed score that only touches the threshold is more often noise than
-    #: a fault; a real one stays there. Costs 4 bytes per key when above 1.
+    #: a fault; a real one stays there. Costs 12 bytes per key when above 1 (the run's length
+    #: and its onset).
     confirm: int = Field(default=1, ge=1, le=100_000)
 
 
