@@ -163,6 +163,12 @@ class Engine:
         return self.manifest.scoring.threshold if override is None else override
 
     @property
+    def min_score(self) -> float:
+        """The bound below every key's threshold: the model's, unless an explicit
+        `EngineOptions.threshold` replaces the model's thresholds."""
+        return self.manifest.scoring.min_score if self.options.threshold is None else 0.0
+
+    @property
     def keys(self) -> int:
         """Keys with state now."""
         return len(self.arena)
@@ -482,21 +488,22 @@ class _Batch:
         """Each slot's threshold for its new smoothed score: the static one (its key's own
         calibrated one, or the model's), or with adaptive thresholds the key's latest
         re-chosen one (at least the static one unless the floor is "none"; the static one
-        before the first choice; infinite while the key warms up)."""
+        before the first choice; infinite while the key warms up); never below
+        `Engine.min_score`."""
         arena = self.arena
         static = self.engine.static_thresholds[arena.stats_row[slots]]
+        min_score = self.engine.min_score
         adaptive = self.manifest.scoring.adaptive
         if adaptive is None:
-            return static
+            return np.fmax(static, min_score)
         scored = arena.remember_scores(slots, scores)
         due = slots[scored % adaptive.refresh == 0]
         if due.size:
             arena.level[due] = choose_levels(*arena.recent_scores(due), prune=adaptive.prune)[0]
         level = arena.level[slots]
         chosen = np.fmax(level, static) if adaptive.floor == "calibrated" else level
-        return np.where(
-            scored < adaptive.warm_up, np.inf, np.where(np.isnan(level), static, chosen)
-        )
+        threshold = np.where(np.isnan(level), static, chosen)
+        return np.where(scored < adaptive.warm_up, np.inf, np.fmax(threshold, min_score))
 
     def _alerts(
         self,

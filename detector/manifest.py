@@ -175,6 +175,11 @@ class Scoring(_Strict):
     #: a fault; a real one stays there. Costs 12 bytes per key when above 1 (the run's length
     #: and its onset).
     confirm: int = Field(default=1, ge=1, le=100_000)
+    #: No threshold of any key is below this score, however the threshold was chosen: a
+    #: forecast model's errors that are tiny in the feature's own units never alert, even
+    #: where they are unusual for a quiet key (the trainer's `[threshold] min_error`, as the
+    #: score of an error of that size in every forecast feature). 0: no such bound.
+    min_score: float = Field(default=0.0, ge=0, allow_inf_nan=False)
 
 
 class TrainingSummary(_Strict):

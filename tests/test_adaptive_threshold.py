@@ -157,6 +157,33 @@ def test_without_a_floor_a_keys_threshold_is_its_own_alone(fixed: Scorer, folder
     np.testing.assert_allclose(run(unfloored, records, 5)[2], want, rtol=1e-6)
 
 
+def test_no_threshold_is_below_the_models_min_score(fixed: Scorer, folder: Path) -> None:
+    records = noisy_stream()
+    keys, scores, _, statuses = run(fixed, records, len(records))
+    unbounded = expected_thresholds(keys, scores, statuses, 1e6, floor=False)
+    chosen = unbounded[np.isfinite(unbounded) & (unbounded < 1e6)]
+    min_score = float(np.median(chosen))
+    assert chosen.min() < min_score < chosen.max()
+    manifest = adaptive_manifest(floor="none", threshold=1e6)
+    bounded = manifest.model_copy(
+        update={"scoring": manifest.scoring.model_copy(update={"min_score": min_score})}
+    )
+    scorer = load_random(folder / "bounded.onnx", bounded, seed=3)
+    np.testing.assert_allclose(
+        run(scorer, records, 5)[2], np.maximum(unbounded, min_score), rtol=1e-6
+    )
+
+    plain = make_manifest("forecast", "stateful", window=4, threshold=0.05)
+    static = plain.model_copy(
+        update={"scoring": plain.scoring.model_copy(update={"min_score": 0.3})}
+    )
+    static_scorer = load_random(folder / "bounded-static.onnx", static, seed=3)
+    scored = statuses == Status.SCORED
+    assert set(Engine(static_scorer).process(records).thresholds[scored].tolist()) == {0.3}
+    overridden = Engine(static_scorer, EngineOptions(threshold=0.1)).process(records)
+    assert set(overridden.thresholds[scored].tolist()) == {0.1}  # an explicit one holds as is
+
+
 def own_thresholds(**thresholds: float | None) -> dict[str, KeyStatistics]:
     """Per-key statistics equal to the global ones (scores stay those of `fixed`), each key
     with the given threshold of its own."""

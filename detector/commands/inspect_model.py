@@ -68,6 +68,7 @@ def overview(manifest: Manifest, providers: list[str]) -> Table:
         + (" layer-norm" if network.layer_norm else ""),
         "score": scoring.semantics,
         "threshold": f"{scoring.threshold:.6g} ({scoring.calibration})",
+        "minimum threshold": f"{scoring.min_score:.6g}" if scoring.min_score else "-",
         "smoothing": f"{scoring.smoothing:g}",
         "alerts after": "the first score at or above the threshold"
         if scoring.confirm == 1
