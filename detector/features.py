@@ -154,6 +154,14 @@ class FeatureCodec:
         ]
         self._readers = [self._reader(f) for f in self.features]
 
+    @property
+    def forecast_units(self) -> np.ndarray:
+        """Each forecast feature's own units per encoded unit, with the global statistics:
+        its std, or 1 where it is not scaled."""
+        numeric = [f.name for f in self.manifest.numeric_features]
+        columns = [numeric.index(f.name) for f in self.manifest.forecast_features]
+        return self._std[0, columns]
+
     def vocabulary(self, name: str) -> dict[str, int]:
         """Label -> code of the categorical feature `name`."""
         return self._vocabularies[name]

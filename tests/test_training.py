@@ -234,6 +234,42 @@ def test_per_key_thresholds_go_from_the_config_through_the_manifest_to_the_engin
     assert manifest.scoring.confirm == 3 and "alerts after 3 consecutive scores" in shown
 
 
+def test_min_error_bounds_every_threshold_by_the_score_of_that_error(tmp_path, capsys) -> None:
+    config, data = write(tmp_path, FORECAST + "min_error = 2.0\n", sensor_rows())
+    result = train(config, [data], tmp_path / "sensors.onnx", epochs=2, progress=False)
+
+    manifest, _ = load_model_file(result.model_path)
+    graph = onnx.load(result.model_path).graph
+    variance = next(
+        onnx.numpy_helper.to_array(t) for t in graph.initializer if "residual_variance" in t.name
+    )
+    (temperature,) = manifest.forecast_features
+    # An error of 2 degrees, in z units, over the residual variance: the score it gets.
+    assert manifest.scoring.min_score == pytest.approx((2.0 / temperature.std) ** 2 / variance[0])
+    assert result.metrics["min_score"] == manifest.scoring.min_score > manifest.scoring.threshold
+    evaluation = evaluate(result.model_path, data)
+    replay = evaluation.replay
+    scored = replay.statuses == Status.SCORED
+    assert set(replay.thresholds[scored].tolist()) == {manifest.scoring.min_score}
+    faults = scored & (evaluation.labels == 1)
+    assert (replay.scores[faults] >= manifest.scoring.min_score).mean() > 0.8  # 6-degree spikes
+    capsys.readouterr()
+    assert trainer_main(["inspect", str(result.model_path)]) == 0
+    assert f"minimum threshold {manifest.scoring.min_score:.6g}" in " ".join(
+        capsys.readouterr().out.replace("│", " ").split()
+    )
+
+
+def test_min_error_needs_a_forecast_in_units_alike_for_every_key(tmp_path) -> None:
+    with pytest.raises(ValueError, match="needs a forecast model"):
+        load_train_config(write_config(tmp_path, CLASSIFY + "[threshold]\nmin_error = 0.1\n"))
+    per_key_model = FORECAST.replace("hidden = 16\n", "hidden = 16\nper_key_normalisation = true\n")
+    with pytest.raises(ValueError, match="scaled alike for every key"):
+        load_train_config(write_config(tmp_path, per_key_model + "min_error = 0.1\n"))
+    unscaled = per_key_model.replace('kind = "numeric" }', 'kind = "numeric", scale = "none" }')
+    assert load_train_config(write_config(tmp_path, unscaled + "min_error = 0.1\n"))
+
+
 def test_per_key_thresholds_are_each_keys_own_calibration() -> None:
     rng = np.random.default_rng(3)
     keys = rng.permutation(["quiet"] * 60 + ["loud"] * 60 + ["rare"] * (MIN_KEY_SCORES - 1))

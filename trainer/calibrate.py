@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from detector.features import FeatureCodec
+from detector.manifest import Manifest
 from detector.thresholds import choose_levels
 from trainer.metrics import precision_recall_curve, roc_curve
 
@@ -185,3 +187,10 @@ def _require(target: float | None, method: str) -> float:
     if target is None:
         raise CalibrationError(f"threshold method {method!r} needs a target")
     return target
+
+
+def min_error_score(manifest: Manifest, residual_variance: np.ndarray, min_error: float) -> float:
+    """The forecast score of an error of `min_error` in every forecast feature (their own
+    units): each squared error in encoded units over its residual variance, averaged."""
+    encoded = min_error / FeatureCodec(manifest).forecast_units
+    return float(np.mean(np.square(encoded) / np.asarray(residual_variance, np.float64)))

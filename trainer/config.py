@@ -193,6 +193,11 @@ class ThresholdConfig(_Section):
     #: Consecutive scored events at or above the threshold before an alert episode opens
     #: (`Scoring.confirm`; 1: at once).
     confirm: int = Field(default=1, ge=1, le=100_000)
+    #: Forecast models: an error smaller than this in every forecast feature, in the
+    #: features' own units, never alerts however unusual it is for its key (telemanom's 0.05
+    #: on values scaled to [-1, 1]); stored as the score of such an error
+    #: (`Scoring.min_score`). 0: no such bound.
+    min_error: float = Field(default=0.0, ge=0, allow_inf_nan=False)
 
     @property
     def resolved_target(self) -> float | None:
@@ -220,6 +225,8 @@ class TrainConfig(_Section):
                 f"threshold.method {self.threshold.method!r} needs labels; "
                 "use 'quantile' or 'dynamic'"
             )
+        if self.threshold.min_error:
+            self._check_min_error()
         if self.threshold.per_key:
             if not self.model.per_key_normalisation:
                 raise ValueError("threshold.per_key needs model.per_key_normalisation = true")
@@ -229,6 +236,18 @@ class TrainConfig(_Section):
                     "(most keys have too few anomalies to calibrate on labels)"
                 )
         return self
+
+    def _check_min_error(self) -> None:
+        if self.model.task != "forecast":
+            raise ValueError("threshold.min_error needs a forecast model (errors in feature units)")
+        if self.model.per_key_normalisation and any(
+            isinstance(f, NumericFeatureConfig) and f.forecast and f.scale == "standard"
+            for f in self.data.features
+        ):
+            raise ValueError(
+                "threshold.min_error needs forecast features scaled alike for every key: "
+                'scale = "none" or model.per_key_normalisation = false'
+            )
 
     def draft_manifest(self, vocabularies: dict[str, list[str]]) -> Manifest:
         """The manifest before fitting: statistics at identity, threshold not yet calibrated."""

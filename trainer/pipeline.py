@@ -14,7 +14,7 @@ import torch
 
 from detector import __version__
 from detector.manifest import KeyStatistics, Manifest, Scoring, TrainingSummary, write_model
-from trainer.calibrate import calibrate, calibrate_per_key, smooth_per_key
+from trainer.calibrate import calibrate, calibrate_per_key, min_error_score, smooth_per_key
 from trainer.config import TrainConfig
 from trainer.data import SPLIT_NAMES, TEST, TRAIN, VALIDATION, Events, Windows, load_events
 from trainer.export import build_onnx, check_parity, onnx_scores, quantize_model
@@ -139,9 +139,15 @@ def train(
         if config.threshold.per_key
         else {}
     )
+    min_score = (
+        min_error_score(manifest, net.residual_variance.cpu().numpy(), config.threshold.min_error)
+        if config.threshold.min_error
+        else 0.0
+    )
+    alerting = max(threshold, min_score)
     metrics = {
-        "validation": _split_metrics(validation, threshold, history.best_validation_loss),
-        "test": _split_metrics(test, threshold, None),
+        "validation": _split_metrics(validation, alerting, history.best_validation_loss),
+        "test": _split_metrics(test, alerting, None),
     }
     manifest = manifest.model_copy(
         update={
@@ -152,6 +158,7 @@ def train(
                 smoothing=config.threshold.smoothing,
                 adaptive=config.threshold.adaptive,
                 confirm=config.threshold.confirm,
+                min_score=min_score,
             ),
             "per_key_statistics": _with_thresholds(manifest.per_key_statistics, key_thresholds),
             "training": _summary(events, metrics),
@@ -168,6 +175,7 @@ def train(
         "export_mode": manifest.export_mode,
         "threshold": threshold,
         "calibration": description,
+        "min_score": min_score,
         "per_key_thresholds": len(key_thresholds),
         "parity_max_difference": parity,
         "int8": quantisation,

@@ -201,6 +201,15 @@ def _adaptive_lines(manifest: Manifest) -> list[str]:
     ]
 
 
+def _min_score_lines(manifest: Manifest) -> list[str]:
+    if not manifest.scoring.min_score:
+        return []
+    return [
+        f"No threshold is below {manifest.scoring.min_score:.6g}: smaller errors never alert "
+        "(`[threshold] min_error`)."
+    ]
+
+
 def _per_key_threshold_lines(manifest: Manifest) -> list[str]:
     own = manifest.key_thresholds.values()
     if not own:
@@ -241,6 +250,7 @@ def model_card(result: TrainResult) -> str:
         ),
         *_per_key_threshold_lines(manifest),
         *_adaptive_lines(manifest),
+        *_min_score_lines(manifest),
         "",
         "## Data",
         f"- Training rows: {summary.rows}, keys: {summary.keys}, "

@@ -12,7 +12,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from detector.engine import EngineOptions
-from detector.manifest import ModelContractError
+from detector.manifest import Manifest, ModelContractError
 from trainer.evaluate import Evaluation, evaluate
 from trainer.report import write_evaluation_report
 
@@ -94,11 +94,7 @@ def summary_table(evaluation: Evaluation) -> Table:
             f"{counts['scored']} / {counts['warming_up']} / {counts['dead_letters']}",
         ),
         ("labeled positives (scored)", f"{counts['positives']} ({counts['scored_positives']})"),
-        (
-            "threshold",
-            f"{evaluation.threshold:.6g}"
-            + (" (floor of per-key adaptive ones)" if evaluation.manifest.scoring.adaptive else ""),
-        ),
+        ("threshold", f"{evaluation.threshold:.6g}{_threshold_role(evaluation.manifest)}"),
         ("precision / recall / F1", _triple(metrics["point"])),
         ("AUPRC / AUROC", f"{metrics['auprc']:.3f} / {metrics['auroc']:.3f}"),
         ("range precision / recall / F1", _triple(metrics["ranges"])),
@@ -113,3 +109,13 @@ def summary_table(evaluation: Evaluation) -> Table:
 
 def _triple(counts: dict[str, float]) -> str:
     return f"{counts['precision']:.3f} / {counts['recall']:.3f} / {counts['f1']:.3f}"
+
+
+def _threshold_role(manifest: Manifest) -> str:
+    """How the calibrated threshold enters the thresholds the engine applied."""
+    adaptive = manifest.scoring.adaptive
+    if adaptive is None:
+        return ""
+    if adaptive.floor == "calibrated":
+        return " (floor of per-key adaptive ones)"
+    return " (until per-key adaptive ones are chosen)"

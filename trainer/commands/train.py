@@ -69,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
     for path in write_training_report(result, result.model_path.parent):
         print(f"wrote {path}")
     print(f"threshold {manifest.scoring.threshold:.6g}: {manifest.scoring.calibration}")
+    if manifest.scoring.min_score:
+        print(f"no threshold below {manifest.scoring.min_score:.6g} (min_error)")
     for name, value in sorted(manifest.training.metrics.items()):
         print(f"  {name} = {value:.4g}")
     return 0
