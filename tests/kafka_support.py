@@ -115,10 +115,13 @@ class TopicFactory:
         self.admin = KafkaAdminClient(**client_config(bootstrap))
         self.created: list[str] = []
 
-    def __call__(self, partitions: int = 1, prefix: str = "test") -> str:
+    def __call__(
+        self, partitions: int = 1, prefix: str = "test", configs: dict[str, str] | None = None
+    ) -> str:
         name = f"{prefix}-{uuid.uuid4().hex[:12]}"
+        topic = NewTopic(name, partitions, replication_factor=1, topic_configs=configs or {})
         self.admin.create_topics(
-            [NewTopic(name, num_partitions=partitions, replication_factor=1)],
+            [topic],
             timeout_ms=30_000,
             wait_for_metadata=True,
         )

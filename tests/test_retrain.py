@@ -130,7 +130,10 @@ def test_retrain_from_a_topic_reads_its_time_range_and_joins_labels_by_event_id(
     payments, kafka_bootstrap, kafka_topic_factory, tmp_path
 ):
     table, text = payments
-    events, labels = kafka_topic_factory(partitions=2), kafka_topic_factory(prefix="labels")
+    # Kept for good: the broker's 7-day retention would drop backdated segments at its next
+    # check (every 5 minutes), and with them the start of the range.
+    events = kafka_topic_factory(partitions=2, configs={"retention.ms": "-1"})
+    labels = kafka_topic_factory(prefix="labels")
     rows = table.to_pylist()
     # The events end an hour ago; what came 40 days ago is outside --since and never read.
     shift = time.time() - 3600 - max(row["ts"] for row in rows)
