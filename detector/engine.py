@@ -194,12 +194,13 @@ class Engine:
 
     def _static_thresholds(self) -> np.ndarray:
         """The static threshold of each statistics row (`KeyArena.stats_row`): row 0 the
-        model's, the others their key's own calibrated one where the manifest has it. An
-        explicit `EngineOptions.threshold` holds for every key."""
+        model's, the others their key's own calibrated one where the manifest has it, none
+        below `min_score`. An explicit `EngineOptions.threshold` holds for every key."""
         base = self.threshold
         own = self.manifest.key_thresholds if self.options.threshold is None else {}
         keys = self.manifest.per_key_statistics or {}
-        return np.array([base] + [own.get(key, base) for key in keys], np.float64)
+        static = np.array([base] + [own.get(key, base) for key in keys], np.float64)
+        return np.fmax(static, self.min_score)
 
     def _arena_for(self, manifest: Manifest) -> KeyArena:
         """A fresh arena; says so when adaptive thresholds could fill memory at `max_keys`
@@ -489,21 +490,23 @@ class _Batch:
         calibrated one, or the model's), or with adaptive thresholds the key's latest
         re-chosen one (at least the static one unless the floor is "none"; the static one
         before the first choice; infinite while the key warms up); never below
-        `Engine.min_score`."""
+        `Engine.min_score`, which the static ones already respect."""
         arena = self.arena
         static = self.engine.static_thresholds[arena.stats_row[slots]]
-        min_score = self.engine.min_score
         adaptive = self.manifest.scoring.adaptive
         if adaptive is None:
-            return np.fmax(static, min_score)
+            return static
         scored = arena.remember_scores(slots, scores)
         due = slots[scored % adaptive.refresh == 0]
         if due.size:
             arena.level[due] = choose_levels(*arena.recent_scores(due), prune=adaptive.prune)[0]
         level = arena.level[slots]
-        chosen = np.fmax(level, static) if adaptive.floor == "calibrated" else level
-        threshold = np.where(np.isnan(level), static, chosen)
-        return np.where(scored < adaptive.warm_up, np.inf, np.fmax(threshold, min_score))
+        bound = static if adaptive.floor == "calibrated" else self.engine.min_score
+        return np.where(
+            scored < adaptive.warm_up,
+            np.inf,
+            np.where(np.isnan(level), static, np.fmax(level, bound)),
+        )
 
     def _alerts(
         self,
