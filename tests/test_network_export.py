@@ -160,10 +160,51 @@ def test_export_refuses_when_onnxruntime_disagrees(tmp_path, monkeypatch) -> Non
 
     monkeypatch.setattr(export, "onnx_scores", corrupted)
     target = tmp_path / "model.onnx"
-    with pytest.raises(ExportError, match=r"disagree by 0\.001"):
+    with pytest.raises(ExportError, match=r"scores disagree by 0\.001"):
         export_model(net, manifest, target, parity_windows=windows, parity_lengths=lengths)
     assert not target.exists()
     assert list(tmp_path.iterdir()) == []
+
+
+def _shift_errors(shift: float, genuine=onnx_scores):
+    """onnx_scores with each forecast error |target - prediction| moved by `shift` (encoded
+    units), the score kept the mean of the moved contributions, as a graph computes it."""
+
+    def shifted(model, manifest, windows, lengths):
+        _, contrib = genuine(model, manifest, windows, lengths)
+        variance = np.array([1e-6, 2.0])
+        errors = np.sqrt(contrib.astype(np.float64) * variance) + shift
+        moved = (errors**2 / variance).astype(np.float32)
+        return moved.mean(axis=1), moved
+
+    return shifted
+
+
+@pytest.mark.parametrize(("shift", "accepted"), [(1e-6, True), (1e-3, False), (np.nan, False)])
+def test_forecast_parity_is_judged_on_the_errors_not_the_magnified_score(
+    shift: float, accepted: bool, monkeypatch
+) -> None:
+    # A near-constant feature: its residual variance divides errors of float32 rounding size
+    # into score differences far above the tolerance; the errors themselves stay within it.
+    manifest = make_manifest("forecast")
+    net = make_net(manifest)
+    net.residual_variance.copy_(torch.tensor([1e-6, 2.0]))
+    rng = np.random.default_rng(6)
+    windows = random_events(rng, batch=16, steps=WINDOW)
+    lengths = np.full(16, WINDOW, np.int64)
+    with torch.no_grad():  # the last events as well predicted as that variance says
+        prediction = net(torch.from_numpy(windows), torch.from_numpy(lengths)).raw.numpy()
+    windows[:, -1, [0, 3]] = prediction + rng.normal(size=prediction.shape) * [1e-3, 1.4]
+    model = build_onnx(net, manifest)
+    exact, _ = onnx_scores(model, manifest, windows, lengths)
+    monkeypatch.setattr(export, "onnx_scores", _shift_errors(shift))
+    if accepted:
+        moved, _ = export.onnx_scores(model, manifest, windows, lengths)
+        assert np.max(np.abs(moved - exact) / np.maximum(exact, 1.0)) > 1e-3
+        assert export.check_parity(model, net, manifest, windows, lengths) < 2e-6
+    else:
+        with pytest.raises(ExportError, match=r"forecast errors disagree by (0\.001|nan)"):
+            export.check_parity(model, net, manifest, windows, lengths)
 
 
 @pytest.mark.parametrize("export_mode", ["window", "stateful"])
