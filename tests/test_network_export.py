@@ -129,6 +129,33 @@ def test_right_padding_does_not_change_scores(task: str, bidirectional: bool) ->
             assert alone.score.item() == pytest.approx(float(clean_score[row]), abs=1e-5)
 
 
+def test_every_step_forecasts_are_the_window_forecasts_of_each_prefix() -> None:
+    manifest = make_manifest("forecast")
+    net = make_net(manifest)
+    rng = np.random.default_rng(7)
+    windows = random_events(rng, batch=5, steps=WINDOW)
+    lengths = np.array([WINDOW, 2, 5, WINDOW, 3], np.int64)
+    with torch.no_grad():
+        every = net(torch.from_numpy(windows), torch.from_numpy(lengths), every_step=True)
+        prefixes = [
+            net(torch.from_numpy(windows[row : row + 1, :end]), torch.tensor([end]))
+            for row, length in enumerate(lengths)
+            for end in range(1, length + 1)
+        ]
+    assert len(every.score) == lengths.sum()
+    for field in ("score", "raw", "target", "contrib"):
+        expected = torch.cat([getattr(out, field) for out in prefixes])
+        torch.testing.assert_close(getattr(every, field), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("task", "bidirectional"), [("classify", False), ("forecast", True)])
+def test_every_step_needs_a_unidirectional_forecast_model(task: str, bidirectional: bool) -> None:
+    net = make_net(make_manifest(task, bidirectional=bidirectional))
+    windows = torch.from_numpy(random_events(np.random.default_rng(8), batch=2, steps=WINDOW))
+    with pytest.raises(ValueError, match="unidirectional forecast model"):
+        net(windows, torch.tensor([WINDOW, WINDOW]), every_step=True)
+
+
 @pytest.mark.parametrize("task", ["classify", "forecast"])
 def test_bidirectional_window_export_matches_torch(task: str, tmp_path) -> None:
     rng = np.random.default_rng(3)

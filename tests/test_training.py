@@ -260,6 +260,37 @@ def test_min_error_bounds_every_threshold_by_the_score_of_that_error(tmp_path, c
     )
 
 
+def test_every_event_targets_train_another_forecaster_that_catches_the_spikes(tmp_path) -> None:
+    every = FORECAST.replace("patience = 4\n", 'patience = 4\nforecast_targets = "every"\n')
+    config, data = write(tmp_path, every, sensor_rows())
+    result = train(config, [data], tmp_path / "sensors.onnx", progress=False)
+
+    spikes = result.test.scores[result.test.labels == 1]
+    assert np.median(spikes) > 20 * np.median(result.test.scores[result.test.labels == 0])
+    assert roc_auc(result.test.labels, result.test.scores) > 0.97
+    # The same seed, data and epochs with the last events alone learn other weights.
+    last, _, _, _ = _fit_once(load_train_config(write_config(tmp_path, FORECAST)), data, 2)
+    other, _, _, _ = _fit_once(config, data, 2)
+    assert not torch.equal(last.head.weight, other.head.weight)
+
+
+def test_every_event_targets_need_a_unidirectional_forecast_model(tmp_path) -> None:
+    every = '[training]\nforecast_targets = "every"\n'
+    with pytest.raises(ValueError, match="needs a unidirectional forecast model"):
+        load_train_config(write_config(tmp_path, CLASSIFY.replace("[training]\n", every)))
+    both_ways = FORECAST.replace('export_mode = "stateful"', "bidirectional = true")
+    with pytest.raises(ValueError, match="needs a unidirectional forecast model"):
+        load_train_config(write_config(tmp_path, both_ways.replace("[training]\n", every)))
+
+
+def test_the_benchmark_configurations_are_valid_and_say_what_each_model_learns_from() -> None:
+    folder = Path(__file__).resolve().parent.parent / "bench" / "configs"
+    configs = {path.stem: load_train_config(path) for path in sorted(folder.glob("*.toml"))}
+    assert sorted(configs) == ["fraud", "smap", "smap_shared"]
+    assert configs["smap"].training.forecast_targets == "every"
+    assert configs["smap_shared"].training.forecast_targets == "last"
+
+
 def test_min_error_needs_a_forecast_in_units_alike_for_every_key(tmp_path) -> None:
     with pytest.raises(ValueError, match="needs a forecast model"):
         load_train_config(write_config(tmp_path, CLASSIFY + "[threshold]\nmin_error = 0.1\n"))

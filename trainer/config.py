@@ -173,6 +173,11 @@ class TrainingConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     #: Mixed precision; used only on CUDA.
     amp: bool = True
+    #: Forecast models: learn from the last event of each window only, the one that is
+    #: scored ("last"), or from every event of it, each forecast from the events before it
+    #: ("every": as many targets as the window has events; unidirectional models only).
+    #: Validation and early stopping judge the last event either way.
+    forecast_targets: Literal["last", "every"] = "last"
 
 
 class ThresholdConfig(_Section):
@@ -224,6 +229,12 @@ class TrainConfig(_Section):
             raise ValueError(
                 f"threshold.method {self.threshold.method!r} needs labels; "
                 "use 'quantile' or 'dynamic'"
+            )
+        if self.training.forecast_targets == "every" and (
+            self.model.task != "forecast" or self.model.bidirectional
+        ):
+            raise ValueError(
+                'training.forecast_targets = "every" needs a unidirectional forecast model'
             )
         if self.threshold.min_error:
             self._check_min_error()

@@ -131,6 +131,7 @@ def fit(
         optimizer, factor=0.5, patience=max(1, config.patience // 2)
     )
     amp = config.amp and device.type == "cuda"
+    every_step = net.task == "forecast" and config.forecast_targets == "every"
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     sampler = DistributedSampler(
         range(len(train)),
@@ -157,7 +158,7 @@ def fit(
                 x, lengths, target = _batch(train, index, device)
                 optimizer.zero_grad(set_to_none=True)
                 with torch.autocast(device.type, dtype=torch.float16) if amp else nullcontext():
-                    loss = loss_fn(model(x, lengths), target)
+                    loss = loss_fn(model(x, lengths, every_step=every_step), target)
                 scaler.scale(loss).backward()
                 scaler.unscale_(optimizer)
                 nn.utils.clip_grad_norm_(net.parameters(), config.grad_clip)

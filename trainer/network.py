@@ -130,9 +130,16 @@ class SequenceNet(nn.Module):
 
     # -- window mode ---------------------------------------------------------------------
 
-    def forward(self, x: Tensor, lengths: Tensor) -> NetOutput:
-        """Score right-padded windows x [B, W, F] whose first `lengths` [B] steps are real."""
+    def forward(self, x: Tensor, lengths: Tensor, *, every_step: bool = False) -> NetOutput:
+        """Score right-padded windows x [B, W, F] whose first `lengths` [B] steps are real.
+
+        With `every_step` (forecast training), every real step of every window is forecast
+        from the steps before it, and the outputs hold one row per real step instead of one
+        per window.
+        """
         lengths = lengths.to(torch.int64)
+        if every_step:
+            return self._forecast_every_step(x, lengths)
         if self.task == "classify":
             summary = self._summarise(self.encoder(x), lengths)
             logit = self.head(self.dropout(self.norm(summary)))[:, 0]
@@ -145,6 +152,17 @@ class SequenceNet(nn.Module):
         last = context.clamp(min=0).view(-1, 1, 1).expand(-1, 1, x.shape[2])
         target = x.gather(1, last)[:, 0].index_select(1, self.forecast_index)
         return self._forecast_output(prediction, target)
+
+    def _forecast_every_step(self, x: Tensor, lengths: Tensor) -> NetOutput:
+        if self.task != "forecast" or self.bidirectional:
+            raise ValueError("every step can be forecast only by a unidirectional forecast model")
+        outputs, _ = self.lstm(self.encoder(x))
+        # Step t is forecast from the output after step t - 1, step 0 from the zero state:
+        # what the window form computes for a window that ends at step t.
+        before = torch.cat([torch.zeros_like(outputs[:, :1]), outputs[:, :-1]], dim=1)
+        real = torch.arange(x.shape[1], device=x.device)[None, :] < lengths[:, None]
+        prediction = self.head(self.dropout(self.norm(before[real])))
+        return self._forecast_output(prediction, x[real].index_select(1, self.forecast_index))
 
     def _summarise(self, inputs: Tensor, lengths: Tensor) -> Tensor:
         """The top layer's output after the last real step (both directions if bidirectional)."""
