@@ -131,7 +131,7 @@ def fit(
         optimizer, factor=0.5, patience=max(1, config.patience // 2)
     )
     amp = config.amp and device.type == "cuda"
-    every_step = net.task == "forecast" and config.forecast_targets == "every"
+    every_step = config.forecast_targets == "every"
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     sampler = DistributedSampler(
         range(len(train)),
