@@ -140,26 +140,16 @@ def main() -> None:
         for seed in args.seeds
         for group in ([channels] if mode == "shared" else [[c] for c in channels])
     ]
-    outcomes = _run(tasks, args.jobs)
+    outcomes: dict[tuple[str, int | None], list[Outcome]] = {}
+    for task, outcome in zip(tasks, _run(tasks, args.jobs), strict=True):
+        outcomes.setdefault((task.mode, task.seed), []).append(outcome)
     curves = {}
     for mode in modes:
-        by_seed = {
-            seed: _summary(
-                [
-                    outcome
-                    for task, outcome in zip(tasks, outcomes, strict=True)
-                    if task.mode == mode and task.seed == seed
-                ]
-            )
-            for seed in args.seeds
-        }
-        headline = args.seeds[0]
-        document[mode] = by_seed[headline]
-        done = [
-            o for t, o in zip(tasks, outcomes, strict=True) if (t.mode, t.seed) == (mode, headline)
-        ]
-        truth = np.concatenate([outcome.truth for outcome in done])
-        curves[mode] = precision_recall_curve(truth, np.concatenate([o.scores for o in done]))
+        by_seed = {seed: _summary(outcomes[mode, seed]) for seed in args.seeds}
+        headline = outcomes[mode, args.seeds[0]]
+        document[mode] = by_seed[args.seeds[0]]
+        truth = np.concatenate([outcome.truth for outcome in headline])
+        curves[mode] = precision_recall_curve(truth, np.concatenate([o.scores for o in headline]))
         _print(mode, document[mode])
         if len(args.seeds) > 1:
             document[mode]["seeds"] = {str(seed): s["total"] for seed, s in by_seed.items()}
