@@ -471,7 +471,7 @@ def _print_seeds(mode: str, summary: dict) -> None:
         return (
             name,
             *(float(total[field]) for field in rates),
-            *(f"{total[field]:g}" for field in counts),
+            *(f"{round(total[field], 1):g}" for field in counts),
         )
 
     rows = [row(f"seed {seed}", total) for seed, total in summary["seeds"].items()]
