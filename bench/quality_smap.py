@@ -164,7 +164,7 @@ def main() -> None:
         _plot(args.plots, document, modes, curves)
 
 
-def _seed_list(text: str) -> list[int | None]:
+def _seed_list(text: str) -> list[int]:
     try:
         seeds = [int(part) for part in text.split(",")]
     except ValueError:
