@@ -33,7 +33,7 @@ from detector.alerts import (
 from detector.arena import ArenaShape, KeyArena
 from detector.bulk_decode import decode_plain
 from detector.features import RecordError, parse_json_record
-from detector.manifest import Manifest
+from detector.manifest import AdaptiveThreshold, Manifest
 from detector.records import DeadLetter, InputRecord
 from detector.scorer import Scorer, Scores
 from detector.thresholds import choose_levels
@@ -489,7 +489,8 @@ class _Batch:
         """Each slot's threshold for its new smoothed score: the static one (its key's own
         calibrated one, or the model's), or with adaptive thresholds the key's latest
         re-chosen one (at least the static one unless the floor is "none"; the static one
-        before the first choice; infinite while the key warms up); never below
+        before the first choice; infinite while the key warms up; chosen with the young
+        margin while its history is not yet full); never below
         `Engine.min_score`, which the static ones already respect."""
         arena = self.arena
         static = self.engine.static_thresholds[arena.stats_row[slots]]
@@ -497,9 +498,10 @@ class _Batch:
         if adaptive is None:
             return static
         scored = arena.remember_scores(slots, scores)
-        due = slots[scored % adaptive.refresh == 0]
-        if due.size:
-            arena.level[due] = choose_levels(*arena.recent_scores(due), prune=adaptive.prune)[0]
+        refreshed = scored % adaptive.refresh == 0
+        if refreshed.any():
+            due, margins = slots[refreshed], _pruning_margins(adaptive, scored[refreshed])
+            arena.level[due] = choose_levels(*arena.recent_scores(due), prune=margins)[0]
         level = arena.level[slots]
         bound = static if adaptive.floor == "calibrated" else self.engine.min_score
         return np.where(
@@ -600,6 +602,14 @@ def _rounds(key_ids: np.ndarray) -> _Rounds:
     order = np.argsort(rank, kind="stable")
     bounds = np.searchsorted(rank[order], np.arange(int(sizes.max()) + 1))
     return _Rounds(by_key, by_key[starts], order, np.r_[bounds, key_ids.size])
+
+
+def _pruning_margins(adaptive: AdaptiveThreshold, scored: np.ndarray) -> float | np.ndarray:
+    """The pruning margin of keys re-choosing with `scored` scores: the young one until their
+    history is full."""
+    if adaptive.young_prune is None:
+        return adaptive.prune
+    return np.where(scored < adaptive.history, adaptive.young_prune, adaptive.prune)
 
 
 def _episode_peaks(

@@ -176,15 +176,20 @@ def test_forecaster_scores_injected_spikes_far_above_normal_points(tmp_path) -> 
 def test_an_adaptive_threshold_goes_from_the_config_through_the_manifest_to_the_engine(
     tmp_path, capsys
 ) -> None:
-    config_text = FORECAST + "\n[threshold.adaptive]\nhistory = 40\nrefresh = 8\nwarm_up = 20\n"
-    config, data = write(tmp_path, config_text, sensor_rows())
+    adaptive = (
+        "\n[threshold.adaptive]\nhistory = 40\nrefresh = 8\nwarm_up = 20\nyoung_prune = 0.5\n"
+    )
+    config, data = write(tmp_path, FORECAST + adaptive, sensor_rows())
     result = train(config, [data], tmp_path / "sensors.onnx", epochs=2, progress=False)
 
     manifest, _ = load_model_file(result.model_path)
-    assert manifest.scoring.adaptive == AdaptiveThreshold(history=40, refresh=8, warm_up=20)
+    assert manifest.scoring.adaptive == AdaptiveThreshold(
+        history=40, refresh=8, warm_up=20, young_prune=0.5
+    )
     capsys.readouterr()
     assert trainer_main(["inspect", str(result.model_path)]) == 0
-    assert "every 8 events from the last 40" in " ".join(capsys.readouterr().out.split())
+    shown = " ".join(capsys.readouterr().out.replace("│", " ").split())  # cells wrap
+    assert "every 8 events from the last 40 (prune 0.13, 0.5 until the history is full" in shown
     evaluation = evaluate(result.model_path, data)
     replay, static = evaluation.replay, manifest.scoring.threshold
     scored = replay.statuses == Status.SCORED

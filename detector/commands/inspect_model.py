@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from detector.manifest import (
+    AdaptiveThreshold,
     CategoricalFeature,
     Feature,
     Manifest,
@@ -76,7 +77,8 @@ def overview(manifest: Manifest, providers: list[str]) -> Table:
         "adaptive threshold": "-"
         if scoring.adaptive is None
         else f"per key, every {scoring.adaptive.refresh} events from the last "
-        f"{scoring.adaptive.history} (prune {scoring.adaptive.prune:g}, floor "
+        f"{scoring.adaptive.history} (prune {scoring.adaptive.prune:g}"
+        f"{_young_prune(scoring.adaptive)}, floor "
         f"{scoring.adaptive.floor}, warm-up {scoring.adaptive.warm_up})",
         "per-key statistics": f"{len(manifest.per_key_statistics or {})} keys",
         "per-key thresholds": _per_key_thresholds(manifest),
@@ -89,6 +91,12 @@ def overview(manifest: Manifest, providers: list[str]) -> Table:
     for name, value in rows.items():
         table.add_row(name, value)
     return table
+
+
+def _young_prune(adaptive: AdaptiveThreshold) -> str:
+    if adaptive.young_prune is None:
+        return ""
+    return f", {adaptive.young_prune:g} until the history is full"
 
 
 def _per_key_thresholds(manifest: Manifest) -> str:
