@@ -34,6 +34,7 @@ from trainer.fit import History, evaluate_loss, fit, make_loss, predict, seed_ev
 from trainer.metrics import average_precision, roc_auc
 from trainer.network import SequenceNet
 from trainer.pipeline import train
+from trainer.report import write_training_report
 
 START = 1_700_000_000
 
@@ -190,6 +191,10 @@ def test_an_adaptive_threshold_goes_from_the_config_through_the_manifest_to_the_
     assert trainer_main(["inspect", str(result.model_path)]) == 0
     shown = " ".join(capsys.readouterr().out.replace("│", " ").split())  # cells wrap
     assert "every 8 events from the last 40 (prune 0.13, 0.5 until the history is full" in shown
+    write_training_report(result, tmp_path / "report")
+    card = (tmp_path / "report" / "MODEL_CARD.md").read_text()
+    assert "pruning margin 0.13; 0.5 while fewer than 40 are in hand" in card
+    assert "a key may alert once 20 of its events are scored" in card
     evaluation = evaluate(result.model_path, data)
     replay, static = evaluation.replay, manifest.scoring.threshold
     scored = replay.statuses == Status.SCORED
