@@ -4,6 +4,11 @@ PYTHON ?= python3
 VENV := .venv
 VENV_PYTHON := $(VENV)/bin/python
 PYTEST_ARGS ?=
+# A new venv holds PyTorch with its CUDA libraries (about 6 GiB): refuse at once, not midway.
+VENV_DISK_GIB := 8
+DISK_CHECK := import shutil, sys; free = shutil.disk_usage(".").free / 2**30; \
+	sys.exit(free < $(VENV_DISK_GIB) and \
+	f"make venv: needs about $(VENV_DISK_GIB) GiB of free disk for PyTorch; {free:.1f} GiB free")
 
 .PHONY: venv kafka-jars test lint demo
 
@@ -14,6 +19,7 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
 		{ echo "make venv: needs Python 3.11+ as $(PYTHON) (try: make venv PYTHON=python3.12)" >&2; exit 1; }
+	@test -x $(VENV_PYTHON) || $(PYTHON) -c '$(DISK_CHECK)'
 	test -x $(VENV_PYTHON) || $(PYTHON) -m venv $(VENV)
 	$(VENV_PYTHON) -m pip install --upgrade pip
 	$(VENV_PYTHON) -m pip install -e '.[train,dev,bench]'
