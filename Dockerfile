@@ -28,13 +28,16 @@ RUN groupadd --system --gid 10001 seqsentinel \
         --shell /usr/sbin/nologin seqsentinel \
     && install --directory --owner 10001 --group 10001 /models
 
-# Builds the virtual environment; only /opt/seqsentinel leaves this stage.
+# Builds the virtual environment; only /opt/seqsentinel leaves this stage. Every pip call of
+# deploy/install.sh is held to the versions of constraints.txt, the lock `make venv` and CI use
+# (it pins onnxruntime-gpu for the gpu variant too); each image installs only what it needs.
 FROM base AS build
 ARG VARIANT
 ENV PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_CONSTRAINT=/src/constraints.txt
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY detector/ detector/
 COPY trainer/ trainer/
 COPY deploy/install.sh deploy/install.sh

@@ -3,27 +3,54 @@
 PYTHON ?= python3
 VENV := .venv
 VENV_PYTHON := $(VENV)/bin/python
+# `make test-latest`'s venv: the newest releases of every dependency, the lock ignored.
+VENV_LATEST := .venv-latest
+EXTRAS := train,dev,bench
+# Every dependency pinned for Linux x86_64 and Python 3.11 and later; `make lock` writes it.
+LOCK := constraints.txt
+# `make lock LOCK_UPGRADE=--upgrade` moves every pin to the newest release that resolves.
+LOCK_UPGRADE ?=
 PYTEST_ARGS ?=
+comma := ,
 # A new venv holds PyTorch with its CUDA libraries (about 6 GiB): refuse at once, not midway.
 VENV_DISK_GIB := 8
 DISK_CHECK := import shutil, sys; free = shutil.disk_usage(".").free / 2**30; \
 	sys.exit(free < $(VENV_DISK_GIB) and \
-	f"make venv: needs about $(VENV_DISK_GIB) GiB of free disk for PyTorch; {free:.1f} GiB free")
+	f"make: needs about $(VENV_DISK_GIB) GiB of free disk for PyTorch; {free:.1f} GiB free")
 
-.PHONY: venv kafka-jars test lint demo
+.PHONY: venv kafka-jars test test-latest lock lint demo
 
-# The stamp is newer than pyproject.toml once everything is installed: a repeated run does
-# nothing, and torch's large download happens only once (pip keeps satisfied requirements).
+# $(call install,VENV,PIP OPTIONS): create VENV if missing, then install the project with every
+# extra into it. pip keeps satisfied requirements, so torch's large download happens only once.
+define install
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+		{ echo "make: needs Python 3.11+ as $(PYTHON) (try: PYTHON=python3.12)" >&2; exit 1; }
+	@test -x $(1)/bin/python || $(PYTHON) -c '$(DISK_CHECK)'
+	test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
+	$(1)/bin/python -m pip install --upgrade pip
+	$(1)/bin/python -m pip install $(2) -e '.[$(EXTRAS)]'
+endef
+
+# The stamp is newer than pyproject.toml and the lock once everything is installed at the locked
+# versions: a repeated run does nothing, and a changed lock reinstalls what it moved.
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
-	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
-		{ echo "make venv: needs Python 3.11+ as $(PYTHON) (try: make venv PYTHON=python3.12)" >&2; exit 1; }
-	@test -x $(VENV_PYTHON) || $(PYTHON) -c '$(DISK_CHECK)'
-	test -x $(VENV_PYTHON) || $(PYTHON) -m venv $(VENV)
-	$(VENV_PYTHON) -m pip install --upgrade pip
-	$(VENV_PYTHON) -m pip install -e '.[train,dev,bench]'
+$(VENV)/.installed: pyproject.toml $(LOCK)
+	$(call install,$(VENV),-c $(LOCK))
 	touch $@
+
+# Re-resolve the lock after a change of pyproject.toml, keeping the other pins (or moving them
+# all with LOCK_UPGRADE=--upgrade). Universal: the pins carry markers wherever they differ by
+# Python version or platform. onnxruntime-gpu is resolved alongside for the GPU image.
+lock: $(VENV)/bin/uv
+	echo 'onnxruntime-gpu[cuda,cudnn]' | $(VENV)/bin/uv pip compile pyproject.toml - \
+		$(addprefix --extra ,$(subst $(comma), ,$(EXTRAS))) --universal --python-version 3.11 \
+		--custom-compile-command 'make lock' --quiet $(LOCK_UPGRADE) --output-file $(LOCK)
+
+# uv alone, at its locked version: the rest of the venv may be what the new lock has to change.
+$(VENV)/bin/uv:
+	test -x $(VENV_PYTHON) || $(PYTHON) -m venv $(VENV)
+	$(VENV_PYTHON) -m pip install -c $(LOCK) uv
 
 # Kafka's jars via Maven into deploy/kafka/.cache (or $$SEQSENTINEL_KAFKA_CACHE); once only.
 kafka-jars:
@@ -31,6 +58,12 @@ kafka-jars:
 
 test: venv kafka-jars
 	SEQSENTINEL_REQUIRE_KAFKA=1 $(VENV_PYTHON) -m pytest $(PYTEST_ARGS)
+
+# The suite against the newest release of every dependency, in a venv of its own: what
+# `make lock LOCK_UPGRADE=--upgrade` would bring. Upgrades that venv on every run.
+test-latest: kafka-jars
+	$(call install,$(VENV_LATEST),--upgrade --upgrade-strategy eager)
+	SEQSENTINEL_REQUIRE_KAFKA=1 $(VENV_LATEST)/bin/python -m pytest $(PYTEST_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check .
