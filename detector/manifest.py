@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Literal
 
+import numpy as np
 import onnx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -186,6 +187,31 @@ class Scoring(_Strict):
     min_score: float = Field(default=0.0, ge=0, allow_inf_nan=False)
 
 
+class Probes(_Strict):
+    """A few encoded windows and the float graph's scores of them, stored with an int8 model.
+
+    int8 kernels differ between CPUs (onnxruntime's U8S8 kernels saturate on x86 without
+    VNNI), so the detector scores these windows at load on the CPU it runs on and refuses
+    the model when they stray from the float scores by more than `tolerance`.
+    """
+
+    #: Each probe's real events, oldest first, as the graph takes them (padding implied).
+    windows: list[list[list[float]]] = Field(min_length=1, max_length=64)
+    #: The float graph's score of each window.
+    scores: list[float]
+    #: Largest accepted difference from `scores`, relative above magnitude 1.
+    tolerance: float = Field(gt=0, allow_inf_nan=False)
+
+    def arrays(self, window: int) -> tuple[np.ndarray, np.ndarray]:
+        """The windows right-padded to `window` steps [n, window, width] and their lengths."""
+        lengths = np.array([len(events) for events in self.windows], np.int64)
+        width = len(self.windows[0][0])
+        padded = np.zeros((len(self.windows), window, width), np.float32)
+        for row, events in enumerate(self.windows):
+            padded[row, : len(events)] = events
+        return padded, lengths
+
+
 class TrainingSummary(_Strict):
     rows: int = Field(ge=0)
     keys: int = Field(ge=0)
@@ -211,6 +237,8 @@ class Manifest(_Strict):
     training: TrainingSummary
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
     trainer_version: str
+    #: int8 models only: windows to check the graph's scores on at load.
+    probes: Probes | None = None
     graph_sha256: str = ""
 
     @model_validator(mode="after")
@@ -233,7 +261,19 @@ class Manifest(_Strict):
         for key, stats in (self.per_key_statistics or {}).items():
             if len(stats.mean) != numeric or len(stats.std) != numeric:
                 raise ValueError(f"per_key_statistics[{key!r}] must have {numeric} means and stds")
+        if self.probes is not None:
+            self._check_probes(self.probes)
         return self
+
+    def _check_probes(self, probes: Probes) -> None:
+        if len(probes.scores) != len(probes.windows):
+            raise ValueError("probes need one score per window")
+        width = input_width(self)
+        for events in probes.windows:
+            if not 1 <= len(events) <= self.window:
+                raise ValueError(f"each probe window needs 1 to {self.window} events")
+            if any(len(values) != width for values in events):
+                raise ValueError(f"each probe event needs {width} values, one per feature")
 
     @property
     def key_thresholds(self) -> dict[str, float]:
@@ -280,6 +320,18 @@ class Manifest(_Strict):
 
     def to_json(self) -> str:
         return self.model_dump_json()
+
+
+def relative_difference(got: np.ndarray, want: np.ndarray) -> float:
+    """Largest |got - want|, relative where |want| is above 1; NaN if either holds one."""
+    scale = np.maximum(np.abs(want), 1.0)
+    return float(np.max(np.abs(got - want) / scale, initial=0.0))
+
+
+def has_int8_weights(model: onnx.ModelProto) -> bool:
+    """Whether the graph holds quantised (8-bit integer) weights."""
+    int8 = (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
+    return any(tensor.data_type in int8 for tensor in model.graph.initializer)
 
 
 def graph_sha256(model: onnx.ModelProto) -> str:
@@ -343,6 +395,12 @@ def load_model_file(path: Path | str) -> tuple[Manifest, bytes]:
             f"graph hashes to {actual[:16]}… (the file was modified after export)",
         )
     check_graph_signature(path, model, manifest)
+    if manifest.probes is None and has_int8_weights(model):
+        raise ModelContractError(
+            path,
+            "int8 graph without probes: whether this CPU's int8 kernels score it like the "
+            "float graph cannot be checked; export it again with this trainer",
+        )
     return manifest, data
 
 

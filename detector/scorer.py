@@ -2,7 +2,8 @@
 
 `Scorer.load` checks the model contract (`load_model_file`) before onnxruntime ever sees the
 bytes, picks the execution providers, and runs one warm-up batch so that the first real
-batch does not pay for kernel selection and memory planning.
+batch does not pay for kernel selection and memory planning. An int8 model is then checked
+against its manifest's probes, since int8 kernels differ between CPUs.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from detector.manifest import (
     Manifest,
     ModelContractError,
     load_model_file,
+    relative_difference,
 )
 
 log = structlog.get_logger(__name__)
@@ -139,6 +141,7 @@ class Scorer:
             raise ModelContractError(path, f"onnxruntime cannot load the graph: {error}") from None
         scorer = cls(manifest, session, str(path))
         scorer.warm_up()
+        scorer.check_probes()
         log.info(
             "model loaded",
             path=str(path),
@@ -166,6 +169,26 @@ class Scorer:
             h, c = self.zero_state(WARM_UP_ROWS)
             self.step(np.zeros((WARM_UP_ROWS, width), np.float32), h, c)
 
+    def check_probes(self) -> None:
+        """Refuse a model whose graph scores its manifest's probes unlike the float graph.
+
+        Run on this machine's providers: a model checked on the CPU it was exported on can
+        still score wrongly on another CPU's int8 kernels.
+        """
+        probes = self.manifest.probes
+        if probes is None:
+            return
+        got = self.score_sequences(*probes.arrays(self.manifest.window)).score
+        worst = relative_difference(got, np.asarray(probes.scores, np.float32))
+        if not worst <= probes.tolerance:  # also refuses NaN
+            raise ModelContractError(
+                self.source,
+                f"the graph scores the manifest's {len(got)} probe windows up to {worst:.3g} "
+                f"away from the float graph (tolerance {probes.tolerance:.3g}) with "
+                f"{self.providers[0]} on this machine, whose int8 kernels do not reproduce the "
+                "exported model's scores; deploy the float model instead",
+            )
+
     def zero_state(self, rows: int) -> tuple[np.ndarray, np.ndarray]:
         """h and c of keys never seen before."""
         network = self.manifest.network
@@ -187,6 +210,25 @@ class Scorer:
             for start in range(0, len(x), max_batch)
         ]
         return self._join(chunks, state_axis=None)
+
+    def score_sequences(self, x: np.ndarray, lengths: np.ndarray) -> Scores:
+        """Scores at each window's last real event, in either export mode.
+
+        A stateful graph is fed the windows' events one at a time; by the contract it then
+        scores as the window graph does.
+        """
+        if self.manifest.export_mode == "window":
+            return self.score_windows(x, lengths)
+        h, c = self.zero_state(len(x))
+        kept = self._empty_rows(len(x))
+        for step in range(int(lengths.max(initial=0))):
+            out = self.step(x[:, step], h, c)
+            h, c = out.h, out.c
+            last = lengths - 1 == step
+            kept.score[last] = out.score[last]
+            if kept.contrib is not None:
+                kept.contrib[last] = out.contrib[last]
+        return kept
 
     def step(self, x: np.ndarray, h: np.ndarray, c: np.ndarray, max_batch: int = 4096) -> Scores:
         """One event per key, x [n, width], from the keys' states h, c [layers, n, hidden]."""
@@ -223,11 +265,16 @@ class Scorer:
         )
 
     def _empty(self) -> Scores:
+        stateful = self.manifest.export_mode == "stateful"
+        h, c = self.zero_state(0) if stateful else (None, None)
+        empty = self._empty_rows(0)
+        return Scores(empty.score, empty.contrib, h, c)
+
+    def _empty_rows(self, rows: int) -> Scores:
+        """Zero scores (and contributions) for `rows` rows, without state."""
         contrib = (
-            np.zeros((0, len(self.manifest.forecast_features)), np.float32)
+            np.zeros((rows, len(self.manifest.forecast_features)), np.float32)
             if self.manifest.task == "forecast"
             else None
         )
-        stateful = self.manifest.export_mode == "stateful"
-        h, c = self.zero_state(0) if stateful else (None, None)
-        return Scores(np.zeros(0, np.float32), contrib, h, c)
+        return Scores(np.zeros(rows, np.float32), contrib)

@@ -27,6 +27,7 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka_support import client_config, free_ports
 from prometheus_client.parser import text_string_to_metric_families
 
+from detector.manifest import ExportMode
 from detector.replay import replay_records
 from detector.scorer import Scorer
 
@@ -76,14 +77,17 @@ def model_version(model: Path) -> str:
     return load_model_file(model)[0].model_version
 
 
-def train_model(folder: Path, seed: int = 0) -> Path:
+def train_model(
+    folder: Path, seed: int = 0, *, export_mode: ExportMode = "window", int8: bool = False
+) -> Path:
     """A small forecast model trained for real on clean sensor data; cached in `folder`."""
     # Imported here: only the tests that train need torch.
     from trainer.config import DataConfig, ModelConfig, ThresholdConfig, TrainConfig
     from trainer.config import TrainingConfig as Training
     from trainer.pipeline import train
 
-    model = folder / f"model-{seed}.onnx"
+    variant = ("" if export_mode == "window" else f"-{export_mode}") + ("-int8" if int8 else "")
+    model = folder / f"model-{seed}{variant}.onnx"
     if model.exists():
         return model
     folder.mkdir(parents=True, exist_ok=True)
@@ -96,12 +100,17 @@ def train_model(folder: Path, seed: int = 0) -> Path:
             time_delta=True,
         ),
         model=ModelConfig(
-            task="forecast", window=8, min_history=4, hidden=8, dropout=0.0, export_mode="window"
+            task="forecast",
+            window=8,
+            min_history=4,
+            hidden=8,
+            dropout=0.0,
+            export_mode=export_mode,
         ),
         training=Training(epochs=4, batch_size=64, learning_rate=0.01, seed=seed, device="cpu"),
         threshold=ThresholdConfig(method="quantile", target=0.995),
     )
-    train(config, [data], model, progress=False)
+    train(config, [data], model, int8=int8, progress=False)
     return model
 
 

@@ -7,9 +7,10 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
-from daemon_support import DaemonProcess, running
+from daemon_support import DaemonProcess, running, train_model
 from model_factory import export_random, make_manifest
 
 from detector.manifest import (
@@ -21,6 +22,7 @@ from detector.manifest import (
     parse_manifest,
 )
 from detector.scorer import Scorer
+from trainer.export import INT8_TOLERANCE
 
 
 @pytest.fixture(scope="module")
@@ -133,3 +135,62 @@ def test_the_daemon_refuses_to_start_on_a_refused_model(tmp_path: Path) -> None:
         assert daemon.wait(60) == 1, daemon.tail()
     refusal = [e for e in daemon.log_events() if e["event"] == "cannot serve the model"]
     assert refusal and "not a regular file" in refusal[0]["error"]
+
+
+@pytest.fixture(scope="module")
+def int8(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A stateful forecast model trained for real and exported as int8 with its probes."""
+    path = train_model(tmp_path_factory.mktemp("int8"), export_mode="stateful", int8=True)
+    report = json.loads(path.with_name("metrics.json").read_text())
+    assert 0 < report["int8"]["parity_max_difference"] < INT8_TOLERANCE
+    return path
+
+
+def test_an_int8_model_that_scores_its_probes_like_the_float_graph_loads(int8: Path) -> None:
+    scorer = Scorer.load(int8, providers=["CPUExecutionProvider"])
+    probes = scorer.manifest.probes
+    assert len(probes.windows) == 8
+    assert np.std(probes.scores) > 1e-3  # probes that tell models apart
+    got = scorer.score_sequences(*probes.arrays(scorer.manifest.window)).score
+    difference = np.abs(got - probes.scores) / np.maximum(np.abs(probes.scores), 1.0)
+    assert 0 < difference.max() <= probes.tolerance < 0.2
+
+
+def _negate_int8_weights(graph: onnx.GraphProto) -> None:
+    for tensor in graph.initializer:
+        if tensor.data_type == onnx.TensorProto.INT8:
+            weights = onnx.numpy_helper.to_array(tensor)
+            tensor.CopyFrom(onnx.numpy_helper.from_array(-weights, tensor.name))
+
+
+def test_an_int8_model_that_scores_its_probes_wrongly_is_refused(
+    int8: Path, tmp_path: Path
+) -> None:
+    corrupted = restamped(int8, tmp_path / "corrupted.onnx", _negate_int8_weights)
+    assert load_model_file(corrupted)[0].probes is not None  # the contract holds otherwise
+    refused(
+        corrupted,
+        r"the graph scores the manifest's 8 probe windows up to \S+ away from the float graph "
+        r"\(tolerance 0\.0\d+\) with CPUExecutionProvider on this machine, whose int8 kernels "
+        "do not reproduce the exported model's scores; deploy the float model instead",
+    )
+
+
+def test_an_int8_model_without_probes_is_refused(int8: Path, tmp_path: Path) -> None:
+    bare = restamped(int8, tmp_path / "bare.onnx", _unchanged, probes=None)
+    refused(bare, "int8 graph without probes: .* cannot be checked; export it again")
+
+
+@pytest.mark.parametrize(
+    ("probes", "match"),
+    [
+        ({"windows": [[[0.0, 0.0, 0.0]]], "scores": [], "tolerance": 0.1}, "one score per"),
+        ({"windows": [[[0.0, 0.0]]], "scores": [1.0], "tolerance": 0.1}, "needs 3 values"),
+        ({"windows": [[[0.0] * 3] * 9], "scores": [1.0], "tolerance": 0.1}, "1 to 8 events"),
+        ({"windows": [[[0.0] * 3]], "scores": [1.0], "tolerance": 0}, "greater than 0"),
+    ],
+)
+def test_inconsistent_probes_are_refused(
+    int8: Path, tmp_path: Path, probes: dict, match: str
+) -> None:
+    refused(with_manifest(int8, tmp_path / "probes.onnx", probes=probes), match)

@@ -25,7 +25,15 @@ from detector.manifest import (
     write_model,
 )
 from trainer import export
-from trainer.export import ExportError, build_onnx, export_model, onnx_scores, quantize_model
+from trainer.export import (
+    INT8_TOLERANCE,
+    PROBE_SLACK,
+    ExportError,
+    build_onnx,
+    export_model,
+    onnx_scores,
+    quantize_checked,
+)
 from trainer.network import SequenceNet
 
 WINDOW = 6
@@ -290,17 +298,75 @@ def test_export_refuses_a_manifest_that_does_not_describe_the_network() -> None:
         build_onnx(net, make_manifest("classify", layers=1))
 
 
+def int8_weights(model: onnx.ModelProto) -> list[np.ndarray]:
+    return [
+        onnx.numpy_helper.to_array(tensor)
+        for tensor in model.graph.initializer
+        if tensor.data_type == onnx.TensorProto.INT8
+    ]
+
+
+@pytest.mark.parametrize("task", ["classify", "forecast"])
+@pytest.mark.parametrize("export_mode", ["window", "stateful"])
+def test_int8_weights_keep_to_seven_bits(task: str, export_mode: str) -> None:
+    """Full-range int8 weights overflow the U8S8 kernels of x86 CPUs without VNNI."""
+    manifest = make_manifest(task, export_mode)
+    windows = random_events(np.random.default_rng(9), batch=16, steps=WINDOW)
+    lengths = np.full(16, WINDOW, np.int64)
+    net = make_net(manifest)
+    quantized, _, _ = quantize_checked(build_onnx(net, manifest), net, manifest, windows, lengths)
+    weights = int8_weights(quantized)
+    assert len(weights) >= 2 * manifest.network.layers  # W and R of every LSTM layer
+    assert min(int(w.min()) for w in weights) >= -64
+    assert max(int(w.max()) for w in weights) <= 64
+    assert max(int(np.abs(w).max()) for w in weights) == 64  # and the 7 bits are used
+
+
 def test_int8_model_loads_and_scores_close_to_float(tmp_path) -> None:
     manifest = make_manifest("classify", "stateful")
     net = make_net(manifest)
     model = build_onnx(net, manifest)
-    quantized = quantize_model(model)
-    assert any(node.op_type == "DynamicQuantizeLSTM" for node in quantized.graph.node)
-    written = write_model(quantized, manifest, tmp_path / "int8.onnx")
-    loaded, data = load_model_file(tmp_path / "int8.onnx")
-    assert loaded.graph_sha256 == written.graph_sha256
     windows = random_events(np.random.default_rng(6), batch=32, steps=WINDOW)
     lengths = np.full(32, WINDOW, np.int64)
+    quantized, probed, worst = quantize_checked(model, net, manifest, windows, lengths)
+    assert any(node.op_type == "DynamicQuantizeLSTM" for node in quantized.graph.node)
+    written = write_model(quantized, probed, tmp_path / "int8.onnx")
+    loaded, data = load_model_file(tmp_path / "int8.onnx")
+    assert loaded.graph_sha256 == written.graph_sha256
     exact, _ = onnx_scores(model, manifest, windows, lengths)
     approximate, _ = onnx_scores(data, loaded, windows, lengths)
     assert np.max(np.abs(approximate - exact)) < 0.05
+    assert 0 < worst < 0.05
+    # The probes: the first windows, rounded, with the float graph's scores of them.
+    probes = loaded.probes
+    assert len(probes.windows) == 8
+    np.testing.assert_allclose(probes.arrays(WINDOW)[0], windows[:8], atol=5e-5)
+    np.testing.assert_allclose(probes.scores, exact[:8], atol=1e-4)
+    assert PROBE_SLACK < probes.tolerance < PROBE_SLACK + 0.05
+
+
+def _negated(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The int8 graph with its int8 weights negated: it runs, and scores wrongly."""
+    for tensor in model.graph.initializer:
+        if tensor.data_type == onnx.TensorProto.INT8:
+            tensor.CopyFrom(
+                onnx.numpy_helper.from_array(-onnx.numpy_helper.to_array(tensor), tensor.name)
+            )
+    return model
+
+
+@pytest.mark.parametrize("task", ["classify", "forecast"])
+def test_int8_export_refuses_a_graph_beyond_tolerance(task: str, monkeypatch) -> None:
+    manifest = make_manifest(task, "window")
+    net = make_net(manifest)
+    model = build_onnx(net, manifest)
+    windows = random_events(np.random.default_rng(10), batch=64, steps=WINDOW)
+    lengths = np.full(64, WINDOW, np.int64)
+    assert quantize_checked(model, net, manifest, windows, lengths)[2] < INT8_TOLERANCE
+    genuine = export.quantize_model
+    monkeypatch.setattr(export, "quantize_model", lambda model: _negated(genuine(model)))
+    compared = "scores" if task == "classify" else "forecast errors"
+    with pytest.raises(ExportError, match=f"int8 and torch {compared} disagree by") as caught:
+        quantize_checked(model, net, manifest, windows, lengths, "int8.onnx")
+    assert str(caught.value).startswith("int8.onnx: ")
+    assert float(str(caught.value).split("disagree by ")[1].split()[0]) > INT8_TOLERANCE

@@ -2,6 +2,8 @@
 
 The graph is checked against torch on real windows before anything is written: a model
 that onnxruntime would score differently from the network that was validated is refused.
+An int8 graph is checked the same way, within a wider tolerance, and carries probes that
+the detector checks it against on the CPU it runs on.
 """
 
 from __future__ import annotations
@@ -29,14 +31,30 @@ from detector.manifest import (
     OUTPUT_H,
     OUTPUT_SCORE,
     Manifest,
+    Probes,
+    relative_difference,
     write_model,
 )
+from detector.scorer import CPU, Scorer
 from trainer.network import SequenceNet
 
 OPSET = 17
 #: Largest accepted difference between torch and onnxruntime, relative above magnitude 1: in
 #: the score of a classify model, in the prediction errors behind the score of a forecast one.
 PARITY_TOLERANCE = 1e-4
+#: The same for an int8 graph against torch. 7-bit weights moved the scores of small random
+#: classify networks by up to 0.035 and the errors of random forecast ones by up to 0.125
+#: (of a trained one: 0.015); saturating int8 kernels moved classify scores by 0.19.
+INT8_TOLERANCE = 0.15
+#: Windows stored with an int8 model to check it at load.
+PROBES = 8
+#: Their values are rounded to this many decimals: short in the manifest's JSON, and read
+#: back as the very float32 inputs that their expected scores were computed from.
+PROBE_DECIMALS = 4
+#: Added to an int8 graph's own difference from the float graph on the probes at export to
+#: give the tolerance of the check at load: another CPU's correct kernels differ from the
+#: exporting one's by summation order alone, far below this.
+PROBE_SLACK = 0.01
 #: Windows per onnxruntime call when scoring many windows.
 SCORING_BATCH = 4096
 
@@ -136,8 +154,12 @@ def check_parity(
     windows: np.ndarray,
     lengths: np.ndarray,
     path: Path | str = "model",
+    *,
+    tolerance: float = PARITY_TOLERANCE,
+    graph: str = "onnxruntime",
 ) -> float:
-    """Largest difference between onnxruntime and torch; `ExportError` if too big.
+    """Largest difference between the `graph` run by onnxruntime and torch; `ExportError` if
+    above `tolerance`.
 
     A forecast score divides squared errors by the residual variance, so on a near-constant
     feature float32 rounding of a prediction becomes a large score difference. Forecast graphs
@@ -155,7 +177,7 @@ def check_parity(
     got_score, got_contrib = onnx_scores(model, manifest, windows, lengths)
     if expected.contrib is None or got_contrib is None:
         compared = "scores"
-        worst = _relative_difference(got_score, expected.score.numpy())
+        worst = relative_difference(got_score, expected.score.numpy())
     else:
         compared = "forecast errors"
         variance = net.residual_variance.numpy()
@@ -164,23 +186,17 @@ def check_parity(
         worst = float(  # np.max, unlike max, keeps a NaN
             np.max(
                 [
-                    _relative_difference(got_errors, want_errors),
-                    _relative_difference(got_score, got_contrib.mean(axis=1)),
+                    relative_difference(got_errors, want_errors),
+                    relative_difference(got_score, got_contrib.mean(axis=1)),
                 ]
             )
         )
-    if not worst <= PARITY_TOLERANCE:  # also refuses NaN
+    if not worst <= tolerance:  # also refuses NaN
         raise ExportError(
-            f"{path}: onnxruntime and torch {compared} disagree by {worst:.3g} (tolerance "
-            f"{PARITY_TOLERANCE:g}) on {len(windows)} windows; the model was not written"
+            f"{path}: {graph} and torch {compared} disagree by {worst:.3g} (tolerance "
+            f"{tolerance:g}) on {len(windows)} windows; the model was not written"
         )
     return worst
-
-
-def _relative_difference(got: np.ndarray, want: np.ndarray) -> float:
-    """Largest |got - want|, relative where |want| is above 1; NaN if either holds one."""
-    scale = np.maximum(np.abs(want), 1.0)
-    return float(np.max(np.abs(got - want) / scale, initial=0.0))
 
 
 def onnx_scores(
@@ -194,79 +210,65 @@ def onnx_scores(
     Works for either export mode; a stateful graph is stepped through each window.
     """
     data = model if isinstance(model, bytes) else model.SerializeToString()
-    session = onnxruntime.InferenceSession(data, providers=["CPUExecutionProvider"])
-    windows = np.ascontiguousarray(windows, dtype=np.float32)
+    scorer = Scorer(manifest, onnxruntime.InferenceSession(data, providers=[CPU]))
+    windows = np.asarray(windows, dtype=np.float32)
     lengths = np.asarray(lengths, dtype=np.int64)
-    run = _run_window if manifest.export_mode == "window" else _run_stateful
     chunks = [
-        run(
-            session,
-            manifest,
-            windows[start : start + SCORING_BATCH],
-            lengths[start : start + SCORING_BATCH],
+        scorer.score_sequences(
+            windows[start : start + SCORING_BATCH], lengths[start : start + SCORING_BATCH]
         )
-        for start in range(0, len(windows), SCORING_BATCH)
+        for start in range(0, max(len(windows), 1), SCORING_BATCH)
     ]
-    score = np.concatenate([chunk[0] for chunk in chunks]) if chunks else np.zeros(0, np.float32)
+    score = np.concatenate([chunk.score for chunk in chunks])
     if manifest.task != "forecast":
         return score, None
-    contrib = (
-        np.concatenate([chunk[1] for chunk in chunks])
-        if chunks
-        else np.zeros((0, len(manifest.forecast_features)), np.float32)
-    )
-    return score, contrib
-
-
-def _run_window(
-    session: onnxruntime.InferenceSession,
-    manifest: Manifest,
-    windows: np.ndarray,
-    lengths: np.ndarray,
-) -> list[np.ndarray]:
-    return session.run(None, {INPUT_EVENTS: windows, INPUT_LENGTHS: lengths})
-
-
-def _run_stateful(
-    session: onnxruntime.InferenceSession,
-    manifest: Manifest,
-    windows: np.ndarray,
-    lengths: np.ndarray,
-) -> list[np.ndarray]:
-    batch = len(windows)
-    state = np.zeros((manifest.network.layers, batch, manifest.network.hidden), np.float32)
-    h, c = state, state.copy()
-    names = [output.name for output in session.get_outputs()]
-    kept: list[np.ndarray] = []
-    for step in range(int(lengths.max(initial=0))):
-        values = dict(
-            zip(
-                names,
-                session.run(None, {INPUT_EVENTS: windows[:, step], INPUT_H: h, INPUT_C: c}),
-                strict=True,
-            )
-        )
-        h, c = values[OUTPUT_H], values[OUTPUT_C]
-        outputs = [values[OUTPUT_SCORE]] + (
-            [values[OUTPUT_CONTRIB]] if OUTPUT_CONTRIB in values else []
-        )
-        if not kept:
-            kept = [np.zeros_like(output) for output in outputs]
-        last = lengths - 1 == step
-        for store, output in zip(kept, outputs, strict=True):
-            store[last] = output[last]
-    return kept or [np.zeros(batch, np.float32)]
+    return score, np.concatenate([chunk.contrib for chunk in chunks])
 
 
 def quantize_model(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Dynamic int8 quantisation of the weights (LSTM and MatMul), activations stay float."""
+    """Dynamic int8 quantisation of the weights (LSTM and MatMul), activations stay float.
+
+    Weights use 7 bits (`reduce_range`): on x86 without VNNI onnxruntime's U8S8 kernels add
+    pairs of uint8 x int8 products in int16, which full-range weights overflow.
+    """
     with tempfile.TemporaryDirectory() as folder:
         source, target = Path(folder, "float.onnx"), Path(folder, "int8.onnx")
         onnx.save(model, source)
-        quantize_dynamic(source, target, weight_type=QuantType.QInt8)
+        quantize_dynamic(source, target, weight_type=QuantType.QInt8, reduce_range=True)
         quantized = onnx.load(target)
     del quantized.metadata_props[:]
     return quantized
+
+
+def quantize_checked(
+    model: onnx.ModelProto,
+    net: SequenceNet,
+    manifest: Manifest,
+    windows: np.ndarray,
+    lengths: np.ndarray,
+    path: Path | str = "model",
+) -> tuple[onnx.ModelProto, Manifest, float]:
+    """The int8 graph of the float `model`, checked against torch on the windows, and the
+    manifest with probes from the first of them; also the largest difference found.
+
+    `ExportError` when the int8 graph is beyond `INT8_TOLERANCE`.
+    """
+    quantized = quantize_model(model)
+    worst = check_parity(
+        quantized, net, manifest, windows, lengths, path, tolerance=INT8_TOLERANCE, graph="int8"
+    )
+    rounded = np.round(np.asarray(windows[:PROBES], np.float64), PROBE_DECIMALS)
+    probe_lengths = lengths[:PROBES]
+    want, _ = onnx_scores(model, manifest, rounded, probe_lengths)
+    got, _ = onnx_scores(quantized, manifest, rounded, probe_lengths)
+    probes = Probes(
+        windows=[
+            events[:length].tolist() for events, length in zip(rounded, probe_lengths, strict=True)
+        ],
+        scores=want.tolist(),
+        tolerance=relative_difference(got, want) + PROBE_SLACK,
+    )
+    return quantized, manifest.model_copy(update={"probes": probes}), worst
 
 
 def _check_shape(net: SequenceNet, manifest: Manifest) -> None:

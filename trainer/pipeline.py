@@ -17,7 +17,7 @@ from detector.manifest import KeyStatistics, Manifest, Scoring, TrainingSummary,
 from trainer.calibrate import calibrate, calibrate_per_key, min_error_score, smooth_per_key
 from trainer.config import TrainConfig
 from trainer.data import SPLIT_NAMES, TEST, TRAIN, VALIDATION, Events, Windows, load_events
-from trainer.export import build_onnx, check_parity, onnx_scores, quantize_model
+from trainer.export import build_onnx, check_parity, onnx_scores, quantize_checked
 from trainer.fit import (
     History,
     distributed_context,
@@ -121,13 +121,24 @@ def train(
     manifest = events.manifest
     model = build_onnx(net, manifest)
     parity_set = validation_windows if len(validation_windows) else train_windows
-    parity_set = parity_set.sample(PARITY_WINDOWS, config.training.seed)
-    parity = check_parity(model, net, manifest, *parity_set.arrays(), path=out)
+    parity_arrays = parity_set.sample(PARITY_WINDOWS, config.training.seed).arrays()
+    parity = check_parity(model, net, manifest, *parity_arrays, path=out)
     quantisation = None
     if int8:
-        model, validation, test, threshold, description, quantisation = _quantise(
-            model, manifest, config, validation_windows, events.windows(TEST), validation, threshold
+        quantized, manifest, int8_parity = quantize_checked(
+            model, net, manifest, *parity_arrays, path=out
         )
+        validation, test, threshold, description, quantisation = _rescore(
+            model,
+            quantized,
+            manifest,
+            config,
+            (validation_windows, events.windows(TEST)),
+            validation,
+            threshold,
+        )
+        quantisation["parity_max_difference"] = int8_parity
+        model = quantized
     key_thresholds = (
         calibrate_per_key(
             validation.scores,
@@ -226,20 +237,20 @@ def _scored(
     return SplitScores(smoothed, windows.labels, keys, windows.times, contrib)
 
 
-def _quantise(
+def _rescore(
     model: onnx.ModelProto,
+    quantized: onnx.ModelProto,
     manifest: Manifest,
     config: TrainConfig,
-    validation_windows: Windows,
-    test_windows: Windows,
+    splits: tuple[Windows, Windows],
     validation: SplitScores,
     threshold: float,
-) -> tuple[onnx.ModelProto, SplitScores, SplitScores, float, str, dict]:
-    """The int8 model, its scores, a threshold recalibrated on them, and what changed."""
-    quantized = quantize_model(model)
+) -> tuple[SplitScores, SplitScores, float, str, dict]:
+    """The int8 graph's validation and test scores, a threshold recalibrated on them, and
+    what changed from the float `model`."""
     scored = [
         _scored(windows, *onnx_scores(quantized, manifest, *windows.arrays()), config)
-        for windows in (validation_windows, test_windows)
+        for windows in splits
     ]
     new_threshold, description = calibrate(
         scored[0].scores,
@@ -260,7 +271,7 @@ def _quantise(
     if validation.labels is not None and validation.labels.any():
         change["float_validation_auprc"] = average_precision(validation.labels, validation.scores)
         change["int8_validation_auprc"] = average_precision(scored[0].labels, scored[0].scores)
-    return quantized, scored[0], scored[1], new_threshold, description, change
+    return scored[0], scored[1], new_threshold, description, change
 
 
 def _split_metrics(split: SplitScores, threshold: float, loss: float | None) -> dict[str, float]:

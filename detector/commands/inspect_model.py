@@ -85,6 +85,10 @@ def overview(manifest: Manifest, providers: list[str]) -> Table:
         "trained on": f"{training.rows:,} rows, {training.keys:,} keys",
         "metrics": ", ".join(f"{k}={v:.4g}" for k, v in training.metrics.items()) or "-",
         "created": f"{manifest.created_at:%Y-%m-%d %H:%M:%S %Z} by {manifest.trainer_version}",
+        "int8 probes": "-"
+        if manifest.probes is None
+        else f"{len(manifest.probes.windows)} windows scored at load, tolerance "
+        f"{manifest.probes.tolerance:.3g}",
         "graph sha256": manifest.graph_sha256,
         "providers": ", ".join(providers),
     }
