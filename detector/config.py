@@ -200,6 +200,13 @@ class ScoringSettings(_Section):
     cooldown_events: NonNegativeInt = 10
     """Events of a key after an alert during which it raises no other alert."""
     max_record_bytes: PositiveInt = 65_536
+    late_events: Literal["dead_letter", "score"] = "dead_letter"
+    """What becomes of a late event, older than its key's latest one by more than
+    `late_grace_s` (a device that buffers, input that is not keyed): a dead letter with reason
+    "late" that leaves the key's state as it was, or scored as it comes."""
+    late_grace_s: NonNegativeFloat = 0.0
+    """Events at most this many seconds older than their key's latest are scored as they come,
+    like Kafka Streams' grace period; an event as old as the latest is never late."""
 
 
 class ProcessingSettings(_Section):

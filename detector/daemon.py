@@ -97,6 +97,8 @@ def engine_options(settings: Settings) -> EngineOptions:
         threshold=settings.scoring.threshold,
         cooldown_events=settings.scoring.cooldown_events,
         max_record_bytes=settings.scoring.max_record_bytes,
+        late_events=settings.scoring.late_events,
+        late_grace_s=settings.scoring.late_grace_s,
     )
 
 

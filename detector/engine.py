@@ -1,10 +1,12 @@
 """The streaming engine: records in, per-event scores, alerts and dead letters out.
 
-Pure: no Kafka, no files, and no clock but the `now` it is passed, so that the daemon, file
-replay and the tests drive the very same code. A batch goes through four steps:
+Pure: no Kafka, no files, and no clock but the `now` it is passed (the process clock only
+spaces out warnings), so that the daemon, file replay and the tests drive the very same code.
+A batch goes through four steps:
 
 1. decode each record (the only per-record Python loop; bad records become dead letters);
-2. find or allocate each key's slot in the `KeyArena`, evicting and expiring in bulk;
+2. find or allocate each key's slot in the `KeyArena`, evicting and expiring in bulk, and find
+   the late events, older than their key's latest (`EngineOptions.late_events`);
 3. apply the events in rounds, round r holding the r-th event of every key in the batch, so
    that several events of one key are applied in order while each round is vectorised over
    keys: window models write the ring buffers and gather every scored event's window, then
@@ -14,9 +16,12 @@ replay and the tests drive the very same code. A batch goes through four steps:
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
+from typing import Any, Literal, get_args
 
 import numpy as np
 import structlog
@@ -42,6 +47,10 @@ log = structlog.get_logger(__name__)
 
 #: Rings of recent scores larger than this at `max_keys` are worth a warning at start.
 ADAPTIVE_WARNING_BYTES = 2**30
+#: What becomes of a late event: a dead letter (reason "late") or scored as it comes.
+LatePolicy = Literal["dead_letter", "score"]
+#: Seconds between two warnings about late events at most; `/metrics` counts every one.
+LATE_WARNING_INTERVAL_S = 60.0
 
 
 class Status(IntEnum):
@@ -71,6 +80,12 @@ class EngineOptions:
     cooldown_events: int = 10
     #: Larger JSON payloads are dead letters.
     max_record_bytes: int = 65536
+    #: What becomes of a late event, older than its key's latest one by more than
+    #: `late_grace_s`: a dead letter that leaves its key's state as it was, or scored as it comes.
+    late_events: LatePolicy = "dead_letter"
+    #: Events at most this much older than their key's latest are scored as they come (Kafka
+    #: Streams' grace period); an event as old as the latest is never late.
+    late_grace_s: float = 0.0
 
     def __post_init__(self) -> None:
         if self.max_batch < 1 or self.stride < 1:
@@ -79,17 +94,21 @@ class EngineOptions:
             raise ValueError("max_keys must be at least max_batch (a batch's keys must fit)")
         if self.key_ttl_s < 0 or self.cooldown_events < 0 or self.max_record_bytes < 1:
             raise ValueError("key_ttl_s and cooldown_events must be >= 0, max_record_bytes >= 1")
+        if self.late_events not in get_args(LatePolicy) or not self.late_grace_s >= 0:
+            raise ValueError(f"late_events must be one of {get_args(LatePolicy)}, grace >= 0")
 
 
 @dataclass(slots=True)
 class Counters:
-    """Event and key counts; records == scored + warming_up + skipped_by_stride + dead_letters."""
+    """Event and key counts; records == scored + warming_up + skipped_by_stride + dead_letters.
+    `late` events are among the dead letters or the others, as `EngineOptions.late_events` says."""
 
     records: int = 0
     scored: int = 0
     warming_up: int = 0
     skipped_by_stride: int = 0
     dead_letters: int = 0
+    late: int = 0
     alerts: int = 0
     evicted_lru: int = 0
     expired_ttl: int = 0
@@ -143,6 +162,28 @@ class _Decoded:
     raw: np.ndarray  # [events, width]
 
 
+class RateLimitedWarning:
+    """A warning logged at most once per `interval_s` of `clock`, with how many times it
+    happened since the last one: a stream of bad input must not flood the logs."""
+
+    def __init__(
+        self, event: str, interval_s: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.event = event
+        self.interval_s = interval_s
+        self.clock = clock
+        self._next_at = -math.inf
+        self._count = 0
+
+    def __call__(self, count: int, **fields: Any) -> None:
+        self._count += count
+        now = self.clock()
+        if now >= self._next_at:
+            log.warning(self.event, count=self._count, **fields)
+            self._count = 0
+            self._next_at = now + self.interval_s
+
+
 class Engine:
     """Scores a stream of records batch by batch, keeping each key's state between batches."""
 
@@ -151,6 +192,9 @@ class Engine:
         self.model = model
         self.arena = self._arena_for(model.manifest)
         self.static_thresholds = self._static_thresholds()
+        self.late_warning = RateLimitedWarning(
+            "late events: a key's event time went backwards", LATE_WARNING_INTERVAL_S
+        )
         self._tick = 0
 
     @property
@@ -288,9 +332,11 @@ class Engine:
 class _Batch:
     """The work on one batch's decoded events; lives for one `Engine._process` call."""
 
-    # Set by `run`, per decoded event: its slot, whether it restarts its key (TTL), its inputs.
+    # Set by `run`, per decoded event: its slot, whether it restarts its key (TTL), its key's
+    # latest time once it is applied, its inputs.
     slots: np.ndarray
     restart: np.ndarray
+    latest: np.ndarray
     x: np.ndarray
     rounds: _Rounds
 
@@ -323,6 +369,7 @@ class _Batch:
         # or incoming state (stateful models), as a row of `inputs`.
         self.input_row = np.full(m, -1, np.intp)
         self.inputs: list[tuple[np.ndarray, ...]] = []
+        self.late_dead = np.empty(0, np.intp)  # late events made dead letters
 
     def run(self) -> None:
         decoded, counters = self.decoded, self.result.counters
@@ -340,6 +387,7 @@ class _Batch:
         index = decoded.index
         result = self.result
         result.keys[index] = np.array(decoded.keys, object)[decoded.key_ids]
+        result.keys[index[self.late_dead]] = None
         result.times[index] = decoded.times
         result.statuses[index] = self.status
         result.scores[index] = smoothed
@@ -370,8 +418,10 @@ class _Batch:
         return slots[decoded.key_ids]
 
     def _gaps(self) -> tuple[np.ndarray, np.ndarray]:
-        """Seconds since each event's previous one of its key (0 for a first event), and
-        whether the event restarts its key's history because the key was idle past the TTL."""
+        """Seconds since each event's previous one of its key (0 for a first event, and for
+        one older than its key's latest), and whether the event restarts its key's history
+        because the key was idle past the TTL. Late events are handled here, before any
+        slot advances."""
         times, slots = self.decoded.times, self.slots
         first = self.rounds.first
         previous = np.empty_like(times)
@@ -380,12 +430,69 @@ class _Batch:
         previous[first] = self.arena.last_time[slots[first]]
         has_previous = np.ones(times.size, bool)
         has_previous[first] = self.arena.count[slots[first]] > 0
-        gaps = np.where(has_previous, times - previous, 0.0)
+        self.latest = times
+        if (has_previous & (times < previous)).any():  # out of order: the rare, slower path
+            previous = self._latest_before(previous, has_previous)
+            self._late(has_previous & (times < previous - self.options.late_grace_s), previous)
+        gaps = np.where(has_previous & (times > previous), times - previous, 0.0)
         ttl = self.options.key_ttl_s
         restart = np.zeros(times.size, bool)
         if ttl and self.now is None:
             restart = has_previous & (gaps > ttl)
         return np.where(restart, 0.0, gaps), restart
+
+    def _latest_before(self, previous: np.ndarray, has_previous: np.ndarray) -> np.ndarray:
+        """The latest time of each event's key before the event: the running maximum from
+        the key's `previous` (the arena's latest for its first event in the batch) on; also
+        sets `latest`, the maximum with the event's own time."""
+        times, ordered, first = self.decoded.times, self.rounds.by_key, self.rounds.first
+        seeded = times.copy()
+        seeded[first] = np.where(
+            has_previous[first], np.fmax(times[first], previous[first]), times[first]
+        )
+        starts = np.zeros(times.size, bool)
+        starts[first] = True
+        self.latest = np.empty_like(times)
+        self.latest[ordered] = _running_max(seeded[ordered], starts[ordered])
+        before = np.empty_like(times)
+        before[ordered[1:]] = self.latest[ordered[:-1]]  # wrong for first events, fixed next
+        before[first] = previous[first]
+        return before
+
+    def _late(self, late: np.ndarray, latest: np.ndarray) -> None:
+        """Count the `late` events, warn (rate-limited) and, by the policy, make them dead
+        letters that no round applies: their keys' state stays as it was."""
+        events = np.flatnonzero(late)
+        if not events.size:
+            return
+        options, decoded, counters = self.options, self.decoded, self.result.counters
+        behind = latest[events] - decoded.times[events]
+        counters.late += events.size
+        worst = int(np.argmax(behind))
+        self.engine.late_warning(
+            events.size,
+            policy=options.late_events,
+            grace_s=options.late_grace_s,
+            key=decoded.keys[decoded.key_ids[events[worst]]],
+            seconds_behind=float(behind[worst]),
+        )
+        if options.late_events != "dead_letter":
+            return
+        self.rounds = self.rounds.without(late)
+        self.status[events] = Status.DEAD_LETTER
+        self.late_dead = events
+        counters.dead_letters += events.size
+        self.result.dead_letters += [
+            DeadLetter.of(
+                self.records[position],
+                "late",
+                f"{seconds:g} s older than its key's latest event "
+                f"(beyond the {options.late_grace_s:g} s grace)",
+            )
+            for position, seconds in zip(
+                decoded.index[events].tolist(), behind.tolist(), strict=True
+            )
+        ]
 
     def _advance(self, events: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Append one event per key to the arena; the events' slots and which are scored."""
@@ -396,7 +503,7 @@ class _Batch:
             arena.reset_sequence(slots[restart])
         count = arena.count[slots] + 1
         arena.count[slots] = count
-        arena.last_time[slots] = decoded.times[events]
+        arena.last_time[slots] = self.latest[events]
         arena.touched[slots] = decoded.times[events] if self.now is None else self.now
         self.sequence[events] = count
         history = count - self.manifest.min_history
@@ -591,6 +698,18 @@ class _Rounds:
         for start, stop in zip(self.bounds[:-1].tolist(), self.bounds[1:].tolist(), strict=True):
             yield self.order[start:stop]
 
+    def without(self, dropped: np.ndarray) -> _Rounds:
+        """These rounds without the `dropped` events (a mask over events); rounds left empty
+        are left out, and a key whose first event is dropped has none in `first`."""
+        kept = ~dropped
+        before = np.r_[0, np.cumsum(kept[self.order])]
+        return _Rounds(
+            self.by_key[kept[self.by_key]],
+            self.first[kept[self.first]],
+            self.order[kept[self.order]],
+            np.unique(before[self.bounds]),
+        )
+
 
 def _rounds(key_ids: np.ndarray) -> _Rounds:
     by_key = np.argsort(key_ids, kind="stable")
@@ -602,6 +721,16 @@ def _rounds(key_ids: np.ndarray) -> _Rounds:
     order = np.argsort(rank, kind="stable")
     bounds = np.searchsorted(rank[order], np.arange(int(sizes.max()) + 1))
     return _Rounds(by_key, by_key[starts], order, np.r_[bounds, key_ids.size])
+
+
+def _running_max(values: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """The running maximum of `values`, restarting at each of `starts` (a mask): one cumulative
+    maximum of the values' ranks, each run lifted above the ones before it."""
+    order = np.argsort(values, kind="stable")
+    rank = np.empty(values.size, np.int64)
+    rank[order] = np.arange(values.size)
+    lift = (np.cumsum(starts) - 1) * values.size
+    return values[order[np.maximum.accumulate(rank + lift) - lift]]
 
 
 def _pruning_margins(adaptive: AdaptiveThreshold, scored: np.ndarray) -> float | np.ndarray:
@@ -621,6 +750,8 @@ def _episode_peaks(
     the episode's segment; the peak stored after the segment's last scored event is the
     episode's peak within the batch (it is not changed once the episode closed).
     """
+    if not opened.any():  # also when late dead letters left no event at all
+        return np.full(peaks.size, np.nan)
     ids = key_ids[by_key]
     scored = ~np.isnan(peaks[by_key])
     breaks = opened[by_key] | np.r_[True, ids[1:] != ids[:-1]]

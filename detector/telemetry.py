@@ -42,6 +42,12 @@ class Metrics:
         )
         for outcome in OUTCOMES.values():
             self.records.labels(outcome)  # every outcome shows, at 0 until it happens
+        self.late_records = Counter(
+            "seqsentinel_late_records",
+            "Records older than their key's latest by more than scoring.late_grace_s: dead "
+            "letters or scored as they came, as scoring.late_events says",
+            registry=registry,
+        )
         self.alerts = Counter("seqsentinel_alerts", "Alerts published", registry=registry)
         self.batch_records = Histogram(
             "seqsentinel_batch_records",
@@ -128,6 +134,8 @@ class Metrics:
             self.evicted_keys.labels("lru").inc(counters.evicted_lru)
         if counters.expired_ttl:
             self.evicted_keys.labels("ttl").inc(counters.expired_ttl)
+        if counters.late:
+            self.late_records.inc(counters.late)
 
     def observe_alerts(self, latencies: Iterable[float]) -> None:
         """Alerts acknowledged by the broker, with their seconds since event time."""

@@ -8,9 +8,10 @@ import numpy as np
 import orjson
 import pytest
 from model_factory import KEY, TIME, event, load_random, make_manifest
+from structlog.testing import capture_logs
 
 from detector.alerts import alert_id
-from detector.engine import Engine, EngineOptions, Status
+from detector.engine import BatchResult, Engine, EngineOptions, Status
 from detector.features import UNKNOWN_CODE
 from detector.manifest import KeyStatistics
 from detector.records import InputRecord, Source
@@ -142,7 +143,7 @@ def test_bad_records_become_dead_letters_and_the_rest_is_scored(classify: Scorer
     for row, (payload, _) in enumerate(bad):
         batch.append(InputRecord(payload, source=Source(file="f.jsonl", row=row)))
         if row % 4 == 0:
-            batch.append(InputRecord(orjson.dumps(good[len(batch) % 3 + 1])))
+            batch.append(InputRecord(orjson.dumps(good[row // 4 + 1])))
     clean = [record for record in batch if record.source is None]
     options = EngineOptions(max_record_bytes=200)
     result = Engine(classify, options).process(batch)
@@ -366,7 +367,7 @@ def test_swap_keeps_state_for_a_compatible_model_and_resets_it_otherwise(
     engine = Engine(load_random(folder / "v1.onnx", manifest, seed=1))
     assert statuses(engine, [stream("aa")]) == "WW"
     assert engine.swap_model(load_random(folder / "v2.onnx", manifest, seed=2)) is True
-    assert statuses(engine, [stream("a")]) == "S"
+    assert statuses(engine, [stream("a", start=T0 + 14)]) == "S"
     wider = make_manifest(min_history=3, window=8)
     assert engine.swap_model(load_random(folder / "v3.onnx", wider, seed=2)) is False
     assert engine.keys == 0
@@ -386,6 +387,101 @@ def test_options_are_validated() -> None:
         EngineOptions(max_batch=10, max_keys=5)
     with pytest.raises(ValueError, match="stride"):
         EngineOptions(stride=0)
+    with pytest.raises(ValueError, match="late_events"):
+        EngineOptions(late_events="drop")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="grace"):
+        EngineOptions(late_grace_s=-1.0)
+
+
+# a: T0, T0+14, T0+28, T0+42; b: T0+7, T0+21, T0+35, T0+49. Late: a 13 s behind a@14, then
+# b 19 s behind b@21, alone in its batch.
+ON_TIME = stream("abababab")
+LATE = records(event("a", T0 + 1, 99.0), event("b", T0 + 2, 5.0))
+BATCHES = [ON_TIME[:3], [ON_TIME[3], LATE[0], ON_TIME[4]], [LATE[1]], ON_TIME[5:]]
+IS_LATE = np.array([record in LATE for batch in BATCHES for record in batch])
+
+
+def feed(engine: Engine, batches: list[list[InputRecord]]) -> BatchResult:
+    return BatchResult.concatenate([engine.process(batch) for batch in batches])
+
+
+def key_state(engine: Engine) -> dict[str, np.ndarray]:
+    arena = engine.arena
+    return arena.export(arena.lookup(["a", "b"]))
+
+
+@pytest.mark.parametrize("model", ["classify", "classify_stateful"])
+def test_late_events_are_dead_letters_that_leave_their_key_as_it_was(
+    model: str, request: pytest.FixtureRequest
+) -> None:
+    scorer = request.getfixturevalue(model)
+    options = EngineOptions(threshold=0.0)  # every key alerts, with its sequence in the id
+    engine, without_late = Engine(scorer, options), Engine(scorer, options)
+    result = feed(engine, BATCHES)
+    expected = feed(without_late, [[r for r in batch if r not in LATE] for batch in BATCHES])
+
+    assert (result.statuses[IS_LATE] == D).all()
+    assert all(key is None for key in result.keys[IS_LATE])
+    np.testing.assert_array_equal(result.statuses[~IS_LATE], expected.statuses)
+    np.testing.assert_allclose(result.scores[~IS_LATE], expected.scores, rtol=1e-6)
+    assert [a.alert_id for a in result.alerts] == [a.alert_id for a in expected.alerts]
+    assert len(result.alerts) == 2
+    assert [(d.reason, d.payload) for d in result.dead_letters] == [
+        ("late", record.payload) for record in LATE
+    ]
+    assert result.dead_letters[0].detail.startswith("13 s older than its key's latest event")
+    state, want = key_state(engine), key_state(without_late)
+    assert set(state) == set(want)
+    np.testing.assert_array_equal(state.pop("keys"), want.pop("keys"))
+    for name, values in want.items():
+        np.testing.assert_allclose(state[name], values, rtol=1e-6, err_msg=name)
+    counters = result.counters
+    assert (counters.late, counters.dead_letters, counters.records) == (2, 2, 10)
+    assert counters.scored + counters.warming_up == 8
+
+
+def test_late_events_are_scored_as_they_come_when_so_configured(classify: Scorer) -> None:
+    """Scored as if they came at their key's latest time: no time since the event before,
+    and the key's latest time stays the latest."""
+    result = feed(Engine(classify, EngineOptions(late_events="score")), BATCHES)
+    at_latest = {LATE[0]: event("a", T0 + 14, 99.0), LATE[1]: event("b", T0 + 21, 5.0)}
+    moved = [
+        [InputRecord(orjson.dumps(at_latest[r])) if r in LATE else r for r in batch]
+        for batch in BATCHES
+    ]
+    expected = feed(Engine(classify), moved)
+    assert (result.statuses[IS_LATE] == S).all()
+    np.testing.assert_array_equal(result.statuses, expected.statuses)
+    np.testing.assert_allclose(result.scores, expected.scores, rtol=1e-6)
+    assert (result.counters.late, result.counters.dead_letters) == (2, 0)
+    assert result.dead_letters == expected.dead_letters == []
+
+
+def test_events_within_the_grace_are_scored_and_equal_times_are_never_late(
+    classify: Scorer,
+) -> None:
+    engine = Engine(classify, EngineOptions(late_grace_s=15.0))
+    result = feed(engine, BATCHES)  # a is 13 s behind: within; b 19 s: beyond
+    np.testing.assert_array_equal(result.statuses[IS_LATE], [S, D])
+    assert (result.counters.late, result.counters.dead_letters) == (1, 1)
+    again = engine.process(records(event("a", T0 + 42, 1.0), event("b", T0 + 49, 1.0)))
+    assert again.counters.late == 0 and (again.statuses == S).all()
+    assert Engine(classify).process(stream("aaa", step=0.0)).counters.late == 0
+
+
+def test_late_events_are_logged_at_most_once_a_minute(classify: Scorer) -> None:
+    engine = Engine(classify)
+    engine.late_warning.clock = iter([1000.0, 1030.0, 1061.0]).__next__
+    engine.process(stream("aa", start=T0 + 100))
+    with capture_logs() as logs:
+        for start in (T0, T0 + 1, T0 + 2):
+            engine.process(stream("a", start=start))
+    warnings = [entry for entry in logs if entry["log_level"] == "warning"]
+    assert [(w["count"], w["key"], w["seconds_behind"]) for w in warnings] == [
+        (1, "a", 107.0),
+        (2, "a", 105.0),
+    ]
+    assert warnings[0]["policy"] == "dead_letter"
 
 
 def test_keys_with_their_own_statistics_are_normalised_with_them(folder: Path) -> None:
