@@ -66,8 +66,11 @@ def parse_json_record(payload: bytes | str, max_bytes: int) -> dict:
 
 
 def parse_event_time(value: object, unit: str, column: str) -> float:
-    """Seconds since the epoch from a number (in `unit`) or an ISO 8601 string."""
-    if isinstance(value, bool) or value is None:
+    """Seconds since the epoch from a number (in `unit`), an ISO 8601 string or a datetime
+    object (records a program builds); a time without a zone is UTC."""
+    if value is None:
+        raise RecordError("bad_timestamp", f"{column!r} is missing")
+    if isinstance(value, bool):
         raise RecordError("bad_timestamp", f"{column!r} must be a number or ISO 8601 string")
     if isinstance(value, int | float):
         try:
@@ -81,14 +84,18 @@ def parse_event_time(value: object, unit: str, column: str) -> float:
             raise RecordError(
                 "bad_timestamp", f"{column!r} is not ISO 8601: {value[:40]!r}"
             ) from None
-        if parsed.tzinfo is None:
-            parsed = parsed.replace(tzinfo=UTC)
-        seconds = parsed.timestamp()
+        seconds = _utc_seconds(parsed)
+    elif isinstance(value, datetime):
+        seconds = _utc_seconds(value)
     else:
         raise RecordError("bad_timestamp", f"{column!r} has type {type(value).__name__}")
     if not 0.0 <= seconds < MAX_EVENT_TIME:  # also false for NaN
         raise RecordError("bad_timestamp", f"{column!r} is out of range: {value!r}")
     return seconds
+
+
+def _utc_seconds(moment: datetime) -> float:
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,7 +185,9 @@ class FeatureCodec:
 
     def _key(self, record: Mapping) -> str:
         value = record.get(self.columns.key)
-        if value is None or value == "" or isinstance(value, bool | float | dict | list):
+        if value is None:
+            raise RecordError("missing_key", f"{self.columns.key!r} is missing")
+        if value == "" or isinstance(value, bool | float | dict | list):
             raise RecordError(
                 "missing_key", f"{self.columns.key!r} must be a non-empty string or integer"
             )

@@ -23,7 +23,7 @@ from detector.features import (
     key_gaps,
     parse_json_record,
 )
-from detector.manifest import CategoricalFeature, Manifest, NumericFeature
+from detector.manifest import CategoricalFeature, Columns, Manifest, NumericFeature
 from detector.records import read_records
 from trainer.config import CategoricalFeatureConfig, TrainConfig
 
@@ -159,9 +159,10 @@ def load_events(config: TrainConfig, paths: Sequence[Path]) -> Events:
 def _read_records(path: Path, config: TrainConfig) -> list[dict]:
     """The file's records as `detector replay` reads them; JSON lines through the wire parser."""
     requested = None if config.data.format == "auto" else config.data.format
-    numbers = config.draft_manifest({}).numeric_columns
+    manifest = config.draft_manifest({})
+    required = (manifest.columns.key, manifest.columns.time)
     try:
-        records = read_records(path, requested, numbers)
+        records = read_records(path, requested, manifest.numeric_columns, required)
     except (OSError, ValueError, pa.ArrowException) as error:
         raise DataError(f"{path}: cannot read: {error}") from None
     if records and isinstance(records[0], bytes):
@@ -191,7 +192,7 @@ def _decode_all(
                 if label is not None:
                     labels.append(_label(record.get(label), label))
             except RecordError as error:
-                raise DataError(f"{path}: row {row}: {error.reason}: {error.detail}") from None
+                raise _row_error(path, row, record, error, codec.columns) from None
             keys.append(decoded.key)
             times.append(decoded.time)
             values.append(decoded.values)
@@ -203,6 +204,16 @@ def _decode_all(
         np.array(values, np.float64).reshape(len(keys), codec.width),
         np.array(labels, np.float32) if label is not None else None,
     )
+
+
+def _row_error(
+    path: Path, row: int, record: dict, error: RecordError, columns: Columns
+) -> DataError:
+    """The row's error; where its key or time field is absent, the fields it has."""
+    message = f"{path}: row {row}: {error.reason}: {error.detail}"
+    if columns.key not in record or columns.time not in record:
+        message += f" (its fields: {', '.join(map(repr, record))})"
+    return DataError(message)
 
 
 def _label(value: object, column: str) -> float:
