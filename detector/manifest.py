@@ -8,12 +8,14 @@ manifest and checked at load, so a tampered graph is refused.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import onnx
@@ -313,10 +315,25 @@ class Manifest(_Strict):
         label = [self.columns.label] if self.columns.label else []
         return [self.columns.time, *label, *(f.name for f in self.numeric_features)]
 
-    @property
+    @functools.cached_property
     def model_version(self) -> str:
-        """Short, content-derived identity of the model, carried on every alert."""
-        return self.graph_sha256[:12]
+        """Short, content-derived identity of the whole model, carried on every alert.
+
+        The graph (through its hash) and all the manifest says of it, so that models that
+        differ only in threshold or scoring never share alert ids; not `created_at`, so that
+        writing the same model again keeps its version. Cached: read for every alert.
+        """
+        content = self.model_dump(mode="json", exclude={"created_at"})
+        text = json.dumps(content, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+    def model_copy(
+        self, *, update: Mapping[str, Any] | None = None, deep: bool = False
+    ) -> Manifest:
+        """A copy without the cached version, which `update` may change."""
+        copied = super().model_copy(update=update, deep=deep)
+        copied.__dict__.pop("model_version", None)
+        return copied
 
     def to_json(self) -> str:
         return self.model_dump_json()
