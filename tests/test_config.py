@@ -13,6 +13,7 @@ import pytest
 
 from detector.cli import main
 from detector.config import ConfigError, KafkaSettings, Settings, load_settings
+from detector.daemon import engine_options
 
 PASSWORD = "s3cr3t-Pa55word"
 
@@ -86,6 +87,17 @@ def test_latency_settings_default_to_no_waiting(monkeypatch: pytest.MonkeyPatch)
     assert (settings.batching.max_latency_ms, settings.kafka.linger_ms) == (20, 5)
 
 
+def test_late_events_are_dead_letters_by_default_and_reach_the_engine(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    options = engine_options(load_settings())
+    assert (options.late_events, options.late_grace_s) == ("dead_letter", 0.0)
+    monkeypatch.setenv("SEQSENTINEL_SCORING__LATE_EVENTS", "score")
+    monkeypatch.setenv("SEQSENTINEL_SCORING__LATE_GRACE_S", "30")
+    options = engine_options(load_settings())
+    assert (options.late_events, options.late_grace_s) == ("score", 30.0)
+
+
 def test_toml_file(tmp_path: Path) -> None:
     path = write_toml(
         tmp_path,
@@ -127,6 +139,8 @@ def test_precedence_overrides_then_env_then_file_then_defaults(
         ('[kafka]\nssl_cafile = "no/such/ca.pem"', "kafka.ssl_cafile", "not point to a file"),
         ('[kafka]\nbootstrap_server = "x:1"', "kafka.bootstrap_server", "Extra inputs"),
         ("[kafak]\ngroup_id = 'g'", "kafak", "Extra inputs"),
+        ('[scoring]\nlate_events = "drop"', "scoring.late_events", "'dead_letter' or 'score'"),
+        ("[scoring]\nlate_grace_s = -1", "scoring.late_grace_s", "greater than or equal to 0"),
     ],
 )
 def test_invalid_values_are_refused_naming_the_field(

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from model_factory import MERCHANTS, event, load_random, make_manifest
 
-from detector.engine import Engine, EngineOptions, Status
+from detector.engine import Engine, EngineOptions, LatePolicy, Status
 from detector.records import InputRecord
 from detector.scorer import Scorer
 
@@ -29,6 +29,17 @@ events_strategy = st.lists(
         st.floats(0.0, 300.0),  # seconds since the previous event of the stream
         st.floats(-50.0, 200.0),  # amount
         st.sampled_from([*MERCHANTS, "unseen"]),
+    ),
+    min_size=1,
+    max_size=40,
+)
+#: Streams whose time may go back, so that some events come after later ones of their key.
+late_events_strategy = st.lists(
+    st.tuples(
+        st.integers(0, 3),
+        st.floats(-120.0, 300.0),
+        st.floats(-50.0, 200.0),
+        st.sampled_from(MERCHANTS),
     ),
     min_size=1,
     max_size=40,
@@ -73,10 +84,18 @@ def run_engine(
     stride: int = 1,
     threshold: float | None = None,
     ttl: float = 0.0,
+    late_events: LatePolicy = "dead_letter",
+    grace: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Statuses, scores and alert ids of the engine fed `records` in batches of `cuts` sizes."""
     options = EngineOptions(
-        max_batch=64, max_keys=64, stride=stride, threshold=threshold, key_ttl_s=ttl
+        max_batch=64,
+        max_keys=64,
+        stride=stride,
+        threshold=threshold,
+        key_ttl_s=ttl,
+        late_events=late_events,
+        late_grace_s=grace,
     )
     engine = Engine(scorer, options)
     batches, start, turn = [], 0, 0
@@ -90,24 +109,36 @@ def run_engine(
 
 
 def reference(
-    scorer: Scorer, records: list[dict], stride: int = 1, ttl: float = 0.0
+    scorer: Scorer,
+    records: list[dict],
+    stride: int = 1,
+    ttl: float = 0.0,
+    late_events: LatePolicy = "dead_letter",
+    grace: float = 0.0,
 ) -> tuple[np.ndarray, ...]:
     """Statuses and scores from per-key lists and one onnxruntime call per event; a key idle
-    for more than `ttl` seconds (if not 0) starts afresh."""
+    for more than `ttl` seconds (if not 0) starts afresh. An event more than `grace` seconds
+    older than its key's latest is a dead letter, or with `late_events="score"` scored as if
+    no time had passed since that latest one."""
     manifest, codec = scorer.manifest, scorer.codec
     history: dict[str, list[np.ndarray]] = defaultdict(list)
-    last_time: dict[str, float] = {}
+    latest: dict[str, float] = {}
     state: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     statuses, scores = [], []
     for record in records:
         decoded = codec.decode(record)
         key = decoded.key
-        gap = decoded.time - last_time[key] if key in last_time else 0.0
+        late = key in latest and decoded.time < latest[key] - grace
+        if late and late_events == "dead_letter":
+            statuses.append(Status.DEAD_LETTER)
+            scores.append(np.nan)
+            continue
+        gap = max(decoded.time - latest[key], 0.0) if key in latest else 0.0
         if ttl and gap > ttl:
             history.pop(key)
             state.pop(key, None)
             gap = 0.0
-        last_time[key] = decoded.time
+        latest[key] = max(decoded.time, latest.get(key, decoded.time))
         x = codec.encode(np.array([decoded.values]), codec.statistics_rows([key]), np.array([gap]))[
             0
         ]
@@ -161,6 +192,39 @@ def test_engine_equals_per_key_reference(
     want_statuses, want_scores = reference(models[name], records, stride, ttl)
     np.testing.assert_array_equal(statuses, want_statuses)
     np.testing.assert_allclose(scores, want_scores, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["classify-window", "forecast-stateful"])
+@property_settings
+@given(
+    draws=late_events_strategy,
+    cuts=cuts_strategy,
+    late_events=st.sampled_from(["dead_letter", "score"]),
+    grace=st.sampled_from([0.0, 90.0]),
+)
+def test_late_events_follow_the_policy_however_the_stream_is_cut(
+    models: dict[str, Scorer],
+    name: str,
+    draws: list,
+    cuts: list[int],
+    late_events: LatePolicy,
+    grace: float,
+) -> None:
+    records = stream(draws)
+    options = {"late_events": late_events, "grace": grace}
+    statuses, scores, _ = run_engine(models[name], records, cuts, **options)
+    want_statuses, want_scores = reference(models[name], records, **options)
+    np.testing.assert_array_equal(statuses, want_statuses)
+    np.testing.assert_allclose(scores, want_scores, rtol=1e-5, atol=1e-5)
+
+
+def test_the_late_events_strategy_makes_late_events(models: dict[str, Scorer]) -> None:
+    """Guard against a vacuous property: a stream going back has late events, in one batch
+    and across batches."""
+    records = stream([(0, 10.0, 1.0, "fuel"), (0, 10.0, 2.0, "fuel"), (0, -15.0, 3.0, "fuel")])
+    for cuts in ([3], [1]):
+        statuses, _, _ = run_engine(models["classify-window"], records, cuts)
+        assert statuses.tolist() == [Status.WARMING_UP, Status.SCORED, Status.DEAD_LETTER]
 
 
 def middle(scores: np.ndarray) -> float | None:
