@@ -10,6 +10,7 @@ import numpy as np
 import orjson
 import pyarrow.csv as pa_csv
 import pytest
+from cli_support import intra_op_threads, spy_on_scorer_loads
 
 from detector.engine import EngineOptions, Status
 from detector.records import read_records
@@ -135,6 +136,16 @@ def test_command_writes_metrics_and_plots(trained: Trained, tmp_path: Path) -> N
     assert set(metrics) >= {"point", "auprc", "auroc", "ranges", "point_adjusted", "counts"}
     for name in ("scores.png", "precision_recall.png", "roc.png", "timeline.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_command_takes_onnxruntime_threads(
+    trained: Trained, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loaded = spy_on_scorer_loads(monkeypatch)
+    argv = ["evaluate", "--model", str(trained.model), "--data", str(trained.test)]
+
+    assert main([*argv, "--threads", "1", "--out", str(tmp_path / "eval"), "--no-progress"]) == 0
+    assert [intra_op_threads(scorer) for scorer in loaded] == [1]
 
 
 def test_command_refuses_a_tampered_model(

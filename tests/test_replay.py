@@ -12,6 +12,7 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet
 import pytest
+from cli_support import intra_op_threads, spy_on_scorer_loads
 from model_factory import KEY, TIME, event, export_random, make_manifest
 
 from detector.cli import main
@@ -28,7 +29,7 @@ T0 = 1_700_000_000
 @pytest.fixture(autouse=True)
 def keep_logging(monkeypatch: pytest.MonkeyPatch) -> None:
     """`detector replay` configures process-wide logging; the other tests need theirs."""
-    monkeypatch.setattr("detector.commands.replay.configure_logging", lambda: None)
+    monkeypatch.setattr("detector.logs.configure_logging", lambda: None)
 
 
 @pytest.fixture(scope="module")
@@ -76,13 +77,17 @@ def test_replay_scores_in_time_order_and_reports_in_input_order(model: Path) -> 
     assert summary.alerts == len(result.alerts) > 0
 
 
-def write_inputs(folder: Path) -> tuple[Path, Path]:
-    events = shuffled_events() + BAD_ROWS
-    csv_path = folder / "events.csv"
-    with csv_path.open("w", newline="") as out:
+def write_csv(path: Path, events: list[dict]) -> Path:
+    with path.open("w", newline="") as out:
         writer = csv.DictWriter(out, fieldnames=list(events[0]))
         writer.writeheader()
         writer.writerows(events)
+    return path
+
+
+def write_inputs(folder: Path) -> tuple[Path, Path]:
+    events = shuffled_events() + BAD_ROWS
+    csv_path = write_csv(folder / "events.csv", events)
     jsonl_path = folder / "events.jsonl"
     lines = [orjson.dumps(e) for e in events[:-1]] + [b"{broken", orjson.dumps(events[-1])]
     jsonl_path.write_bytes(b"\n".join(lines) + b"\n")
@@ -221,13 +226,81 @@ def test_one_malformed_csv_cell_costs_one_record(model: Path, tmp_path: Path) ->
     """CSV cells are untyped: a word among numbers must not turn the column into text."""
     events = shuffled_events(20)
     events[5] = {**events[5], "amount": "twelve"}
-    csv_path = tmp_path / "events.csv"
-    with csv_path.open("w", newline="") as out:
-        writer = csv.DictWriter(out, fieldnames=list(events[0]))
-        writer.writeheader()
-        writer.writerows(events)
-    outputs = replay(model, csv_path, tmp_path)
+    outputs = replay(model, write_csv(tmp_path / "events.csv", events), tmp_path)
     assert [(d["reason"], d["source"]["row"]) for d in outputs["dead"]] == [("wrong_type", 5)]
     statuses = [row["status"] for row in outputs["scores"]]
     assert statuses.count("dead_letter") == 1
     assert statuses.count("scored") + statuses.count("warming_up") == 19
+
+
+def stderr_text(capsys: pytest.CaptureFixture[str]) -> str:
+    """stderr with rich's line breaks undone."""
+    return " ".join(capsys.readouterr().err.split())
+
+
+def test_nothing_scored_because_every_record_is_a_dead_letter_exits_2(
+    model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = write_csv(tmp_path / "bad.csv", BAD_ROWS * 3)
+    dead = tmp_path / "dead.jsonl"
+
+    status = main(
+        ["replay", "--model", str(model), "--input", str(source), "--dead-letters", str(dead)]
+    )
+
+    assert status == 2
+    assert (
+        "nothing was scored: 6 of 6 records are dead letters (missing_feature 3, bad_timestamp 3)"
+        in stderr_text(capsys)
+    )
+    assert len(dead.read_text().splitlines()) == 6  # written all the same, to see why
+
+
+def test_nothing_scored_because_every_key_is_warming_up_exits_2(
+    model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = write_csv(tmp_path / "short.csv", shuffled_events(4))  # one event for each key
+
+    assert main(["replay", "--model", str(model), "--input", str(source)]) == 2
+    assert (
+        "4 events were their key's warm-up (a key is scored once it has 2 events)"
+        in stderr_text(capsys)
+    )
+
+
+def test_a_high_share_of_dead_letters_warns(
+    model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    many = replay(
+        model, write_csv(tmp_path / "many.csv", shuffled_events() + BAD_ROWS * 5), tmp_path
+    )
+    warned = stderr_text(capsys)
+    replay(model, write_csv(tmp_path / "few.csv", shuffled_events() + BAD_ROWS), tmp_path)
+
+    assert len(many["dead"]) == 10
+    assert (
+        "warning: 10 of 70 records (14%) are dead letters: missing_feature 5, bad_timestamp 5"
+        in warned
+    )
+    assert "warning" not in stderr_text(capsys)  # 2 of 62: 3 %
+
+
+@pytest.mark.parametrize(("option", "threads"), [([], 0), (["--threads", "1"], 1)])
+def test_threads_option_sets_onnxruntime_intra_op_threads(
+    model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, option: list[str], threads: int
+) -> None:
+    loaded = spy_on_scorer_loads(monkeypatch)
+    csv_path, _ = write_inputs(tmp_path)
+    replay(model, csv_path, tmp_path, *option)
+
+    assert [intra_op_threads(scorer) for scorer in loaded] == [threads]
+
+
+def test_threads_option_refuses_negative_counts(
+    model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["replay", "--model", str(model), "--input", "x.csv", "--threads", "-1"])
+
+    assert exit_info.value.code == 2
+    assert "--threads: must be at least 0" in capsys.readouterr().err

@@ -56,14 +56,16 @@ def evaluate(
     options: EngineOptions | None = None,
     progress: Progress | None = None,
     providers: Sequence[str] = ("auto",),
+    intra_op_threads: int = 0,
 ) -> Evaluation:
     """Replay `data_path` through the engine with `model_path` and compare with its labels.
 
     `label` names the label column when it is not the manifest's; `options` are the
     engine's (its threshold, when set, overrides the calibrated one); `providers` are the
-    onnxruntime execution providers, chosen as the daemon chooses them by default.
+    onnxruntime execution providers, chosen as the daemon chooses them by default, and
+    `intra_op_threads` its threads, as the daemon's `model.intra_op_threads` (0: its choice).
     """
-    scorer = Scorer.load(model_path, providers)
+    scorer = Scorer.load(model_path, providers, intra_op_threads)
     manifest = scorer.manifest
     column = label or manifest.columns.label
     if column is None:

@@ -8,8 +8,6 @@ from types import FrameType
 from typing import Any
 
 from detector.config import add_config_argument, load_settings_or_exit
-from detector.daemon import Daemon
-from detector.logs import configure_logging
 
 
 def register(subparsers: Any) -> None:
@@ -31,6 +29,10 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Imported when the command runs, not when it is registered: see detector/commands/options.py.
+    from detector.daemon import Daemon
+    from detector.logs import configure_logging
+
     settings = load_settings_or_exit(args.config)
     configure_logging(settings.log.format, settings.log.level)
     daemon = Daemon(settings)

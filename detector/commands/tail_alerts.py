@@ -15,8 +15,6 @@ from types import FrameType
 from typing import Any
 
 import orjson
-from kafka import KafkaConsumer, TopicPartition
-from kafka.errors import KafkaError
 
 from detector.config import add_config_argument, load_settings_or_exit
 
@@ -49,6 +47,10 @@ def register(subparsers: Any) -> None:
 
 
 def tail_alerts(args: argparse.Namespace) -> int:
+    # Imported when the command runs, not when it is registered: see detector/commands/options.py.
+    from kafka import KafkaConsumer, TopicPartition
+    from kafka.errors import KafkaError
+
     servers = {"bootstrap_servers": args.bootstrap_servers} if args.bootstrap_servers else {}
     settings = load_settings_or_exit(args.config, kafka=servers)
     topic = args.topic or settings.topics.alerts

@@ -6,15 +6,15 @@ import argparse
 import json
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from rich.console import Console
-from rich.progress import Progress
-from rich.table import Table
+from detector.commands.options import add_format_argument, add_threads_argument
 
-from detector.engine import EngineOptions
-from detector.manifest import Manifest, ModelContractError
-from trainer.evaluate import Evaluation, evaluate
-from trainer.report import write_evaluation_report
+if TYPE_CHECKING:
+    from rich.table import Table
+
+    from detector.manifest import Manifest
+    from trainer.evaluate import Evaluation
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -30,17 +30,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--model", type=Path, required=True, help="the model file (.onnx)")
     parser.add_argument("--data", type=Path, required=True, help="labeled events to score")
     parser.add_argument("--out", type=Path, required=True, help="folder for metrics and plots")
-    parser.add_argument(
-        "--format", choices=["csv", "parquet", "jsonl"], help="data format (default: by suffix)"
-    )
+    add_format_argument(parser, "data format (default: by suffix)")
     parser.add_argument("--label", help="label column (default: the model's)")
     parser.add_argument("--threshold", type=float, help="alert threshold (default: the model's)")
     parser.add_argument("--batch", type=int, default=4096, help="events per engine batch")
+    add_threads_argument(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    # Imported when the command runs, not when it is registered: see detector/commands/options.py.
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from detector.commands.output import stdout_console
+    from detector.engine import EngineOptions
+    from detector.manifest import ModelContractError
+    from trainer.evaluate import evaluate
+    from trainer.report import write_evaluation_report
+
     console = Console(stderr=True)
     options = EngineOptions(max_batch=args.batch, threshold=args.threshold)
     try:
@@ -52,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
                 fmt=args.format,
                 label=args.label,
                 options=options,
+                intra_op_threads=args.threads,
                 progress=lambda done, total: bar.update(task, completed=done, total=total),
             )
     except ModelContractError as error:
@@ -64,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     metrics_path = args.out / "metrics.json"
     metrics_path.write_text(json.dumps(json_safe(evaluation.metrics), indent=2) + "\n")
     plots = write_evaluation_report(evaluation, args.out)
-    Console().print(summary_table(evaluation))
+    stdout_console().print(summary_table(evaluation))
     for path in (metrics_path, *plots):
         print(path)
     return 0
@@ -82,6 +92,8 @@ def json_safe(value: object) -> object:
 
 
 def summary_table(evaluation: Evaluation) -> Table:
+    from rich.table import Table
+
     metrics = evaluation.metrics
     table = Table(title=f"{metrics['model']['file']} on {metrics['data']['file']}")
     table.add_column("metric")

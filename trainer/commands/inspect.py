@@ -8,8 +8,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from detector.commands import inspect_model
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -22,4 +20,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("model", type=Path, help="model file (.onnx)")
     parser.add_argument("--json", action="store_true", help="print the manifest as JSON")
-    parser.set_defaults(handler=inspect_model.run)
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    # Imported when the command runs, not when it is registered: see detector/commands/options.py.
+    from detector.commands import inspect_model
+
+    return inspect_model.run(args)

@@ -13,37 +13,20 @@ import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from kafka.errors import KafkaError
-
-from detector.config import ConfigError as SettingsError
-from detector.config import KafkaSettings, load_settings
-from detector.manifest import ModelContractError
-from trainer.calibrate import CalibrationError
 from trainer.commands.evaluate import json_safe
-from trainer.config import ConfigError, TrainConfig, load_train_config
-from trainer.data import DataError
-from trainer.export import ExportError
-from trainer.kafka_source import SourceError, read_range
-from trainer.promotion import PromotionError
-from trainer.retrain import (
-    BAD_INPUT,
-    DEFAULT_MAX_REJECTED,
-    FAILED,
-    METRICS,
-    Collected,
-    Holdout,
-    Request,
-    RetrainError,
-    collect_files,
-    join_labels,
-    records_of_messages,
-    report_markdown,
-    retrain,
-)
+
+if TYPE_CHECKING:
+    from detector.config import KafkaSettings
+    from trainer.config import TrainConfig
+    from trainer.retrain import Collected, Holdout
 
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
 LABELS_TOPIC = "topic:"
+#: The names of `trainer.retrain.METRICS` and its `DEFAULT_MAX_REJECTED`.
+METRIC_NAMES = ("auprc", "auroc", "f1", "point_adjusted_f1", "precision", "range_f1", "recall")
+DEFAULT_MAX_REJECTED = 0.05
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -97,7 +80,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--metric",
-        choices=sorted(METRICS),
+        choices=METRIC_NAMES,
         help="what the models are judged on (default: auprc to classify, range_f1 to forecast)",
     )
     parser.add_argument(
@@ -109,7 +92,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--holdout",
         type=holdout,
-        default=Holdout(),
         metavar="FRACTION|DURATION",
         help="most recent slice held out for judging: a share of events or a span (default 0.2)",
     )
@@ -141,6 +123,8 @@ def duration(text: str) -> float:
 
 def holdout(text: str) -> Holdout:
     """A share of the events (0 < x < 1) or a duration."""
+    from trainer.retrain import Holdout
+
     try:
         fraction = float(text)
     except ValueError:
@@ -151,6 +135,27 @@ def holdout(text: str) -> Holdout:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Imported when the command runs, not when it is registered: see detector/commands/options.py.
+    from kafka.errors import KafkaError
+
+    from detector.config import ConfigError as SettingsError
+    from detector.manifest import ModelContractError
+    from trainer.calibrate import CalibrationError
+    from trainer.config import ConfigError, load_train_config
+    from trainer.data import DataError
+    from trainer.export import ExportError
+    from trainer.kafka_source import SourceError
+    from trainer.promotion import PromotionError
+    from trainer.retrain import (
+        BAD_INPUT,
+        FAILED,
+        Holdout,
+        Request,
+        RetrainError,
+        report_markdown,
+        retrain,
+    )
+
     report_dir = args.report or _default_report_dir(args.promote_to)
     try:
         config = load_train_config(args.config)
@@ -161,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
             report_dir=report_dir,
             metric=args.metric,
             margin=args.margin,
-            holdout=args.holdout,
+            holdout=args.holdout or Holdout(),
             max_rejected=args.max_rejected,
             epochs=args.epochs,
             progress=not args.no_progress,
@@ -193,6 +198,15 @@ def _default_report_dir(promote_to: Path) -> Path:
 
 def _collect(args: argparse.Namespace, config: TrainConfig) -> Collected:
     """The events, from files or the topic, with the labels joined when they are separate."""
+    from trainer.kafka_source import read_range
+    from trainer.retrain import (
+        Collected,
+        RetrainError,
+        collect_files,
+        join_labels,
+        records_of_messages,
+    )
+
     since = None if args.since is None else time.time() - args.since
     if args.data:
         collected = collect_files(args.data)
@@ -217,6 +231,8 @@ def _collect(args: argparse.Namespace, config: TrainConfig) -> Collected:
 
 def _kafka(args: argparse.Namespace) -> KafkaSettings:
     """The detector's Kafka settings (environment), for this run's own client."""
+    from detector.config import load_settings
+
     kafka = {"client_id": "seqsentinel-retrain"}
     if args.bootstrap_servers:
         kafka["bootstrap_servers"] = args.bootstrap_servers

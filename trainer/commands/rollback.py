@@ -6,9 +6,6 @@ import argparse
 import sys
 from pathlib import Path
 
-from detector.manifest import ModelContractError
-from trainer.promotion import PromotionError, rollback
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -26,6 +23,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Imported when the command runs, not when it is registered: see detector/commands/options.py.
+    from detector.manifest import ModelContractError
+    from trainer.promotion import PromotionError, rollback
+
     try:
         restored = rollback(args.model)
     except (PromotionError, ModelContractError) as error:

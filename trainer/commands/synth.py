@@ -6,7 +6,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from trainer.synth import GENERATORS
+from detector.commands.options import at_least
+
+#: The data sets of `trainer.synth.GENERATORS`.
+KINDS = ("sensors", "transactions")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -19,22 +22,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "episodes, for a classifier). The test part is later in time than the training part."
         ),
     )
-    parser.add_argument("kind", choices=sorted(GENERATORS), help="which data set")
+    parser.add_argument("kind", choices=KINDS, help="which data set")
     parser.add_argument("--out", type=Path, required=True, help="folder to write into")
-    parser.add_argument("--keys", type=_positive_int, help="devices or customers (default: 50/500)")
+    parser.add_argument("--keys", type=at_least(1), help="devices or customers (default: 50/500)")
     parser.add_argument("--days", type=float, help="days of history (default: 14/60)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.set_defaults(handler=run)
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
-
-
 def run(args: argparse.Namespace) -> int:
+    # Imported when the command runs, not when it is registered: see detector/commands/options.py.
+    from trainer.synth import GENERATORS
+
     sizes = {name: value for name, value in (("keys", args.keys), ("days", args.days)) if value}
     try:
         dataset = GENERATORS[args.kind](seed=args.seed, **sizes)

@@ -6,11 +6,6 @@ import argparse
 import sys
 from pathlib import Path
 
-from trainer.calibrate import CalibrationError
-from trainer.config import ConfigError, load_train_config
-from trainer.data import DataError
-from trainer.export import ExportError
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -44,7 +39,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    # Imported here so that `trainer --help` does not pay for loading torch.
+    # Imported when the command runs, not when it is registered: see detector/commands/options.py.
+    from trainer.calibrate import CalibrationError
+    from trainer.config import ConfigError, load_train_config
+    from trainer.data import DataError
+    from trainer.export import ExportError
     from trainer.pipeline import train
     from trainer.report import write_training_report
 
