@@ -3,6 +3,10 @@
 stdout is left to command output. Records of the standard `logging` module (kafka-python logs
 through it) are rendered by the same processors, so one stream holds one format. Modules log
 with `structlog.get_logger(__name__)`; the name shows as the `logger` field.
+
+Used as a library, with logging configured by nobody, the packages log to stderr too
+(`default_to_stderr`, run when `detector` is imported): structlog's own default is stdout,
+where a log line would corrupt the output of the program using them.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from structlog.typing import EventDict, Processor, WrappedLogger
 
 from detector import __version__
 
-__all__ = ["LogFormat", "bind_model_version", "configure_logging"]
+__all__ = ["LogFormat", "bind_model_version", "configure_logging", "default_to_stderr"]
 
 LogFormat = Literal["auto", "json", "console"]
 
@@ -112,6 +116,17 @@ def configure_logging(fmt: LogFormat = "auto", level: str = "info", **bound: Any
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(max(numeric_level, logging.WARNING))
+
+
+def default_to_stderr() -> None:
+    """Unless structlog is configured already, print its events to stderr instead of stdout.
+
+    Everything else stays structlog's default; `configure_logging`, or the host program's own
+    configuration before or after, replaces it.
+    """
+    if not structlog.is_configured():
+        # sys.stderr looked up at each event: a program may replace it after this call.
+        structlog.configure(logger_factory=lambda *_: structlog.PrintLogger(sys.stderr))
 
 
 def bind_model_version(version: str) -> None:

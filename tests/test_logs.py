@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
 import structlog
+from model_factory import export_random, make_manifest
 
 from detector import __version__
 from detector.config import ConfigError, load_settings
-from detector.logs import LogFormat, bind_model_version, configure_logging
+from detector.logs import LogFormat, bind_model_version, configure_logging, default_to_stderr
 
 PASSWORD = "s3cr3t-Pa55word"
 
@@ -26,6 +30,7 @@ def restore_logging() -> Iterator[None]:
     handlers, level = root.handlers[:], root.level
     yield
     structlog.reset_defaults()
+    default_to_stderr()  # as importing `detector` left it
     root.handlers[:] = handlers
     root.setLevel(level)
 
@@ -137,3 +142,40 @@ def test_secrets_stay_out_of_logs(
     assert "refused via stdlib" in err
     assert "http.port" in err
     assert PASSWORD not in err
+
+
+def test_unconfigured_events_go_to_stderr(capsys: pytest.CaptureFixture[str]) -> None:
+    structlog.reset_defaults()
+    default_to_stderr()
+    structlog.get_logger("detector.scorer").info("model loaded", path="m.onnx")
+
+    out, err = capsys.readouterr()
+    assert (out, "model loaded" in err, "m.onnx" in err) == ("", True, True)
+
+
+def test_a_configuration_made_before_is_kept(capsys: pytest.CaptureFixture[str]) -> None:
+    structlog.reset_defaults()
+    structlog.configure(logger_factory=lambda *_: structlog.PrintLogger(sys.stdout))
+    default_to_stderr()
+    structlog.get_logger().info("the host's choice")
+
+    out, err = capsys.readouterr()
+    assert ("the host's choice" in out, err) == (True, "")
+
+
+def test_library_use_keeps_the_callers_stdout(tmp_path: Path) -> None:
+    """A program that loads a model (which logs) and prints JSON prints nothing else there."""
+    model = export_random(tmp_path / "model.onnx", make_manifest(), seed=1)
+    program = (
+        "import json, sys\n"
+        "from detector.scorer import Scorer\n"
+        "scorer = Scorer.load(sys.argv[1])\n"
+        "print(json.dumps({'version': scorer.manifest.model_version}))\n"
+    )
+
+    result = subprocess.run(
+        [sys.executable, "-c", program, str(model)], capture_output=True, text=True, check=True
+    )
+
+    assert list(json.loads(result.stdout)) == ["version"]
+    assert "model loaded" in result.stderr
