@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,8 +27,18 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv
 import pyarrow.parquet as pq
-import torch
-from quality_report import REPO, common_arguments, console, finite, require, table, write_json
+from quality_report import (
+    REPO,
+    cached,
+    common_arguments,
+    console,
+    finite,
+    input_key,
+    require,
+    run_jobs,
+    table,
+    write_json,
+)
 from sklearn.ensemble import HistGradientBoostingClassifier
 
 from detector.engine import Status
@@ -70,13 +79,7 @@ def main() -> None:
         _prepare(fold, events, times, end - (args.folds - fold) * WEEK, config, features, args)
         for fold in range(args.folds)
     ]
-    if args.jobs > 1:
-        with ProcessPoolExecutor(
-            args.jobs, initializer=torch.set_num_threads, initargs=(1,)
-        ) as pool:
-            outcomes = list(pool.map(_fold, tasks))
-    else:
-        outcomes = [_fold(task) for task in tasks]
+    outcomes = run_jobs(_fold, tasks, args.jobs)
     folds = [result for result, _ in outcomes]
     curves = [curve for _, curve in outcomes]
     for result in folds:
@@ -100,20 +103,22 @@ def main() -> None:
 
 
 def _events(source: Path, work: Path) -> pa.Table:
-    """The transactions with `ts` (epoch seconds) and a string key, cached as Parquet."""
-    cached = work / "transactions.parquet"
-    if not cached.exists():
-        table = pyarrow.csv.read_csv(source).drop_columns(["TX_FRAUD_SCENARIO"])
-        # TX_TIME_SECONDS counts from the first midnight of the simulation.
-        seconds = pc.add(pc.cast(table.column("TX_TIME_SECONDS"), pa.float64()), START)
-        table = table.append_column("ts", seconds).set_column(
-            table.schema.get_field_index("CUSTOMER_ID"),
-            "CUSTOMER_ID",
-            pc.cast(table.column("CUSTOMER_ID"), pa.string()),
-        )
-        work.mkdir(parents=True, exist_ok=True)
-        pq.write_table(table, cached)
-    return pq.read_table(cached)
+    """`_transactions` of `source`, cached as Parquet under a name of its own."""
+    work.mkdir(parents=True, exist_ok=True)
+    path = work / f"transactions-{input_key(source)}.parquet"
+    return pq.read_table(cached(path, lambda to: pq.write_table(_transactions(source), to)))
+
+
+def _transactions(source: Path) -> pa.Table:
+    """The transactions with `ts` (epoch seconds) and a string key."""
+    table = pyarrow.csv.read_csv(source).drop_columns(["TX_FRAUD_SCENARIO"])
+    # TX_TIME_SECONDS counts from the first midnight of the simulation.
+    seconds = pc.add(pc.cast(table.column("TX_TIME_SECONDS"), pa.float64()), START)
+    return table.append_column("ts", seconds).set_column(
+        table.schema.get_field_index("CUSTOMER_ID"),
+        "CUSTOMER_ID",
+        pc.cast(table.column("CUSTOMER_ID"), pa.string()),
+    )
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""What the detection-quality benchmarks share: where the data is, tables, JSON and plots.
+"""What the detection-quality benchmarks share: where the data is, caches named by their
+input, worker processes, tables, JSON and plots.
 
 The benchmarks themselves only prepare data files, call the trainer and replay through the
 detector; nothing here scores or thresholds.
@@ -7,15 +8,19 @@ detector; nothing here scores or thresholds.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
+import os
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
+import torch
 from rich.console import Console
 from rich.table import Table
 
@@ -23,6 +28,8 @@ REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO.parent / "shared" / "data"
 
 console = Console()
+_Task = TypeVar("_Task")
+_Result = TypeVar("_Result")
 
 
 def common_arguments(parser: argparse.ArgumentParser, name: str) -> None:
@@ -45,6 +52,38 @@ def require(path: Path, what: str) -> Path:
     if not path.exists():
         sys.exit(f"{what} not found at {path}; pass --data with the reference data folder")
     return path
+
+
+def input_key(path: Path) -> str:
+    """A short key of an input file (where it is, its size and its modification time), for
+    naming what is made from it: a cache of one file is never taken for another's, nor for
+    the same file changed."""
+    stat = path.stat()
+    identity = f"{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}"
+    return hashlib.sha256(identity.encode()).hexdigest()[:16]
+
+
+def cached(path: Path, make: Callable[[Path], object]) -> Path:
+    """`path`, made by `make(partial)` unless already there: written under a name of this
+    process and renamed when complete, so that an interrupted run leaves nothing to be taken
+    as done and workers making the same file at once do not write into each other's."""
+    if not path.exists():
+        partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+        make(partial)
+        partial.replace(path)
+    return path
+
+
+def run_jobs(
+    function: Callable[[_Task], _Result], tasks: Sequence[_Task], jobs: int
+) -> list[_Result]:
+    """`function` of each task, in order, `jobs` at once in worker processes (one: in this
+    one), each on one torch thread as `--jobs` promises, `--jobs 1` included."""
+    if jobs <= 1:
+        torch.set_num_threads(1)
+        return [function(task) for task in tasks]
+    with ProcessPoolExecutor(jobs, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+        return list(pool.map(function, tasks))
 
 
 def rate(value: float) -> str:

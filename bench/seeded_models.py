@@ -3,11 +3,14 @@ scored. Seeded random networks exported by the trainer, in window and stateful m
 
 Speed does not depend on what the weights learned, so the benchmarks do not train: a seeded
 `SequenceNet` run through onnxruntime does exactly the work of a trained one. Files are
-cached by export mode and reused while the manifest stays the same.
+cached under a digest of all that makes them (manifest, seed, the network and export code),
+so a cached model is reused only while none of it changes.
 """
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 from pathlib import Path
 
 import torch
@@ -21,6 +24,7 @@ from detector.manifest import (
     Scoring,
     TrainingSummary,
 )
+from trainer import export, network
 from trainer.export import export_model
 from trainer.network import SequenceNet
 
@@ -53,7 +57,16 @@ def seeded_net(export_mode: ExportMode = "window") -> SequenceNet:
 
 def bench_model(folder: Path, export_mode: ExportMode) -> Path:
     """The exported model file for `export_mode` in `folder`, exported unless already there."""
-    path = folder / f"bench-{export_mode}-h{HIDDEN}x{LAYERS}-w{WINDOW}-f{len(FEATURES)}.onnx"
+    manifest = bench_manifest(export_mode)
+    path = folder / f"bench-{export_mode}-{_digest(manifest)}.onnx"
     if not path.exists():
-        export_model(seeded_net(export_mode), bench_manifest(export_mode), path)
+        export_model(seeded_net(export_mode), manifest, path)
     return path
+
+
+def _digest(manifest: Manifest) -> str:
+    """What the exported file depends on: the manifest, the seed and the trainer's code."""
+    sources = (inspect.getsource(module) for module in (network, export))
+    described = manifest.model_dump_json(exclude={"created_at"})
+    made_of = "\0".join([described, str(SEED), *sources])
+    return hashlib.sha256(made_of.encode()).hexdigest()[:16]
