@@ -98,6 +98,19 @@ def test_injected_faults_change_the_readings(devices: Dataset) -> None:
     assert np.all((step[within_stuck] == 0).any(axis=1))  # one reading frozen
 
 
+def test_the_sensor_example_trains_on_a_small_budget(devices: Dataset, tmp_path: Path) -> None:
+    """Seconds on two cores, not minutes: 32,000 training windows in all (4 epochs of 8,000;
+    10 epochs of 40,000 took over 10 minutes on a loaded 2-core machine), a 16-unit LSTM, and
+    early stopping after 2 epochs without progress. That the model trained with it still
+    catches the injected faults is `test_quality`'s acceptance test."""
+    (tmp_path / "train.toml").write_text(devices.config)
+    config = load_train_config(tmp_path / "train.toml")
+    training = config.training
+    assert training.epochs * training.max_windows == 32_000
+    assert training.patience == 2
+    assert (config.model.hidden, config.model.layers, config.model.window) == (16, 1, 24)
+
+
 def test_transaction_columns_and_fraud_scenarios(payments: Dataset) -> None:
     assert payments.test.column_names == [
         "customer_id",
