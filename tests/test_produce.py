@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import random
 import re
 import subprocess
@@ -13,7 +12,8 @@ import orjson
 import pyarrow as pa
 import pyarrow.parquet
 import pytest
-from daemon_support import read_topic, send
+from daemon_support import group_offsets, read_topic, send, write_csv
+from model_factory import KEY, TIME, export_random, make_manifest
 
 from detector.commands.tail_alerts import describe
 
@@ -55,11 +55,7 @@ def test_csv_goes_out_in_time_order_keyed_by_the_key_column(
     topic = kafka_topic_factory(partitions=1, prefix="produce-csv")
     expected = rows(50)
     shuffled = random.Random(3).sample(expected, len(expected))
-    path = tmp_path / "events.csv"
-    with path.open("w", newline="") as out:
-        writer = csv.DictWriter(out, fieldnames=list(expected[0]))
-        writer.writeheader()
-        writer.writerows(shuffled)
+    path = write_csv(tmp_path / "events.csv", shuffled)
     result = produce(path, topic, kafka_bootstrap, "--key-column=device", "--time-column=ts")
     assert result.returncode == 0, result.stderr
     assert f"sent 50 records to {topic}" in result.stderr
@@ -102,6 +98,54 @@ def test_rate_limits_parquet_input(kafka_bootstrap, kafka_topic_factory, tmp_pat
     messages = read_topic(kafka_bootstrap, topic, at_least=40)
     assert [message.json() for message in messages] == expected
     assert {message.key for message in messages} == {None}
+
+
+def test_unkeyed_records_for_several_partitions_are_refused_unless_asked_for(
+    kafka_bootstrap, kafka_topic_factory, tmp_path
+):
+    topic = kafka_topic_factory(partitions=2, prefix="produce-unkeyed")
+    path = write_csv(tmp_path / "events.csv", rows(10))
+    refused = produce(path, topic, kafka_bootstrap, "--time-column=ts")
+    assert refused.returncode == 2
+    message = " ".join(refused.stderr.split())
+    assert f"refusing to send unkeyed records to {topic}: its 2 partitions" in message
+    assert "out of order" in message and "--no-key" in message
+    assert group_offsets(kafka_bootstrap, "produce-check", topic)[1] == {0: 0, 1: 0}
+
+    sent = produce(path, topic, kafka_bootstrap, "--time-column=ts", "--no-key")
+    assert sent.returncode == 0, sent.stderr
+    messages = read_topic(kafka_bootstrap, topic, at_least=10)
+    assert len(messages) == 10 and {message.key for message in messages} == {None}
+
+
+def test_the_model_names_the_key_and_time_columns(kafka_bootstrap, kafka_topic_factory, tmp_path):
+    """With --model, records go out keyed by the model's key column in the order of its time
+    column: each key's events in one partition, in time order."""
+    model = export_random(tmp_path / "model.onnx", make_manifest())
+    topic = kafka_topic_factory(partitions=2, prefix="produce-model")
+    expected = [
+        {KEY: f"acct-{i % 5}", TIME: 1_704_067_200 + 60 * i, "amount": 10.0 + i} for i in range(40)
+    ]
+    path = write_csv(tmp_path / "events.csv", random.Random(5).sample(expected, len(expected)))
+    result = produce(path, topic, kafka_bootstrap, f"--model={model}")
+    assert result.returncode == 0, result.stderr
+    messages = read_topic(kafka_bootstrap, topic, at_least=40)
+    assert [message.key for message in messages] == [
+        message.json()[KEY].encode() for message in messages
+    ]
+    for partition in (0, 1):
+        sent = [m.json() for m in messages if m.partition == partition]
+        assert sent == sorted(sent, key=lambda document: document[TIME])
+    assert sorted((m.json() for m in messages), key=lambda d: d[TIME]) == expected
+    assert len({m.partition for m in messages}) == 2  # the check above spans both partitions
+
+
+def test_produce_refuses_a_model_it_cannot_load(kafka_bootstrap, tmp_path):
+    path = write_csv(tmp_path / "events.csv", rows(3))
+    (tmp_path / "model.onnx").write_bytes(b"not a model")
+    result = produce(path, "nowhere", kafka_bootstrap, f"--model={tmp_path / 'model.onnx'}")
+    assert result.returncode == 2
+    assert "refused model" in result.stderr
 
 
 def test_produce_refuses_a_file_it_cannot_read(kafka_bootstrap, tmp_path):
