@@ -128,6 +128,8 @@ class KeyArena:
         self.shape = shape
         self.max_keys = max_keys
         self.capacity = 0
+        #: Keys evicted so far (least recently seen, for room): their state is lost by design.
+        self.evicted = 0
         self._slots: dict[str, int] = {}
         self._keys = np.empty(0, object)
         for name, (dtype, fill) in self._scalar_fields().items():
@@ -203,6 +205,7 @@ class KeyArena:
                 )
             oldest = np.argpartition(self.last_seen[candidates], evicted - 1)[:evicted]
             self.release(candidates[oldest])
+            self.evicted += evicted
             free = np.flatnonzero(~self.used)
         slots = free[:needed]
         self.reset(slots)
@@ -214,11 +217,21 @@ class KeyArena:
         self.stats_row[slots] = statistics_rows(keys)
         return slots, evicted
 
-    def expire(self, cutoff: float, tick: int) -> int:
-        """Release keys last touched before `cutoff`, except those seen at `tick`; how many."""
+    def expire(self, cutoff: float | np.ndarray, tick: int) -> int:
+        """Release keys last touched before `cutoff` (one, or one per slot), except those seen
+        at `tick`; how many."""
         idle = np.flatnonzero(self.used & (self.touched < cutoff) & (self.last_seen != tick))
         self.release(idle)
         return int(idle.size)
+
+    def expire_partitions(self, partitions: np.ndarray, cutoffs: np.ndarray, tick: int) -> int:
+        """`expire` with a cutoff per input partition (`partitions` sorted and distinct) for the
+        keys tagged with it; keys of other partitions stay. Each partition's event time is
+        the clock of its own keys only: partitions are consumed at their own pace (after a
+        restart one may be a day of event time ahead of another), so a cutoff from another
+        partition's events would expire keys whose next event is due within the TTL."""
+        at = np.minimum(np.searchsorted(partitions, self.partition), partitions.size - 1)
+        return self.expire(np.where(partitions[at] == self.partition, cutoffs[at], -np.inf), tick)
 
     def release(self, slots: np.ndarray) -> None:
         """Forget the keys of `slots`; the slots become free (and are reset when reused)."""
@@ -233,21 +246,18 @@ class KeyArena:
 
     # -- partitions and snapshots -------------------------------------------------------------
 
-    def tag_partitions(self, keys: Sequence[str], partitions: np.ndarray) -> None:
-        """Record the input partition each key's latest event came from (keys without a slot,
-        evicted meanwhile, are skipped)."""
-        slots = self.lookup(keys)
-        known = slots >= 0
-        self.partition[slots[known]] = partitions[known]
-
     def slots_of(self, partitions: Sequence[int]) -> np.ndarray:
         """The slots of the keys whose events come from `partitions`."""
         return np.flatnonzero(self.used & np.isin(self.partition, partitions))
 
+    def keys_of(self, slots: np.ndarray) -> np.ndarray:
+        """The keys of `slots`."""
+        return self._keys[slots]
+
     def export(self, slots: np.ndarray) -> dict[str, np.ndarray]:
         """Copies of everything a restarted process needs to continue `slots` exactly."""
         fields = {name: getattr(self, name)[slots] for name in self._snapshot_fields()}
-        fields["keys"] = self._keys[slots]
+        fields["keys"] = self.keys_of(slots)
         if self.shape.ring is not None:
             fields["ring"] = self.ring[slots]
         if self.shape.state is not None:
@@ -260,6 +270,7 @@ class KeyArena:
         """Take in keys `export`ed elsewhere, replacing any state they have here; the most
         recently touched ones first when they do not all fit. Returns the keys evicted."""
         order = np.argsort(fields["touched"], kind="stable")[-self.max_keys :]
+        self.evicted += len(fields["keys"]) - order.size
         keys = fields["keys"][order].tolist()
         if not keys:
             return 0
@@ -292,8 +303,12 @@ class KeyArena:
             self.c[:, slots] = 0.0
 
     def reset_scores(self, slots: np.ndarray) -> None:
-        """Restart smoothing, the alert episode and the adaptive threshold."""
+        """Restart smoothing, the alert episode and the adaptive threshold (its ring of scores
+        cleared too: only its first `scored` are read, but a slot's state should not depend on
+        which key held it before, so that snapshots and restored state compare exactly)."""
         self._fill(slots, self._score_fields())
+        if self.shape.history is not None:
+            self.recent[slots] = 0.0
 
     # -- model memory (gathers with np.take and row copies: several times faster than
     # -- fancy indexing over a middle axis) ------------------------------------------------

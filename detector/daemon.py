@@ -59,9 +59,9 @@ from detector.manifest import ModelContractError
 from detector.model_watch import ModelWatcher, load_scorer
 from detector.ops_http import Health, OpsServer
 from detector.records import DeadLetter, PolledRecord, Source
-from detector.restore import RestoreError, input_records, process_tagged, restore_partition
+from detector.restore import KafkaRestoreSource, RestoreError, input_records, restore_partition
 from detector.scorer import Scorer
-from detector.snapshots import StateCopy, fingerprint, snapshot_records
+from detector.snapshots import KeyHistory, StateCopy, fingerprint, snapshot_records
 from detector.systemd import SystemdNotifier
 from detector.telemetry import Metrics
 
@@ -212,6 +212,8 @@ class Daemon:
         #: Per partition: the next offset whose record is not in the key state yet.
         self._applied: dict[TopicPartition, int] = {}
         self._generation: dict[TopicPartition, int] = {}
+        #: Per partition: its keys as the last snapshot (or the restore) left them.
+        self._histories: dict[TopicPartition, KeyHistory] = {}
         self._next_snapshot = time.monotonic() + settings.processing.snapshot_interval_s
         self._fenced = False
         #: Since when a rebalance is under way (a revocation, no assignment yet); no restore
@@ -389,7 +391,8 @@ class Daemon:
         self._tick()
         assert self.watcher is not None and self.engine is not None
         if (scorer := self.watcher.take()) is not None:
-            self.engine.swap_model(scorer)
+            if not self.engine.swap_model(scorer):
+                self._histories.clear()  # every key starts again, as it should
             self._serving(scorer)
             self.metrics.model_reloads.labels("loaded").inc()
         self._check_join()
@@ -443,7 +446,7 @@ class Daemon:
         assert self.engine is not None
         records, partitions, polled = self.in_hand.take()
         started = time.perf_counter()
-        result = process_tagged(self.engine, records, partitions)
+        result = self.engine.process(records, partitions=partitions)
         seconds = time.perf_counter() - started
         self._applied.update(polled)
         self.totals.add(result.counters)
@@ -480,6 +483,7 @@ class Daemon:
             generation = self._generation.get(tp, 0)
             self._generation[tp] = generation + 1
             fields = arena.export(arena.slots_of([tp.partition]))
+            self._continues(tp, KeyHistory.of(fields, arena.evicted), "snapshot")
             where = (self._state_topic, self._state_partition(tp))
             copies.append(StateCopy(tp, self._applied[tp], generation, fields, *where))
             self.metrics.snapshots.inc()
@@ -526,7 +530,7 @@ class Daemon:
                     fresh = self.settings.kafka.auto_offset_reset == "earliest"
                     committed = beginning if fresh else self.consumer.end_offsets([tp])[tp]
                 restored = restore_partition(
-                    self.settings,
+                    KafkaRestoreSource(self.settings),
                     self.engine,
                     tp,
                     committed,
@@ -543,6 +547,9 @@ class Daemon:
             self._restoring.discard(tp)
             self._applied[tp] = restored.resume_at
             self._generation[tp] = restored.generation
+            if restored.recorded is not None:
+                self._histories[tp] = restored.recorded
+            self._continues(tp, restored.history, "restore")
             self._restoring_changed()
             self.metrics.restore_seconds.labels(restored.snapshot).observe(restored.seconds)
             self.metrics.active_keys.set(self.engine.keys)
@@ -555,6 +562,22 @@ class Daemon:
                 seconds=round(restored.seconds, 3),
             )
 
+    def _continues(self, tp: TopicPartition, history: KeyHistory, at: str) -> None:
+        """Check that the keys of `tp` continue what was last recorded of them, and record
+        `history` in its place: a key whose state went missing (a bug: its next events start
+        a new history, and alerts differ from an uninterrupted run's) is counted and logged."""
+        recorded, self._histories[tp] = self._histories.get(tp), history
+        lost = [] if recorded is None else recorded.lost(history, self.settings.state.key_ttl_s)
+        if lost:
+            self.metrics.lost_keys.labels(at).inc(len(lost))
+            log.error(
+                "key state lost",
+                partition=_names([tp])[0],
+                at=at,
+                keys=len(lost),
+                examples=[{"key": k, "recorded": n, "found": m} for k, n, m in lost[:5]],
+            )
+
     def _forget(self, partitions: Iterable[TopicPartition]) -> None:
         """Drop the key state of partitions that are no longer ours."""
         gone = set(partitions)
@@ -565,6 +588,7 @@ class Daemon:
         for tp in gone:
             self._applied.pop(tp, None)
             self._generation.pop(tp, None)
+            self._histories.pop(tp, None)
         self._restoring -= gone
         self._restoring_changed()
 

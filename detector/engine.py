@@ -261,18 +261,35 @@ class Engine:
             )
         return KeyArena(shape, max_keys)
 
-    def process(self, records: Sequence[InputRecord], now: float | None = None) -> BatchResult:
-        """Score a batch; larger batches than `max_batch` are processed in slices of it."""
+    def process(
+        self,
+        records: Sequence[InputRecord],
+        now: float | None = None,
+        partitions: np.ndarray | None = None,
+    ) -> BatchResult:
+        """Score a batch; larger batches than `max_batch` are processed in slices of it.
+
+        `partitions`: each record's input partition (-1 when not given), which its key
+        remembers (`KeyArena.partition`, what a partition's snapshot holds) and whose own
+        event time alone ages the partition's keys out of the TTL.
+        """
         size = self.options.max_batch
+        if partitions is None:
+            partitions = np.full(len(records), -1, np.int32)
         if len(records) <= size:
-            return self._process(records, now)
+            return self._process(records, now, partitions)
         return BatchResult.concatenate(
-            [self._process(records[i : i + size], now) for i in range(0, len(records), size)]
+            [
+                self._process(records[i : i + size], now, partitions[i : i + size])
+                for i in range(0, len(records), size)
+            ]
         )
 
     # -- one batch --------------------------------------------------------------------------
 
-    def _process(self, records: Sequence[InputRecord], now: float | None) -> BatchResult:
+    def _process(
+        self, records: Sequence[InputRecord], now: float | None, partitions: np.ndarray
+    ) -> BatchResult:
         self._tick += 1
         n = len(records)
         decoded, dead_letters = self._decode(records)
@@ -286,7 +303,7 @@ class Engine:
             counters=Counters(records=n, dead_letters=len(dead_letters)),
         )
         if decoded.index.size:
-            _Batch(self, self._tick, decoded, records, now, result).run()
+            _Batch(self, self._tick, decoded, records, now, partitions, result).run()
         return result
 
     def _decode(self, records: Sequence[InputRecord]) -> tuple[_Decoded, list[DeadLetter]]:
@@ -347,6 +364,7 @@ class _Batch:
         decoded: _Decoded,
         records: Sequence[InputRecord],
         now: float | None,
+        partitions: np.ndarray,
         result: BatchResult,
     ) -> None:
         self.engine = engine
@@ -358,6 +376,7 @@ class _Batch:
         self.decoded = decoded
         self.records = records
         self.now = now
+        self.partitions = partitions[decoded.index]  # per decoded event
         self.result = result
         m = decoded.index.size
         self.raw_scores = np.full(m, np.nan, np.float32)
@@ -399,7 +418,8 @@ class _Batch:
         counters.alerts += len(result.alerts)
 
     def _assign_slots(self) -> np.ndarray:
-        """Each event's slot: expire idle keys, look keys up, allocate (evicting) new ones."""
+        """Each event's slot: expire idle keys, look keys up, allocate (evicting) new ones, and
+        tag each key with its event's partition."""
         arena, decoded, tick = self.arena, self.decoded, self.tick
         counters = self.result.counters
         ttl = self.options.key_ttl_s
@@ -409,13 +429,16 @@ class _Batch:
         arena.last_seen[slots[slots >= 0]] = tick
         if ttl and self.now is None:
             # Keys of this batch are spared: their events restart them one by one (`_gaps`).
-            counters.expired_ttl += arena.expire(float(decoded.times.max()) - ttl, tick)
+            partitions, latest = _latest_per_partition(self.partitions, decoded.times)
+            counters.expired_ttl += arena.expire_partitions(partitions, latest - ttl, tick)
         new = np.flatnonzero(slots < 0)
         slots[new], evicted = arena.allocate(
             [decoded.keys[i] for i in new.tolist()], tick, self.model.codec.statistics_rows
         )
         counters.evicted_lru += evicted
-        return slots[decoded.key_ids]
+        slots = slots[decoded.key_ids]
+        arena.partition[slots] = self.partitions
+        return slots
 
     def _gaps(self) -> tuple[np.ndarray, np.ndarray]:
         """Seconds since each event's previous one of its key (0 for a first event, and for
@@ -731,6 +754,14 @@ def _running_max(values: np.ndarray, starts: np.ndarray) -> np.ndarray:
     rank[order] = np.arange(values.size)
     lift = (np.cumsum(starts) - 1) * values.size
     return values[order[np.maximum.accumulate(rank + lift) - lift]]
+
+
+def _latest_per_partition(partitions: np.ndarray, times: np.ndarray) -> tuple[np.ndarray, ...]:
+    """The distinct `partitions` of a batch's events (sorted) and the latest event time of each."""
+    numbers, inverse = np.unique(partitions, return_inverse=True)
+    latest = np.full(numbers.size, -np.inf)
+    np.maximum.at(latest, inverse, times)
+    return numbers, latest
 
 
 def _pruning_margins(adaptive: AdaptiveThreshold, scored: np.ndarray) -> float | np.ndarray:

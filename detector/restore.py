@@ -15,23 +15,30 @@ still holds each key's history, and at worst starts cold for what retention drop
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from itertools import repeat
 from operator import attrgetter
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from kafka import KafkaConsumer, TopicPartition
 
 from detector.config import Settings
-from detector.engine import BatchResult, Engine, Status
+from detector.engine import Engine
 from detector.kafka_io import make_reader, state_topic
-from detector.records import InputRecord, PolledRecord
-from detector.snapshots import Snapshot, fingerprint, latest_snapshot
+from detector.records import PolledRecord
+from detector.snapshots import KeyHistory, Snapshot, fingerprint, latest_snapshot
 
-__all__ = ["RestoreError", "Restored", "input_records", "process_tagged", "restore_partition"]
+__all__ = [
+    "KafkaRestoreSource",
+    "RestoreError",
+    "RestoreSource",
+    "Restored",
+    "input_records",
+    "restore_partition",
+]
 
 #: A read that makes no progress for this long is given up (the broker went away).
 STALL_S = 30.0
@@ -53,6 +60,8 @@ class Restored:
     generation: int  # of the next snapshot to write
     replayed: int
     seconds: float
+    recorded: KeyHistory | None  # the keys as the snapshot recorded them
+    history: KeyHistory  # the keys as restored
 
 
 def input_records(
@@ -83,45 +92,66 @@ def _keys(messages: Sequence[Any]) -> list[str | None]:
     return list(map(_DECODE, keys))
 
 
-def process_tagged(
-    engine: Engine, records: Sequence[InputRecord | PolledRecord], partitions: np.ndarray
-) -> BatchResult:
-    """`engine.process`, then each key remembers the input partition of its latest event, so
-    that a snapshot of a partition finds its keys."""
-    result = engine.process(records)
-    good = result.statuses != Status.DEAD_LETTER
-    if good.any():
-        engine.arena.tag_partitions(result.keys[good].tolist(), partitions[good])
-    return result
+class RestoreSource(Protocol):
+    """What a restore reads: a partition's latest snapshot and a range of its input records."""
+
+    def snapshot(self, partition: TopicPartition, model: str) -> tuple[Snapshot | None, str]:
+        """As `latest_snapshot` says, for fingerprint `model`."""
+        ...
+
+    def records(
+        self, partition: TopicPartition, start: int, end: int
+    ) -> Iterable[list[PolledRecord]]:
+        """The records from offset `start` up to, not including, `end`, poll by poll."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class KafkaRestoreSource:
+    """The daemon's: the state topic and the input topic of `settings`."""
+
+    settings: Settings
+
+    def snapshot(self, partition: TopicPartition, model: str) -> tuple[Snapshot | None, str]:
+        return read_snapshot(self.settings, partition.partition, model)
+
+    def records(
+        self, partition: TopicPartition, start: int, end: int
+    ) -> Iterator[list[PolledRecord]]:
+        keyed = self.settings.kafka.key_field is None
+        for messages in read_range(self.settings, partition, start, end):
+            yield input_records(partition, messages, keyed)
 
 
 def restore_partition(
-    settings: Settings,
+    source: RestoreSource,
     engine: Engine,
     partition: TopicPartition,
     committed: int,
     beginning: int,
     on_replayed: Callable[[int], None] = lambda records: None,
 ) -> Restored:
-    """Restore `partition`'s keys into `engine` up to the `committed` offset (see the module);
-    `on_replayed` hears of each poll's records as they are replayed (restore progress)."""
+    """Restore `partition`'s keys into `engine` up to the `committed` offset (see the module)
+    from what `source` holds; `on_replayed` hears of each poll's records as they are
+    replayed (restore progress)."""
     started = time.monotonic()
-    engine.arena.release(engine.arena.slots_of([partition.partition]))  # stale, if any
-    snapshot, why = read_snapshot(settings, partition.partition, fingerprint(engine.manifest))
-    start, generation = beginning, 0
+    arena = engine.arena
+    arena.release(arena.slots_of([partition.partition]))  # stale, if any
+    snapshot, why = source.snapshot(partition, fingerprint(engine.manifest))
+    start, generation, recorded = beginning, 0, None
     if snapshot is not None:
-        engine.arena.restore(snapshot.fields, engine.model.codec.statistics_rows)
+        arena.restore(snapshot.fields, engine.model.codec.statistics_rows)
         start, generation = max(snapshot.offset, beginning), snapshot.generation + 1
+        recorded = KeyHistory.of(snapshot.fields, arena.evicted)
     replayed = 0
     if start < committed:
-        keyed = settings.kafka.key_field is None
-        for messages in read_range(settings, partition, start, committed):
-            records = input_records(partition, messages, keyed)
-            process_tagged(engine, records, np.full(len(records), partition.partition, np.int32))
+        for records in source.records(partition, start, committed):
+            engine.process(records, partitions=np.full(len(records), partition.partition, np.int32))
             replayed += len(records)
             on_replayed(len(records))
-    resume_at = max(start, committed)
-    return Restored(resume_at, why, generation, replayed, time.monotonic() - started)
+    history = KeyHistory.of_partition(arena, partition.partition)
+    seconds = time.monotonic() - started
+    return Restored(max(start, committed), why, generation, replayed, seconds, recorded, history)
 
 
 def read_snapshot(settings: Settings, partition: int, model: str) -> tuple[Snapshot | None, str]:

@@ -13,6 +13,10 @@ Successive snapshots alternate between the two parities, so a snapshot half writ
 the process died never overwrites the chunks that the last complete header names. A header
 whose chunks do not hash to its digest, or whose fingerprint is not the serving model's, is
 ignored.
+
+`KeyHistory` checks that the key state a process carries on continues what the last
+snapshot recorded (or the restore left): a key's event count, its sequence number, never
+goes back and a key is never gone unless the TTL or an eviction made it so.
 """
 
 from __future__ import annotations
@@ -22,17 +26,19 @@ import struct
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
+from itertools import repeat
 
 import numpy as np
 import orjson
 from kafka import TopicPartition
 
-from detector.arena import ArenaShape
+from detector.arena import ArenaShape, KeyArena
 from detector.inflight import Outgoing
 from detector.manifest import Feature, Manifest
 
 __all__ = [
     "CHUNK_BYTES",
+    "KeyHistory",
     "Snapshot",
     "SnapshotHeader",
     "StateCopy",
@@ -115,8 +121,9 @@ def decode_fields(blob: bytes) -> dict[str, np.ndarray]:
         raise ValueError(f"not a state snapshot: {error}") from None
     if position != len(data):
         raise ValueError("not a state snapshot: trailing bytes")
-    ends = np.cumsum(fields.pop("key_lengths"))
-    starts = np.r_[0, ends[:-1]]
+    lengths = fields.pop("key_lengths")
+    ends = np.cumsum(lengths)
+    starts = ends - lengths  # also for a snapshot of no key
     keys = [key_blob[a:b].decode() for a, b in zip(starts.tolist(), ends.tolist(), strict=True)]
     fields["keys"] = np.array(keys, object)
     return fields
@@ -244,3 +251,46 @@ def latest_snapshot(
     except ValueError:
         return None, "incomplete"
     return Snapshot(header.offset, fields, header.generation), "ok"
+
+
+@dataclass(frozen=True, slots=True)
+class KeyHistory:
+    """Where each key of one partition stood at one moment: its event count (the sequence
+    number of its latest event) and when it was touched (what the TTL reads), with the
+    arena's evictions so far (`KeyArena.evicted`)."""
+
+    keys: np.ndarray
+    count: np.ndarray
+    touched: np.ndarray
+    evicted: int
+
+    @classmethod
+    def of(cls, fields: dict[str, np.ndarray], evicted: int) -> KeyHistory:
+        """The history of exported fields (`KeyArena.export`, or a snapshot's)."""
+        return cls(fields["keys"], fields["count"], fields["touched"], evicted)
+
+    @classmethod
+    def of_partition(cls, arena: KeyArena, partition: int) -> KeyHistory:
+        """The history of the keys of `partition` in `arena` now."""
+        slots = arena.slots_of([partition])
+        return cls(arena.keys_of(slots), arena.count[slots], arena.touched[slots], arena.evicted)
+
+    def lost(self, later: KeyHistory, ttl_s: float) -> list[tuple[str, int, int]]:
+        """(key, count here, count `later`, 0 when gone) of the keys whose history `later`
+        does not continue: fewer events though no gap past the TTL could have restarted the
+        key, or gone though the TTL had not expired it yet. Nothing when keys were evicted
+        in between (the least recently seen lose their state by design)."""
+        if later.evicted != self.evicted:
+            return []
+        index = dict(zip(later.keys.tolist(), range(later.keys.size), strict=True))
+        at = np.fromiter(map(index.get, self.keys.tolist(), repeat(-1)), np.intp, self.keys.size)
+        found = at >= 0
+        count = np.r_[later.count, 0][at]  # -1: the 0 appended
+        excused = np.zeros(self.keys.size, bool)
+        if ttl_s:
+            clock = max(later.touched.max(initial=-np.inf), self.touched.max(initial=-np.inf))
+            restarted = found & (np.r_[later.touched, 0.0][at] - self.touched > ttl_s)
+            excused = restarted | (~found & (self.touched < clock - ttl_s))
+        lost = np.flatnonzero((count < self.count) & ~excused)
+        keys, before, after = self.keys[lost].tolist(), self.count[lost].tolist(), count[lost]
+        return list(zip(keys, before, after.tolist(), strict=True))

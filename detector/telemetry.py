@@ -120,6 +120,15 @@ class Metrics:
             "Per-partition key state snapshots written to the state topic",
             registry=registry,
         )
+        self.lost_keys = Counter(
+            "seqsentinel_key_state_lost",
+            "Keys whose state did not continue what the last snapshot or restore recorded of "
+            "them (a fault: their alerts differ from an uninterrupted run's), by where it was seen",
+            ["at"],
+            registry=registry,
+        )
+        for at in ("restore", "snapshot"):
+            self.lost_keys.labels(at)  # shows at 0 until it happens
         self.model = Info("seqsentinel_model", "The model now serving", registry=registry)
 
     def observe_batch(self, counters: Counters, records: int, seconds: float, keys: int) -> None:

@@ -29,17 +29,21 @@ from daemon_support import (
 )
 from kafka import KafkaConsumer, TopicPartition
 from kafka.structs import OffsetAndMetadata
-from kafka_support import client_config
+from kafka_support import client_config, free_ports
 from model_factory import event, load_random, make_manifest
+from prometheus_client import REGISTRY
+from structlog.testing import capture_logs
 
+from detector.config import Settings
+from detector.daemon import Daemon
 from detector.engine import Engine, EngineOptions
 from detector.ops_http import Health
 from detector.records import InputRecord
 from detector.replay import replay_records
-from detector.restore import process_tagged
 from detector.scorer import Scorer
 from detector.snapshots import (
     CHUNK_BYTES,
+    KeyHistory,
     decode_fields,
     encode_fields,
     fingerprint,
@@ -83,7 +87,7 @@ def feed(
 ) -> tuple[np.ndarray, np.ndarray, list[tuple[str, float]]]:
     """Scores, statuses and (alert id, event time) of `records` fed in batches of `batch`."""
     results = [
-        process_tagged(engine, records[i : i + batch], partitions[i : i + batch])
+        engine.process(records[i : i + batch], partitions=partitions[i : i + batch])
         for i in range(0, len(records), batch)
     ]
     return (
@@ -164,9 +168,79 @@ def test_snapshot_blobs_round_trip_every_field_and_refuse_garbage(scorer: Scorer
     for name, array in fields.items():
         assert back[name].dtype == array.dtype
         np.testing.assert_array_equal(back[name], array)
+    nothing = decode_fields(encode_fields(engine.arena.export(np.zeros(0, np.intp))))
+    assert nothing["keys"].size == 0 and nothing["count"].shape == (0,)  # a partition of no key
     for garbage in (b"", b"not zlib", zlib.compress(b"\x05\x00\x00\x00short")):
         with pytest.raises(ValueError, match="not a state snapshot"):
             decode_fields(garbage)
+
+
+def test_a_partition_ahead_in_event_time_does_not_expire_the_keys_of_another(
+    scorer: Scorer,
+) -> None:
+    """After a restart one partition's backlog may be scored a TTL of event time ahead of
+    another's (it was fetched first). The keys of the one behind must not expire by the
+    other's clock: their next events are due within the TTL (issue 24). A single stream
+    (no partitions, as a replay) still expires them by its one clock."""
+    ttl = 600.0
+    behind = [InputRecord(orjson.dumps(event("acct-1", T0 + 60.0 * i, 20.0))) for i in range(5)]
+    ahead = [InputRecord(orjson.dumps(event("acct-0", T0 + 60.0 * i, 20.0))) for i in range(40)]
+    options = EngineOptions(max_batch=64, key_ttl_s=ttl)
+    engine, stream = Engine(scorer, options), Engine(scorer, options)
+    engine.process(behind, partitions=np.ones(len(behind), np.int32))
+    expired = engine.process(ahead, partitions=np.zeros(len(ahead), np.int32)).counters.expired_ttl
+    assert expired == 0
+    kept = engine.arena.export(engine.arena.slots_of([1]))
+    assert kept["keys"].tolist() == ["acct-1"] and kept["count"].tolist() == [5]
+    stream.process(behind)
+    assert stream.process(ahead).counters.expired_ttl == 1
+    assert stream.keys == 1
+
+
+def history(keys: str, count: list[int], touched: list[float], evicted: int = 0) -> KeyHistory:
+    counts, times = np.array(count, np.int64), np.array(touched, np.float64)
+    return KeyHistory(np.array(list(keys), object), counts, times, evicted)
+
+
+def test_a_key_history_tells_a_continued_history_from_a_lost_one() -> None:
+    before = history("abcde", [5] * 5, [100.0] * 5)
+    # a went on; b started again within the TTL; c is gone, idle past the TTL by the latest
+    # clock (1000); d started again after a gap past the TTL; e is as it was. A longer TTL,
+    # or none (0), excuses neither c nor d.
+    after = history("abdez", [7, 2, 1, 5, 1], [160.0, 130.0, 900.0, 100.0, 1000.0])
+    assert before.lost(after, ttl_s=600.0) == [("b", 5, 2)]
+    for ttl in (950.0, 0.0):
+        assert before.lost(after, ttl_s=ttl) == [("b", 5, 2), ("c", 5, 0), ("d", 5, 1)]
+    evicted = history("abdez", [7, 2, 1, 5, 1], [160.0, 130.0, 900.0, 100.0, 1000.0], 1)
+    assert before.lost(evicted, ttl_s=0.0) == []  # evictions lose state by design
+    gone = [(key, 5, 0) for key in "abcde"]  # no clock went past their TTL
+    assert before.lost(history("", [], []), ttl_s=600.0) == gone
+
+
+def test_a_daemon_counts_and_logs_keys_whose_state_did_not_continue() -> None:
+    daemon = Daemon(Settings(http={"host": "127.0.0.1", "port": free_ports(1)[0]}))
+    try:
+        tp = TopicPartition("events", 1)
+        daemon._continues(tp, history("ab", [5, 5], [100.0, 100.0]), "restore")
+        with capture_logs() as logs:
+            daemon._continues(tp, history("ab", [6, 2], [160.0, 130.0]), "snapshot")
+            daemon._continues(tp, history("ab", [7, 3], [220.0, 190.0]), "snapshot")
+    finally:
+        daemon.ops.server.server_close()
+    assert logs == [
+        {
+            "event": "key state lost",
+            "partition": "events[1]",
+            "at": "snapshot",
+            "keys": 1,
+            "examples": [{"key": "b", "recorded": 5, "found": 2}],
+            "log_level": "error",
+        }
+    ]
+    lost = daemon.metrics.registry.get_sample_value
+    assert lost("seqsentinel_key_state_lost_total", {"at": "snapshot"}) == 1
+    assert lost("seqsentinel_key_state_lost_total", {"at": "restore"}) == 0
+    assert REGISTRY.get_sample_value("seqsentinel_key_state_lost_total", {"at": "snapshot"}) is None
 
 
 def test_large_snapshots_are_chunked_and_a_half_written_one_never_hides_the_last(
@@ -177,7 +251,7 @@ def test_large_snapshots_are_chunked_and_a_half_written_one_never_hides_the_last
     engine = Engine(scorer, EngineOptions(max_batch=4096))
     rng = np.random.default_rng(0)
     records = [InputRecord(orjson.dumps(event(f"k{i}", T0 + i, 50.0))) for i in range(3000)]
-    process_tagged(engine, records, np.zeros(len(records), np.int32))
+    engine.process(records, partitions=np.zeros(len(records), np.int32))
     fields = engine.arena.export(engine.arena.slots_of([0]))
     fields["ring"] = rng.normal(size=fields["ring"].shape).astype(np.float32)  # incompressible
     model = fingerprint(manifest)
