@@ -51,20 +51,14 @@ for argv in {argvs!r}:
     with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):
         main(argv)
 """
-#: detector.commands.inspect_model still imports onnx and onnxruntime at its top, so every
-#: `detector` call does. Strict: the mark has to go once that module is lazy like the others.
-HEAVY_INSPECT_MODEL = pytest.mark.xfail(
-    strict=True, reason="detector.commands.inspect_model imports onnx and onnxruntime at the top"
-)
-TOOLS = [pytest.param("detector", marks=HEAVY_INSPECT_MODEL), "trainer"]
+TOOLS = ["detector", "trainer"]
 COMMAND_MODULES = [
-    pytest.param(f"{package}.commands.{name}", marks=marks)
+    f"{package}.commands.{name}"
     for package, names in (
         ("detector", detector_cli.COMMAND_MODULES),
         ("trainer", trainer_cli.COMMAND_MODULES),
     )
     for name in names
-    for marks in [[HEAVY_INSPECT_MODEL] if name == "inspect_model" else []]
 ]
 
 

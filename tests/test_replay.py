@@ -16,7 +16,7 @@ from cli_support import intra_op_threads, spy_on_scorer_loads
 from model_factory import KEY, TIME, event, export_random, make_manifest
 
 from detector.cli import main
-from detector.commands.inspect_model import describe
+from detector.commands.manifest_tables import describe
 from detector.engine import Engine, EngineOptions, Status
 from detector.manifest import NumericFeature
 from detector.records import InputRecord, read_records
