@@ -18,6 +18,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -352,3 +353,28 @@ def running(daemon: DaemonProcess) -> Iterator[DaemonProcess]:
         yield daemon
     finally:
         daemon.kill()
+
+
+def sigkill_cycles(
+    start: Callable[[], DaemonProcess], kills: int, serve: Callable[[DaemonProcess], None]
+) -> list[int]:
+    """`kills` times: start a daemon, let `serve` decide how long it runs, SIGKILL it. The
+    exit statuses (-9 each when every daemon was still running)."""
+    statuses = []
+    for _ in range(kills):
+        with running(start()) as daemon:
+            serve(daemon)
+            daemon.kill()
+            statuses.append(daemon.process.returncode)
+    return statuses
+
+
+def run_until_committed(daemon: DaemonProcess, timeout: float = 90.0) -> DaemonProcess:
+    """Run `daemon` until its group committed every record of its input, then stop it; it
+    must exit cleanly."""
+    with running(daemon):
+        daemon.wait_ready(timeout)
+        committed = partial(fully_committed, daemon.bootstrap, daemon.group, daemon.input_topic)
+        wait_for(committed, timeout, f"the daemon to commit everything:\n{daemon.tail()}")
+        assert daemon.stop() == 0, daemon.tail()
+    return daemon
