@@ -103,6 +103,12 @@ class Columns(_Strict):
     time_unit: Literal["s", "ms"] = "s"
     label: str | None = None
 
+    @property
+    def required(self) -> tuple[str, str]:
+        """The columns every record of a file must have: a file without one is refused once,
+        not dead-lettered row by row."""
+        return (self.key, self.time)
+
 
 class KeyStatistics(_Strict):
     """Per-key mean and std of the numeric features, in feature order, and optionally the

@@ -304,3 +304,17 @@ def test_threads_option_refuses_negative_counts(
 
     assert exit_info.value.code == 2
     assert "--threads: must be at least 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("absent", [KEY, TIME])
+def test_a_file_without_the_models_key_or_time_column_is_refused_naming_it(
+    model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], absent: str
+) -> None:
+    rows = [
+        {name: value for name, value in row.items() if name != absent} for row in shuffled_events()
+    ]
+    source = write_csv(tmp_path / "columns.csv", rows)
+
+    assert main(["replay", "--model", str(model), "--input", str(source)]) == 2
+    message = " ".join(stderr_text(capsys).split())
+    assert f"cannot replay: no column {absent!r} in the file; its columns:" in message

@@ -160,9 +160,8 @@ def _read_records(path: Path, config: TrainConfig) -> list[dict]:
     """The file's records as `detector replay` reads them; JSON lines through the wire parser."""
     requested = None if config.data.format == "auto" else config.data.format
     manifest = config.draft_manifest({})
-    required = (manifest.columns.key, manifest.columns.time)
     try:
-        records = read_records(path, requested, manifest.numeric_columns, required)
+        records = read_records(path, requested, manifest.numeric_columns, manifest.columns.required)
     except (OSError, ValueError, pa.ArrowException) as error:
         raise DataError(f"{path}: cannot read: {error}") from None
     if records and isinstance(records[0], bytes):

@@ -70,7 +70,9 @@ def evaluate(
     column = label or manifest.columns.label
     if column is None:
         raise ValueError("the model names no label column; pass the data's label column")
-    records = read_records(data_path, fmt, [*manifest.numeric_columns, column])
+    records = read_records(
+        data_path, fmt, [*manifest.numeric_columns, column], manifest.columns.required
+    )
     labels = read_labels(records, column)
     if np.isnan(labels).all():
         raise ValueError(f"{Path(data_path).name}: no record has a usable {column!r} label")

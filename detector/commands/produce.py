@@ -100,7 +100,8 @@ def produce(args: argparse.Namespace) -> int:
         console.print(f"[red]refused model:[/red] {refusal}")
         return REFUSED
     try:
-        records = read_records(args.input, args.format)
+        required = [column for column in (args.key_column, args.time_column) if column]
+        records = read_records(args.input, args.format, required=required)
     except (OSError, ValueError, pa.ArrowException) as error:
         console.print(f"[red]cannot read {args.input}:[/red] {error}")
         return REFUSED

@@ -72,7 +72,10 @@ def run(args: argparse.Namespace) -> int:
         console.print(f"[red]refused model:[/red] {error}")
         return REFUSED
     try:
-        records = read_records(args.input, args.format, scorer.manifest.numeric_columns)
+        manifest = scorer.manifest
+        records = read_records(
+            args.input, args.format, manifest.numeric_columns, manifest.columns.required
+        )
         options = EngineOptions(max_batch=args.batch, stride=args.stride, threshold=args.threshold)
     except (OSError, ValueError, pa.ArrowException) as error:
         console.print(f"[red]cannot replay:[/red] {error}")
