@@ -243,7 +243,14 @@ class Loss:
 
     def __call__(self, out: NetOutput, target: Tensor | None) -> Tensor:
         if self.task == "forecast":
+            # Not per_window's mean: the fused loss keeps training's gradients bit for bit.
             return nn.functional.mse_loss(out.raw.float(), out.target.float())
+        return self.per_window(out, target).mean()
+
+    def per_window(self, out: NetOutput, target: Tensor | None) -> Tensor:
+        """Each window's loss [B], whose mean is the loss: what the report shares out by key."""
+        if self.task == "forecast":
+            return (out.raw.float() - out.target.float()).square().mean(dim=1)
         logit = out.raw.float()
         weighted = nn.functional.binary_cross_entropy_with_logits(
             logit, target, pos_weight=self.pos_weight.to(logit.device), reduction="none"
@@ -252,7 +259,7 @@ class Loss:
             plain = nn.functional.binary_cross_entropy_with_logits(logit, target, reduction="none")
             # (1 - p_t)^gamma down-weights the windows the model already gets right.
             weighted = (1 - torch.exp(-plain)).pow(self.gamma) * weighted
-        return weighted.mean()
+        return weighted
 
 
 def make_loss(task: str, config: TrainingConfig, labels: np.ndarray | None) -> Loss:
