@@ -23,12 +23,14 @@ from trainer.fit import (
     distributed_context,
     fit,
     fit_residual_variance,
+    make_loss,
     predict,
     resolve_device,
     seed_everything,
 )
+from trainer.key_health import KeyHealth, key_health
 from trainer.metrics import at_threshold, average_precision, roc_auc
-from trainer.network import SequenceNet
+from trainer.network import NetOutput, SequenceNet
 
 #: Validation windows the exported graph is checked against torch on.
 PARITY_WINDOWS = 512
@@ -57,6 +59,7 @@ class TrainResult:
     validation: SplitScores
     test: SplitScores
     metrics: dict
+    keys: KeyHealth
 
 
 def train(
@@ -106,8 +109,11 @@ def train(
         fit_residual_variance(net, train_windows, device)
 
     clock = time.perf_counter()
-    validation = _split_scores(net, validation_windows, device, config)
-    test = _split_scores(net, events.windows(TEST), device, config)
+    validation_output = predict(net, validation_windows, device)
+    validation = _output_scores(validation_windows, validation_output, config)
+    test_windows = events.windows(TEST)
+    test = _output_scores(test_windows, predict(net, test_windows, device), config)
+    keys = _key_health(events, net, config, train_windows, validation_windows, validation_output)
     threshold, description = calibrate(
         validation.scores,
         validation.labels,
@@ -133,7 +139,7 @@ def train(
             quantized,
             manifest,
             config,
-            (validation_windows, events.windows(TEST)),
+            (validation_windows, test_windows),
             validation,
             threshold,
         )
@@ -197,6 +203,7 @@ def train(
         "trained_windows": len(train_windows),
         "processes": distributed.world_size,
         "metrics": metrics,
+        "keys": keys.to_dict(),
         "history": [asdict(record) for record in history.epochs],
         "best_epoch": history.best_epoch,
         "stopped_early": history.stopped_early,
@@ -206,7 +213,7 @@ def train(
     metrics_path.write_text(
         json.dumps(report, indent=2, allow_nan=False, default=_json_default) + "\n"
     )
-    return TrainResult(manifest, out, metrics_path, history, validation, test, report)
+    return TrainResult(manifest, out, metrics_path, history, validation, test, report, keys)
 
 
 def _with_thresholds(
@@ -221,10 +228,23 @@ def _with_thresholds(
     }
 
 
-def _split_scores(
-    net: SequenceNet, windows: Windows, device: torch.device, config: TrainConfig
-) -> SplitScores:
-    out = predict(net, windows, device)
+def _key_health(
+    events: Events,
+    net: SequenceNet,
+    config: TrainConfig,
+    train_windows: Windows,
+    validation_windows: Windows,
+    output: NetOutput,
+) -> KeyHealth:
+    """The keys to look at, from the training loss of each validation window's `output`."""
+    loss = make_loss(net.task, config.training, train_windows.labels)
+    labels = validation_windows.labels
+    target = None if labels is None else torch.from_numpy(labels)
+    losses = loss.per_window(output, target).numpy() if len(validation_windows) else np.zeros(0)
+    return key_health(events, validation_windows.keys, losses)
+
+
+def _output_scores(windows: Windows, out: NetOutput, config: TrainConfig) -> SplitScores:
     contrib = None if out.contrib is None else out.contrib.numpy()
     return _scored(windows, out.score.numpy(), contrib, config)
 

@@ -16,6 +16,13 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from detector.manifest import CategoricalFeature, Manifest, NumericFeature
+from trainer.key_health import (
+    CARD_KEYS,
+    DOMINANT_LOSS_SHARE,
+    DOMINANT_RATIO,
+    ROBUST_Z_LIMIT,
+    KeyHealth,
+)
 from trainer.metrics import (
     at_threshold,
     average_precision,
@@ -282,6 +289,9 @@ def model_card(result: TrainResult) -> str:
         "## Validation metrics",
         *_metric_lines(validation),
         "",
+        "## Keys to look at",
+        *_key_lines(result.keys),
+        "",
         "## Intended use and limits",
         "- Flags events of the kinds the training data showed; new kinds of behaviour may "
         "score low. Re-evaluate with `trainer evaluate` on recent labeled data before and "
@@ -312,3 +322,21 @@ def _metric_lines(metrics: dict[str, float]) -> Sequence[str]:
     if not metrics:
         return ["- none recorded"]
     return [f"- {name}: {value:.4g}" for name, value in sorted(metrics.items())]
+
+
+def _key_lines(health: KeyHealth) -> list[str]:
+    """At most `CARD_KEYS` keys that dominate the validation loss or look broken, with why."""
+    named = list(health.reasons().items())
+    if not named:
+        return ["- none"]
+    lines = [
+        f"Keys with at least {DOMINANT_LOSS_SHARE:.0%} of the validation loss and "
+        f"{DOMINANT_RATIO:g}x their share of its windows, or whose training values of a "
+        f"numeric feature are constant or beyond {ROBUST_Z_LIMIT:g} robust σ (IQR / 1.349) "
+        "from the key's median:",
+        "",
+        *(f"- `{key}`: {'; '.join(reasons)}" for key, reasons in named[:CARD_KEYS]),
+    ]
+    if len(named) > CARD_KEYS:
+        lines.append(f"- and {len(named) - CARD_KEYS} more in metrics.json `keys`")
+    return lines

@@ -72,4 +72,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"no threshold below {manifest.scoring.min_score:.6g} (min_error)")
     for name, value in sorted(manifest.training.metrics.items()):
         print(f"  {name} = {value:.4g}")
+    if warning := result.keys.warning():
+        print(f"trainer train: warning: {warning}", file=sys.stderr)
     return 0
