@@ -374,17 +374,43 @@ def attach_manifest(model: onnx.ModelProto, manifest: Manifest) -> Manifest:
 
 
 def write_model(model: onnx.ModelProto, manifest: Manifest, path: Path) -> Manifest:
-    """Write the model with its manifest atomically: beside the target, fsync, rename."""
+    """Write the model with its manifest atomically (`write_atomically`)."""
     stamped = attach_manifest(model, manifest)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    with partial.open("wb") as out:
-        out.write(model.SerializeToString())
-        out.flush()
-        os.fsync(out.fileno())
-    partial.replace(path)
+    write_atomically(path, model.SerializeToString())
     return stamped
+
+
+def write_atomically(path: Path, data: bytes, mode: int | None = None) -> None:
+    """Replace `path` with `data`: write beside it, fsync, rename, fsync the folder, so that a
+    reader (the daemon's model watch) sees the old file or the new one, never a torn one, and
+    a crash right after leaves the new one.
+
+    `mode` keeps the permissions of the file replaced, so readers that could read it still can.
+    """
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        with partial.open("wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        if mode is not None:
+            partial.chmod(mode)
+        partial.replace(path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    _fsync_directory(path.parent)
+
+
+def _fsync_directory(folder: Path) -> None:
+    """Make a rename durable: the folder's entry is what changed."""
+    descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def load_model_file(path: Path | str) -> tuple[Manifest, bytes]:

@@ -15,14 +15,11 @@ from typing import Any
 from kafka import KafkaConsumer, TopicPartition
 
 from detector.config import KafkaSettings
-from detector.features import RecordError, parse_json_record
 
-__all__ = ["SourceError", "TopicMessage", "TopicRange", "read_range", "records_of"]
+__all__ = ["SourceError", "TopicMessage", "TopicRange", "read_range"]
 
 #: Give up when no message arrives for this long while the end offsets are not reached.
 IDLE_TIMEOUT_S = 30.0
-#: JSON values larger than this are refused like the detector refuses them by default.
-MAX_RECORD_BYTES = 65_536
 
 
 class SourceError(RuntimeError):
@@ -140,23 +137,3 @@ def _read(
                 f"partition(s) {behind}"
             )
     return messages
-
-
-def records_of(messages: list[TopicMessage], key_column: str) -> tuple[list[dict], dict[str, int]]:
-    """The JSON records of `messages`, and how many were refused for which reason.
-
-    A record without `key_column` takes the message key, as the detector keys records by the
-    message key unless told to use a field.
-    """
-    records: list[dict] = []
-    rejected: dict[str, int] = {}
-    for message in messages:
-        try:
-            record = parse_json_record(message.value or b"", MAX_RECORD_BYTES)
-        except RecordError as error:
-            rejected[error.reason] = rejected.get(error.reason, 0) + 1
-            continue
-        if key_column not in record and message.key is not None:
-            record[key_column] = message.key.decode(errors="replace")
-        records.append(record)
-    return records, rejected

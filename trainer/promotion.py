@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import os
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from detector.manifest import load_model_file
+from detector.manifest import load_model_file, write_atomically
 from detector.model_watch import file_sha256
 
 __all__ = ["Promotion", "PromotionError", "previous_path", "promote", "rollback"]
@@ -82,26 +81,6 @@ def rollback(target: Path) -> Promotion:
     return Promotion(target, manifest.model_version, file_sha256(target), kept)
 
 
-def write_atomically(path: Path, data: bytes, mode: int | None = None) -> None:
-    """Replace `path` with `data`: write beside it, fsync, rename, fsync the folder.
-
-    `mode` keeps the permissions of the file replaced, so readers that could read it still can.
-    """
-    partial = path.with_name(f".{path.name}.partial")
-    try:
-        with partial.open("wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        if mode is not None:
-            partial.chmod(mode)
-        partial.replace(path)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-    _fsync_directory(path.parent)
-
-
 def _read(path: Path) -> bytes | None:
     try:
         return path.read_bytes()
@@ -114,15 +93,6 @@ def _mode(path: Path) -> int | None:
         return stat.S_IMODE(path.stat().st_mode)
     except FileNotFoundError:
         return None
-
-
-def _fsync_directory(folder: Path) -> None:
-    """Make a rename durable: the folder's entry is what changed."""
-    descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 @contextlib.contextmanager
