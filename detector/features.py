@@ -5,9 +5,10 @@ Two steps, split so that the per-record part stays as small as possible:
 1. `FeatureCodec.decode` (per record): validate a JSON object and pull out its key, its event
    time and one raw value per feature (numbers as floats, categories as vocabulary codes).
    Anything wrong raises `RecordError` with a machine-readable reason.
-2. `FeatureCodec.encode` (per batch, vectorised): z-score the numeric values (globally or with
-   the key's own statistics), derive the time since the key's previous event, and return the
-   float32 matrix the graph takes.
+2. `FeatureCodec.encode` (per batch, vectorised): centre and scale the numeric values
+   (globally or with the key's own statistics: mean and std, or median and IQR / 1.349),
+   derive the time since the key's previous event, and return the float32 matrix the graph
+   takes. Values are never clipped: a fault is an extreme value.
 
 `fit_statistics` computes the statistics `encode` uses; it lives here so that a
 transformation and the fitting of its parameters can never drift apart.
@@ -41,6 +42,13 @@ PADDING_CODE = 0
 UNKNOWN_CODE = 1
 #: A std below this is treated as 1 so a constant feature does not explode.
 MIN_STD = 1e-6
+#: A Gaussian's IQR is 1.349 σ: robust scaling divides by IQR / 1.349, so that on clean
+#: Gaussian data it scales as the standard one does.
+IQR_TO_SIGMA = 1.349
+#: Where the IQR is 0 (most values equal), σ is 1.2533 x the mean absolute deviation from the
+#: median instead, as in the modified z-score (Iglewicz and Hoaglin, 1993): a floor of 1 in
+#: the feature's own units would depend on those units.
+MEAN_DEVIATION_TO_SIGMA = 1.2533
 
 
 class RecordError(ValueError):
@@ -277,36 +285,26 @@ def fit_statistics(
     gaps: np.ndarray,
     per_key: bool,
 ) -> Manifest:
-    """The manifest with z-score statistics fitted on `raw` (the training split only)."""
+    """The manifest with scaling statistics fitted on `raw` (the training split only): mean and
+    std, or median and robust σ for features with `scale = "robust"`."""
     features: list[Feature] = []
     for index, feature in enumerate(manifest.features):
         if isinstance(feature, NumericFeature):
-            column = raw[:, index]
-            feature = feature.model_copy(
-                update={"mean": float(column.mean()), "std": _safe_std(column)}
-            )
+            centre, spread = _column_statistics(raw[:, index], feature.scale == "robust")
+            feature = feature.model_copy(update={"mean": centre, "std": spread})
         elif isinstance(feature, TimeDeltaFeature):
             log_gap = np.log1p(np.maximum(gaps, 0.0))
-            feature = feature.model_copy(
-                update={"mean": float(log_gap.mean()), "std": _safe_std(log_gap)}
-            )
+            centre, spread = _column_statistics(log_gap, robust=False)
+            feature = feature.model_copy(update={"mean": centre, "std": spread})
         features.append(feature)
     per_key_statistics = None
     if per_key:
-        numeric = raw[:, [i for i, f in enumerate(features) if isinstance(f, NumericFeature)]]
+        numeric = [(i, f) for i, f in enumerate(features) if isinstance(f, NumericFeature)]
         names, group = np.unique(np.asarray(keys, dtype=object), return_inverse=True)
-        counts = np.bincount(group, minlength=len(names))[:, None]
-        sums = np.zeros((len(names), numeric.shape[1]))
-        squares = np.zeros_like(sums)
-        np.add.at(sums, group, numeric)
-        np.add.at(squares, group, numeric * numeric)
-        means = sums / counts
-        stds = np.sqrt(np.maximum(squares / counts - means * means, 0.0))
+        robust = np.array([f.scale == "robust" for _, f in numeric], bool)
+        means, stds = _key_statistics(raw[:, [i for i, _ in numeric]], group, len(names), robust)
         per_key_statistics = {
-            str(name): KeyStatistics(
-                mean=[float(v) for v in means[row]],
-                std=[float(v) if v > MIN_STD else 1.0 for v in stds[row]],
-            )
+            str(name): KeyStatistics(mean=means[row].tolist(), std=stds[row].tolist())
             for row, name in enumerate(names)
         }
     return manifest.model_copy(
@@ -314,6 +312,61 @@ def fit_statistics(
     )
 
 
-def _safe_std(column: np.ndarray) -> float:
-    std = float(column.std())
-    return std if std > MIN_STD else 1.0
+def _column_statistics(column: np.ndarray, robust: bool) -> tuple[float, float]:
+    """A column's centre and floored spread: mean and std, or median and robust σ."""
+    if robust:
+        median, sigma = robust_statistics(column[:, None], np.zeros(len(column), np.intp), 1)
+        return float(median[0, 0]), float(_floored(sigma)[0, 0])
+    return float(column.mean()), float(_floored(np.asarray(column.std())))
+
+
+def _key_statistics(
+    numeric: np.ndarray, group: np.ndarray, groups: int, robust: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per key: each numeric column's mean and floored std, or median and robust σ where
+    `robust` says so."""
+    counts = np.bincount(group, minlength=groups)[:, None]
+    sums = np.zeros((groups, numeric.shape[1]))
+    squares = np.zeros_like(sums)
+    np.add.at(sums, group, numeric)
+    np.add.at(squares, group, numeric * numeric)
+    means = sums / counts
+    stds = np.sqrt(np.maximum(squares / counts - means * means, 0.0))
+    if robust.any():
+        means[:, robust], stds[:, robust] = robust_statistics(numeric[:, robust], group, groups)
+    return means, _floored(stds)
+
+
+def robust_statistics(
+    values: np.ndarray, group: np.ndarray, groups: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per group and column of `values` [n, c] (`group` [n] in 0..groups-1, none empty): the
+    median and σ from the IQR, which spikes cannot inflate as they do the std.
+
+    Vectorised for a million keys: each column is sorted once by (group, value), and every
+    group's quantiles are read at their positions in it, interpolated as `np.quantile`'s.
+    """
+    counts = np.bincount(group, minlength=groups)
+    starts = np.cumsum(counts) - counts
+    ordered = np.column_stack([column[np.lexsort((column, group))] for column in values.T])
+    q1, median, q3 = (_group_quantile(ordered, starts, counts, q) for q in (0.25, 0.5, 0.75))
+    deviation = np.zeros_like(median)
+    np.add.at(deviation, group, np.abs(values - median[group]))
+    fallback = deviation / counts[:, None] * MEAN_DEVIATION_TO_SIGMA
+    return median, np.where(q3 > q1, (q3 - q1) / IQR_TO_SIGMA, fallback)
+
+
+def _group_quantile(
+    ordered: np.ndarray, starts: np.ndarray, counts: np.ndarray, q: float
+) -> np.ndarray:
+    """[groups, c]: each group's `q` quantile of columns sorted within groups."""
+    position = starts + q * (counts - 1)
+    below = np.floor(position).astype(np.int64)
+    above = np.minimum(below + 1, starts + counts - 1)
+    fraction = (position - below)[:, None]
+    return ordered[below] + (ordered[above] - ordered[below]) * fraction
+
+
+def _floored(spread: np.ndarray) -> np.ndarray:
+    """The spread, or 1 where it is below `MIN_STD`: a constant feature must not explode."""
+    return np.where(spread > MIN_STD, spread, 1.0)

@@ -91,7 +91,10 @@ class Windows:
         return Windows(self.events, self.ends[index], self.lengths[index])
 
     def sample(self, limit: int | None, seed: int) -> Windows:
-        """At most `limit` windows, drawn without replacement, kept in event order."""
+        """At most `limit` windows, drawn without replacement, kept in event order.
+
+        Uniform over windows, so each key keeps its share of them, the weight the validation
+        loss and scoring give it too; a spiky key's pull is bounded by the Huber loss."""
         if limit is None or len(self) <= limit:
             return self
         chosen = np.random.default_rng(seed).choice(len(self), size=limit, replace=False)
@@ -260,13 +263,16 @@ def _imputing_with_nan(manifest: Manifest) -> Manifest:
 
 
 def _with_fill_means(manifest: Manifest, train_raw: np.ndarray) -> Manifest:
-    """Fill values for "mean" features: the mean of the training values that are present."""
+    """Fill values for "mean" features: the centre of the training values that are present,
+    their mean or, with robust scale, their median. Filling leaves that centre as it was, so
+    training fills with the value `fit_statistics` then stores and the detector fills with."""
     features = []
     for index, feature in enumerate(manifest.features):
         if isinstance(feature, NumericFeature) and feature.missing == "mean":
             present = train_raw[:, index][~np.isnan(train_raw[:, index])]
+            centre = np.median if feature.scale == "robust" else np.mean
             feature = feature.model_copy(
-                update={"mean": float(present.mean()) if present.size else 0.0}
+                update={"mean": float(centre(present)) if present.size else 0.0}
             )
         features.append(feature)
     return manifest.model_copy(update={"features": features})

@@ -235,14 +235,24 @@ def evaluate_loss(
 
 
 class Loss:
-    """Classify: BCE with logits (positive-weighted) or focal loss; forecast: MSE."""
+    """Classify: BCE with logits (positive-weighted) or focal loss; forecast: MSE or, given
+    `huber_delta`, a Huber loss: the MSE for errors within it, linear beyond, so that no spike
+    (nor the key that has it) can pull the weights more than a large error does."""
 
-    def __init__(self, task: str, kind: str, gamma: float, pos_weight: float) -> None:
+    def __init__(
+        self,
+        task: str,
+        kind: str,
+        gamma: float,
+        pos_weight: float,
+        huber_delta: float | None = None,
+    ) -> None:
         self.task, self.kind, self.gamma = task, kind, gamma
         self.pos_weight = torch.tensor(pos_weight)
+        self.huber_delta = huber_delta
 
     def __call__(self, out: NetOutput, target: Tensor | None) -> Tensor:
-        if self.task == "forecast":
+        if self.task == "forecast" and self.huber_delta is None:
             # Not per_window's mean: the fused loss keeps training's gradients bit for bit.
             return nn.functional.mse_loss(out.raw.float(), out.target.float())
         return self.per_window(out, target).mean()
@@ -250,7 +260,7 @@ class Loss:
     def per_window(self, out: NetOutput, target: Tensor | None) -> Tensor:
         """Each window's loss [B], whose mean is the loss: what the report shares out by key."""
         if self.task == "forecast":
-            return (out.raw.float() - out.target.float()).square().mean(dim=1)
+            return self._forecast_elements(out.raw.float(), out.target.float()).mean(dim=1)
         logit = out.raw.float()
         weighted = nn.functional.binary_cross_entropy_with_logits(
             logit, target, pos_weight=self.pos_weight.to(logit.device), reduction="none"
@@ -261,6 +271,16 @@ class Loss:
             weighted = (1 - torch.exp(-plain)).pow(self.gamma) * weighted
         return weighted
 
+    def _forecast_elements(self, prediction: Tensor, target: Tensor) -> Tensor:
+        if self.huber_delta is None:
+            return (prediction - target).square()
+        # Twice torch's Huber loss: the squared error within delta, as the MSE, so that the
+        # two agree (in value and gradient) wherever no error reaches delta.
+        huber = nn.functional.huber_loss(
+            prediction, target, reduction="none", delta=self.huber_delta
+        )
+        return 2.0 * huber
+
 
 def make_loss(task: str, config: TrainingConfig, labels: np.ndarray | None) -> Loss:
     pos_weight = 1.0
@@ -270,7 +290,9 @@ def make_loss(task: str, config: TrainingConfig, labels: np.ndarray | None) -> L
             pos_weight = (len(labels) - positives) / positives if positives else 1.0
         else:
             pos_weight = float(config.pos_weight)
-    return Loss(task, config.loss, config.focal_gamma, pos_weight)
+    huber = task == "forecast" and config.forecast_loss == "huber"
+    huber_delta = config.huber_delta if huber else None
+    return Loss(task, config.loss, config.focal_gamma, pos_weight, huber_delta)
 
 
 def _batch(
