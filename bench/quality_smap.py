@@ -1,7 +1,8 @@
 """Detection quality on NASA SMAP telemetry, scored per anomaly sequence as telemanom was.
 
     python bench/quality_smap.py [--channels P-1,S-1] [--quick] [--mode both] [--seeds 0,1,2]
-                                 [--spacecraft SMAP|MSL] [--json OUT]
+                                 [--spacecraft SMAP|MSL] [--early 1000] [--json OUT]
+                                 [--scores OUT.npz]
 
 Each channel's train part trains a forecast model with the trainer (`bench/configs/smap.toml`,
 one model per channel; `smap_shared.toml`, one model for all channels with per-channel
@@ -19,6 +20,18 @@ The archive (`<data>/smap/smap.tar.gz`) holds `labeled_anomalies.csv` and the `t
 `--spacecraft MSL` the same code scores the other spacecraft of the labels file, whose
 channels carry 54 command columns instead of 24: the configurations' command features are
 repeated to fit (published, MSL: precision 92.6 %, recall 69.4 %).
+
+`--early N` (SMAP-early, issue 20's protocol: N = 1000) starts each channel's test stream N
+events before its first labeled sequence, labels shifted with it, so that every fault
+arrives early in a key's life, the new-device case; a channel whose first label starts
+before N keeps its whole test part. Its test event files and models are named apart from
+the full run's.
+
+`--scores OUT.npz` dumps, for offline threshold studies, each channel's smoothed scores,
+thresholds and labels of the test stream and of the training file (its validation part
+marked), and the smoothing α, per seed, as `{seed}/{channel}/<array>`: the arrays are
+listed in `bench/quality_report.py`'s docstring; P-2's labels are the union of its rows.
+With `--mode both` the first mode's models are dumped.
 """
 
 from __future__ import annotations
@@ -40,26 +53,31 @@ from quality_report import (
     cached,
     common_arguments,
     console,
+    field_means,
     finite,
     input_key,
+    judge,
+    key_stream,
     require,
     run_jobs,
+    score_dump,
+    seeds_table,
+    sequence_rates,
     table,
+    training_arguments,
     write_json,
+    write_scores,
 )
 
-from detector.engine import EngineOptions, Status
+from detector.engine import EngineOptions
 from trainer.config import TrainConfig, load_train_config
 from trainer.evaluate import Evaluation, evaluate
 from trainer.metrics import (
     Counts,
     RangeCounts,
-    episode_flags,
-    point_counts,
     precision_recall_curve,
-    range_counts,
-    runs,
     separable_ranges,
+    summed,
 )
 from trainer.pipeline import train
 
@@ -82,7 +100,9 @@ class Label:
 
     name: str
     channel: str
+    #: Rows of the test stream, which starts at row `start` of the channel's test part.
     sequences: list[tuple[int, int]]
+    start: int = 0
 
 
 @dataclass(frozen=True)
@@ -99,8 +119,14 @@ class ChannelResult:
 
 
 def main() -> None:
+    run()
+
+
+def run(argv: list[str] | None = None) -> dict:
+    """Train, replay and report as the command line `argv` says; the results document."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     common_arguments(parser, "smap")
+    training_arguments(parser)
     parser.add_argument("--channels", help="comma-separated channel ids (default: all)")
     parser.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}")
     parser.add_argument(
@@ -110,14 +136,11 @@ def main() -> None:
         help="whose channels of labeled_anomalies.csv to score (default: SMAP)",
     )
     parser.add_argument("--mode", choices=["per_channel", "shared", "both"], default="both")
-    parser.add_argument("--cooldown", type=int, default=100, help="engine cooldown_events")
-    parser.add_argument("--epochs", type=int, help="override the configured epochs")
     parser.add_argument(
-        "--seeds",
-        type=_seed_list,
-        default=[None],
-        help="comma-separated training seeds, each a full run; the first is the headline "
-        "(default: the configuration's)",
+        "--early",
+        type=int,
+        help="start each channel's test stream this many events before its first labeled "
+        "sequence (SMAP-early: 1000)",
     )
     for mode, path in CONFIGS.items():
         parser.add_argument(
@@ -126,10 +149,7 @@ def main() -> None:
             default=path,
             help=f"training configuration of the {mode.replace('_', ' ')} model(s)",
         )
-    parser.add_argument(
-        "--jobs", type=int, default=1, help="models trained at once (one torch thread each)"
-    )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     folder = _extract(require(args.data / "smap" / "smap.tar.gz", "SMAP archive"), args.work)
     labels_path, root = _layout(folder)
@@ -141,16 +161,20 @@ def main() -> None:
         labels = [label for label in labels if label.channel in wanted]
         if not labels:
             raise SystemExit(f"no labeled channel among {wanted}")
+    if args.early is not None:
+        labels = _early(labels, args.early)
     channels = sorted({label.channel for label in labels})
     events = folder / "events"
     options = EngineOptions(cooldown_events=args.cooldown)
     modes = ["per_channel", "shared"] if args.mode == "both" else [args.mode]
 
+    title = args.spacecraft if args.early is None else f"{args.spacecraft}-early"
     document: dict = {
         "spacecraft": args.spacecraft,
         "published": PUBLISHED[args.spacecraft],
         "channels_evaluated": len(labels),
         "cooldown_events": args.cooldown,
+        "early": args.early,
     }
     tasks = [
         Task(
@@ -164,6 +188,8 @@ def main() -> None:
             args.work,
             args.epochs,
             seed,
+            args.early,
+            args.scores is not None and mode == modes[0],
         )
         for mode in modes
         for seed in args.seeds
@@ -179,30 +205,36 @@ def main() -> None:
         document[mode] = by_seed[args.seeds[0]]
         truth = np.concatenate([outcome.truth for outcome in headline])
         curves[mode] = precision_recall_curve(truth, np.concatenate([o.scores for o in headline]))
-        _print(f"{args.spacecraft} {mode}", document[mode], document["published"])
+        _print(f"{title} {mode}", document[mode], document["published"])
         if len(args.seeds) > 1:
-            document[mode]["seeds"] = {str(seed): s["total"] for seed, s in by_seed.items()}
-            document[mode]["seed_mean"] = _seed_mean(list(document[mode]["seeds"].values()))
-            _print_seeds(f"{args.spacecraft} {mode}", document[mode])
+            seeds = {str(seed): s["total"] for seed, s in by_seed.items()}
+            document[mode]["seeds"] = seeds
+            document[mode]["seed_mean"] = field_means(list(seeds.values()))
+            console.print(seeds_table(f"{title} {mode}", seeds, document[mode]["seed_mean"]))
     # The first mode run is the headline ("total", "channels"), as the issue's schema asks.
     document["mode"] = modes[0]
     document["total"] = document[modes[0]]["total"]
     document["channels"] = document[modes[0]]["channels"]
     write_json(args.json, document)
+    write_scores(args.scores, [o.dumps for group in outcomes.values() for o in group])
     if args.plots:
-        _plot(args.plots, document, modes, curves, args.spacecraft)
+        _plot(args.plots, document, modes, curves, title)
+    return document
 
 
-def _seed_list(text: str) -> list[int]:
-    try:
-        seeds = [int(part) for part in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"not a comma-separated list of integers: {text!r}"
-        ) from None
-    if len(set(seeds)) < len(seeds):
-        raise argparse.ArgumentTypeError(f"a seed is repeated: {text!r}")
-    return seeds
+def _early(labels: list[Label], before: int) -> list[Label]:
+    """`labels` of test streams that start `before` events before each channel's first
+    labeled sequence (at the test part's start when it is closer), shifted with them."""
+    first: dict[str, int] = {}
+    for label in labels:
+        start = min(begin for begin, _ in label.sequences)
+        first[label.channel] = min(start, first.get(label.channel, start))
+    shifted = []
+    for label in labels:
+        start = max(0, first[label.channel] - before)
+        sequences = [(begin - start, end - start) for begin, end in label.sequences]
+        shifted.append(Label(label.name, label.channel, sequences, start))
+    return shifted
 
 
 def _extract(archive: Path, work: Path) -> Path:
@@ -254,12 +286,14 @@ def _event_table(root: Path, part: str, channels: list[str], labels: list[Label]
     tables = []
     for channel in channels:
         values = np.load(root / part / f"{channel}.npy")
+        ours = [label for label in labels if label.channel == channel]
+        if part == "test":
+            values = values[ours[0].start :]
         anomaly = np.zeros(len(values), np.int8)
         if part == "test":
-            for label in labels:
-                if label.channel == channel:
-                    for start, end in label.sequences:
-                        anomaly[start : end + 1] = 1
+            for label in ours:
+                for start, end in label.sequences:
+                    anomaly[start : end + 1] = 1
         columns = {
             "chan": pa.array([channel] * len(values)),
             "t": pa.array(np.arange(len(values), dtype=np.float64)),
@@ -272,18 +306,19 @@ def _event_table(root: Path, part: str, channels: list[str], labels: list[Label]
 
 
 def _write(
-    root: Path, folder: Path, name: str, channels: list[str], labels: list[Label]
+    root: Path, folder: Path, name: str, channels: list[str], labels: list[Label], test: str
 ) -> tuple[Path, Path]:
-    """The train and test event files of `channels`, written once per extracted archive."""
+    """The train and test event files of `channels`, written once per extracted archive;
+    `test` names the test stream (`test`, or `test-early-N` for SMAP-early's)."""
     folder.mkdir(parents=True, exist_ok=True)
 
-    def part_file(part: str) -> Path:
+    def part_file(part: str, stream: str) -> Path:
         def write(path: Path) -> None:
             pq.write_table(_event_table(root, part, channels, labels), path)
 
-        return cached(folder / f"{name}-{part}.parquet", write)
+        return cached(folder / f"{name}-{stream}.parquet", write)
 
-    return part_file("train"), part_file("test")
+    return part_file("train", "train"), part_file("test", test)
 
 
 def _shaped(config: TrainConfig, commands: list[str]) -> TrainConfig:
@@ -314,6 +349,10 @@ class Task:
     epochs: int | None
     #: Overrides the configured training seed (None: the configuration's).
     seed: int | None
+    #: SMAP-early's events before each channel's first label (None: the whole test part).
+    early: int | None
+    #: Replay the training file too, for the arrays of `--scores`.
+    dump: bool
 
 
 @dataclass(frozen=True)
@@ -323,13 +362,17 @@ class Outcome:
     truth: np.ndarray
     train_seconds: float
     score_seconds: float
+    #: The `--scores` arrays of the task's channels (empty unless the task dumps).
+    dumps: dict[str, np.ndarray]
 
 
 def _train_and_replay(task: Task) -> Outcome:
     group = task.group
     name = group[0] if task.mode == "per_channel" else _shared_name(group)
-    train_path, test_path = _write(task.root, task.events, name, group, task.labels)
-    run = task.mode if task.seed is None else f"{task.mode}-seed-{task.seed}"
+    test = "test" if task.early is None else f"test-early-{task.early}"
+    train_path, test_path = _write(task.root, task.events, name, group, task.labels, test)
+    run = task.mode if task.early is None else f"{task.mode}-early-{task.early}"
+    run = run if task.seed is None else f"{run}-seed-{task.seed}"
     model = task.work / "models" / run / name / "model.onnx"
     console.print(f"[bold]{run}[/] {name}: training")
     commands = [c for c in pq.read_schema(train_path).names if c.startswith("cmd_")]
@@ -350,6 +393,10 @@ def _train_and_replay(task: Task) -> Outcome:
     evaluation = evaluate(model, test_path, options=task.options)
     cooldown = task.options.cooldown_events
     scored = evaluation.scored
+    dumps = {}
+    if task.dump:
+        training = evaluate(model, train_path, options=task.options)
+        dumps = score_dump(config.training.seed, group, evaluation, training, config)
     return Outcome(
         [
             _channel_result(evaluation, label, cooldown)
@@ -360,6 +407,7 @@ def _train_and_replay(task: Task) -> Outcome:
         evaluation.labels[scored] > 0,
         train_seconds,
         evaluation.replay.summary.seconds,
+        dumps,
     )
 
 
@@ -369,59 +417,33 @@ def _shared_name(group: list[str]) -> str:
 
 
 def _channel_result(evaluation: Evaluation, label: Label, cooldown: int) -> ChannelResult:
-    """Sequence and point counts of one channel from its replayed events (in row order)."""
-    replay = evaluation.replay
-    rows = np.flatnonzero(replay.keys == label.channel)
-    rows = rows[np.argsort(replay.times[rows], kind="stable")]
-    scored = replay.statuses[rows] == Status.SCORED
-    above = scored & (replay.scores[rows] >= replay.thresholds[rows])
-    confirm = evaluation.manifest.scoring.confirm
-    episodes = episode_flags(above, None, cooldown, confirm)
-    # Predicted sequences: each episode from its alert's onset (the first confirming score).
-    predicted = episode_flags(above, None, cooldown, confirm, from_onset=True)
-    truth = np.zeros(rows.size, bool)
+    """Sequence and point counts of one label row of a channel from its replayed events."""
+    stream = key_stream(evaluation, label.channel)
+    truth = np.zeros(stream.scores.size, bool)
     for start, end in label.sequences:
         truth[start : end + 1] = True
-    onsets = sorted(alert.onset_time for alert in replay.alerts if alert.key == label.channel)
-    expected = replay.times[rows][runs(episodes)[:, 0] - (confirm - 1)]
+    judged = judge(evaluation, stream, truth, cooldown)
     adaptive = evaluation.manifest.scoring.adaptive
     separable = separable_ranges(
-        truth, replay.scores[rows], adaptive.history if adaptive else rows.size, cooldown
+        truth, stream.scores, adaptive.history if adaptive else truth.size, cooldown
     )
-    if not np.array_equal(onsets, expected):
-        console.print(
-            f"[red]{label.name}: {len(onsets)} engine alerts, {len(expected)} episodes, "
-            "or their onsets differ"
-        )
     return ChannelResult(
         label.name,
-        range_counts(truth, predicted),
-        point_counts(truth[scored], above[scored]),
-        len(onsets),
-        float(predicted[~truth].mean()) if (~truth).any() else 0.0,
+        judged.ranges,
+        judged.points,
+        judged.alerts,
+        judged.normal_in_episode,
         int(separable.sum()),
     )
 
 
 def _summary(outcomes: list[Outcome]) -> dict:
     results = [result for outcome in outcomes for result in outcome.results]
-    ranges = RangeCounts(
-        *(sum(getattr(r.ranges, f) for r in results) for f in RangeCounts.__dataclass_fields__)
-    )
-    points = Counts(
-        *(sum(getattr(r.points, f) for r in results) for f in Counts.__dataclass_fields__)
-    )
+    ranges = summed(RangeCounts, (r.ranges for r in results))
     separable = sum(r.separable for r in results)
     return {
         "total": {
-            "precision": ranges.precision,
-            "recall": ranges.recall,
-            "f1": ranges.f1,
-            "pointwise_f1": points.f1,
-            "labeled_sequences": ranges.labeled,
-            "detected_sequences": ranges.detected,
-            "predicted_sequences": ranges.predicted,
-            "false_positive_sequences": ranges.predicted - ranges.predicted_on_label,
+            **sequence_rates(ranges, summed(Counts, (r.points for r in results))),
             #: A channel in alert for most of its normal events "catches" every label.
             "channels_mostly_in_alert": sum(r.normal_in_episode > 0.5 for r in results),
             "separable_sequences": separable,
@@ -433,13 +455,8 @@ def _summary(outcomes: list[Outcome]) -> dict:
         },
         "channels": {
             r.name: {
+                **sequence_rates(r.ranges, r.points),
                 "precision": finite(r.ranges.precision) if r.ranges.predicted else None,
-                "recall": r.ranges.recall,
-                "f1": r.ranges.f1,
-                "pointwise_f1": r.points.f1,
-                "labeled_sequences": r.ranges.labeled,
-                "detected_sequences": r.ranges.detected,
-                "false_positive_sequences": r.ranges.predicted - r.ranges.predicted_on_label,
                 "alerts": r.alerts,
                 "normal_in_episode": r.normal_in_episode,
                 "separable_sequences": r.separable,
@@ -449,21 +466,6 @@ def _summary(outcomes: list[Outcome]) -> dict:
         "train_seconds": sum(outcome.train_seconds for outcome in outcomes),
         "score_seconds": sum(outcome.score_seconds for outcome in outcomes),
     }
-
-
-#: Totals averaged over seeds (the sequence counts too, so that the mean of 56 and 57 reads 56.5).
-SEED_MEAN_FIELDS = (
-    "precision",
-    "recall",
-    "f1",
-    "pointwise_f1",
-    "detected_sequences",
-    "false_positive_sequences",
-)
-
-
-def _seed_mean(totals: list[dict]) -> dict:
-    return {field: float(np.mean([total[field] for total in totals])) for field in SEED_MEAN_FIELDS}
 
 
 def _print(title: str, summary: dict, published: dict) -> None:
@@ -534,27 +536,6 @@ def _print(title: str, summary: dict, published: dict) -> None:
                     "—",
                 ),
             ],
-        )
-    )
-
-
-def _print_seeds(title: str, summary: dict) -> None:
-    rates, counts = SEED_MEAN_FIELDS[:4], SEED_MEAN_FIELDS[4:]
-
-    def row(name: str, total: dict) -> tuple:
-        return (
-            name,
-            *(float(total[field]) for field in rates),
-            *(f"{round(total[field], 1):g}" for field in counts),
-        )
-
-    rows = [row(f"seed {seed}", total) for seed, total in summary["seeds"].items()]
-    rows.append(row("mean", summary["seed_mean"]))
-    console.print(
-        table(
-            f"{title}: by training seed",
-            ["", "precision", "recall", "F1", "point F1", "caught", "FP"],
-            rows,
         )
     )
 

@@ -10,7 +10,9 @@ touches no fault is one false alarm.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, fields
+from typing import TypeVar
 
 import numpy as np
 
@@ -73,6 +75,9 @@ class RangeCounts(_Rates):
     @property
     def recall(self) -> float:
         return _ratio(self.detected, self.labeled)
+
+
+_Pooled = TypeVar("_Pooled", Counts, RangeCounts)
 
 
 def _ratio(numerator: float, denominator: float) -> float:
@@ -302,3 +307,13 @@ def episode_flags(
         np.add.at(reach, openings, -1)
         inside |= np.cumsum(reach)[:-1] > 0
     return inside
+
+
+def summed(kind: type[_Pooled], parts: Iterable[_Pooled]) -> _Pooled:
+    """Counts of several keys (or data sets) pooled: each count summed, rates drawn anew.
+
+    Pooling, not averaging rates, is how a detector's precision over a fleet is read: a key
+    with one false alarm weighs as much as any other false alarm.
+    """
+    parts = list(parts)
+    return kind(*(sum(getattr(part, field.name) for part in parts) for field in fields(kind)))
