@@ -72,23 +72,36 @@ SASL_PROTOCOLS = frozenset({"SASL_PLAINTEXT", "SASL_SSL"})
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Attribute docstrings are the fields' descriptions: docs/configuration.md is made of them.
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
 class KafkaSettings(_Section):
+    """The brokers and the clients the detector opens: consumer, producer and admin (and
+    `trainer retrain --from-kafka`'s consumer) share these settings."""
+
     bootstrap_servers: NonEmptyStr = "127.0.0.1:9092"
     """`host:port`, or several separated by commas."""
     group_id: NonEmptyStr = "seqsentinel-detector"
+    """Consumer group of the detectors that share the input's partitions; also names the state
+    topic and the transactional id unless they are set."""
     client_id: NonEmptyStr = "seqsentinel"
+    """Client id sent to the brokers, for their logs and quotas."""
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+    """Where a group without committed offsets starts reading the input."""
     api_version: Annotated[str, StringConstraints(pattern=r"^\d+(\.\d+){0,2}$")] | None = None
-    """Broker protocol version such as "3.9"; None probes the broker at start-up."""
+    """Broker protocol version such as "3.9"; unset, the broker is probed at start-up."""
     key_field: NonEmptyStr | None = None
-    """Record field holding the entity key; None uses the Kafka message key."""
+    """Record field holding the entity key; unset, the Kafka message key is the key."""
     create_topics: bool = True
+    """Create missing alerts, dead-letter and state topics at start (the state topic compacted,
+    with as many partitions as the input); off, a missing one stops the detector."""
     max_poll_records: PositiveInt = 5000
+    """Most records one poll returns."""
     fetch_max_bytes: PositiveInt = 52_428_800
+    """Most bytes one fetch from the brokers returns."""
     max_partition_fetch_bytes: PositiveInt = 1_048_576
+    """Most bytes one fetch returns per partition (at least 2 MiB when restoring key state)."""
     linger_ms: NonNegativeInt = 0
     """How long the producer holds alerts and dead letters to batch them; each millisecond is
     added to an alert's latency, and alerts are too few for batching to save much."""
@@ -100,14 +113,25 @@ class KafkaSettings(_Section):
     """A crashed detector's partitions move to the others after this long without a heartbeat
     (Kafka's default before 3.0; the 45 s default since then is slow for a stream of alerts)."""
     compression_type: Literal["gzip", "snappy", "lz4", "zstd"] | None = None
+    """Compression of what the detector produces (alerts, dead letters, state snapshots);
+    unset, none."""
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    """How the clients talk to the brokers; a SASL protocol also needs `sasl_mechanism`,
+    `sasl_username` and `sasl_password`."""
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    """SASL mechanism of the SASL protocols."""
     sasl_username: NonEmptyStr | None = None
+    """SASL user name."""
     sasl_password: Secret | None = None
+    """SASL password; shown masked by `detector check-config` and in logs."""
     ssl_cafile: FilePath | None = None
+    """CA bundle that signed the brokers' certificates, when the system's does not."""
     ssl_certfile: FilePath | None = None
+    """Client certificate, for mutual TLS."""
     ssl_keyfile: FilePath | None = None
+    """Private key of the client certificate."""
     ssl_password: Secret | None = None
+    """Password of an encrypted `ssl_keyfile`; shown masked."""
 
     @field_validator("bootstrap_servers")
     @classmethod
@@ -159,20 +183,30 @@ class KafkaSettings(_Section):
 
 
 class TopicsSettings(_Section):
+    """Where events are read and alerts, dead letters and key state are written."""
+
     input: NonEmptyStr = "events"
+    """Topic of the JSON events to score; it must exist."""
     alerts: NonEmptyStr = "alerts"
+    """Topic the alerts are published to, keyed like their events."""
     dead_letters: NonEmptyStr = "dead-letters"
+    """Topic of the records that cannot be scored, unchanged, with the reason in headers."""
     state: NonEmptyStr | None = None
-    """Compacted topic of per-key state snapshots; None derives it from the group id."""
+    """Compacted topic of per-key state snapshots; unset, `<kafka.group_id>-state`."""
 
 
 class ModelSettings(_Section):
+    """The model file and how onnxruntime runs it."""
+
     path: Path = Path("model.onnx")
+    """The model file the trainer exported; watched for new versions."""
     providers: Annotated[list[NonEmptyStr], Field(min_length=1)] = ["auto"]
     """onnxruntime execution providers in order; "auto" means CUDA when available, else CPU."""
     intra_op_threads: NonNegativeInt = 0
-    """0 leaves the choice to onnxruntime."""
+    """onnxruntime threads within one node of the graph; 0 leaves the choice to it (one per
+    physical core)."""
     inter_op_threads: NonNegativeInt = 0
+    """onnxruntime threads across independent nodes of the graph; 0 leaves the choice to it."""
     reload_interval_s: NonNegativeFloat = 5.0
     """How often to check the model file for a new version; 0 disables watching."""
     allowed_sha256: list[Sha256] = []
@@ -180,7 +214,10 @@ class ModelSettings(_Section):
 
 
 class BatchingSettings(_Section):
+    """How events are grouped into the batches the engine scores at once."""
+
     max_batch: PositiveInt = 4096
+    """Most events scored together (and rows sent to onnxruntime in one call)."""
     max_latency_ms: NonNegativeInt = 0
     """How long a partial batch may wait for more events. 0 (the default) scores what a poll
     returns at once: batches stay small while the stream is caught up and grow by themselves
@@ -188,18 +225,26 @@ class BatchingSettings(_Section):
 
 
 class StateSettings(_Section):
+    """Each key's recent events (or LSTM state) kept in memory."""
+
     max_keys: PositiveInt = 1_000_000
+    """Most keys with state; beyond it the least recently seen are evicted."""
     key_ttl_s: NonNegativeFloat = 86_400.0
-    """Idle time after which a key's state is dropped; 0 keeps keys forever."""
+    """Idle time after which a key's state is dropped, by the event time of the key's own
+    input partition; 0 keeps keys forever."""
 
 
 class ScoringSettings(_Section):
+    """Which events are scored and when an alert opens."""
+
     stride: PositiveInt = 1
+    """Score every n-th event of a key after its warm-up; the others only update its state."""
     threshold: Annotated[float, Field(allow_inf_nan=False)] | None = None
-    """Overrides the threshold stored with the model."""
+    """Alert threshold for every key; unset, the model's (its calibrated thresholds)."""
     cooldown_events: NonNegativeInt = 10
     """Events of a key after an alert during which it raises no other alert."""
     max_record_bytes: PositiveInt = 65_536
+    """Larger payloads are dead letters with reason "too_large"."""
     late_events: Literal["dead_letter", "score"] = "dead_letter"
     """What becomes of a late event, older than its key's latest one by more than
     `late_grace_s` (a device that buffers, input that is not keyed): a dead letter with reason
@@ -210,26 +255,39 @@ class ScoringSettings(_Section):
 
 
 class ProcessingSettings(_Section):
+    """Delivery guarantees, key-state snapshots and shutdown."""
+
     guarantee: Literal["at_least_once", "exactly_once"] = "at_least_once"
+    """at_least_once: offsets committed after the alerts are acknowledged, a crash may repeat
+    alerts (with the same alert_id); exactly_once: alerts, state and offsets in one Kafka
+    transaction per batch, for consumers reading read_committed."""
     snapshot_interval_s: PositiveFloat = 60.0
     """How often each partition's key state is written to the state topic (also at revocation
     and shutdown); what a restart replays is at most this much input."""
     transactional_id: NonEmptyStr | None = None
     """exactly_once: the producer's transactional id, stable per instance (a restart with the
-    same id fences its predecessor); None derives it from the group id and the host name."""
+    same id fences its predecessor); unset, `<kafka.group_id>-<host name>`."""
     shutdown_timeout_s: Annotated[float, Field(gt=0, lt=30)] = 25.0
-    """Must stay below Kubernetes' default 30 s grace period, or the pod is killed mid-commit."""
+    """How long a stop (SIGTERM) may take to finish the batch in hand, commit and leave; must
+    stay below Kubernetes' default 30 s grace period, or the pod is killed mid-commit."""
 
 
 class HttpSettings(_Section):
+    """The operations endpoints: /healthz, /readyz and /metrics."""
+
     host: NonEmptyStr = "0.0.0.0"
+    """Address the endpoints listen on."""
     port: Port = 8080
+    """Port the endpoints listen on."""
 
 
 class LogSettings(_Section):
+    """Log lines on stderr."""
+
     format: Literal["auto", "json", "console"] = "auto"
     """"auto" renders JSON lines unless stderr is a terminal."""
     level: Literal["debug", "info", "warning", "error"] = "info"
+    """Lowest level logged; capitals are accepted."""
 
     @field_validator("format", "level", mode="before")
     @classmethod
