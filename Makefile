@@ -1,4 +1,5 @@
-# Developer and CI entry points. `make test` is the one test command (CI runs it via .ci/run).
+# Developer and CI entry points. `make test` is the one test command (CI runs it via .ci/run);
+# `make test-fast` is the quick tier of it, `make docs` regenerates docs/configuration.md.
 
 PYTHON ?= python3
 VENV := .venv
@@ -18,17 +19,18 @@ DISK_CHECK := import shutil, sys; free = shutil.disk_usage(".").free / 2**30; \
 	sys.exit(free < $(VENV_DISK_GIB) and \
 	f"make: needs about $(VENV_DISK_GIB) GiB of free disk for PyTorch; {free:.1f} GiB free")
 
-.PHONY: venv kafka-jars test test-latest lock lint demo
+.PHONY: venv venv-runtime kafka-jars test test-fast test-latest lock lint docs demo
 
-# $(call install,VENV,PIP OPTIONS): create VENV if missing, then install the project with every
-# extra into it. pip keeps satisfied requirements, so torch's large download happens only once.
+# $(call install,VENV,PIP OPTIONS,EXTRAS): create VENV if missing, then install the project with
+# EXTRAS into it. pip keeps satisfied requirements, so torch's large download happens only once;
+# the disk check applies where EXTRAS bring it (train).
 define install
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
 		{ echo "make: needs Python 3.11+ as $(PYTHON) (try: PYTHON=python3.12)" >&2; exit 1; }
-	@test -x $(1)/bin/python || $(PYTHON) -c '$(DISK_CHECK)'
+	$(if $(findstring train,$(3)),@test -x $(1)/bin/python || $(PYTHON) -c '$(DISK_CHECK)')
 	test -x $(1)/bin/python || $(PYTHON) -m venv $(1)
 	$(1)/bin/python -m pip install --upgrade pip
-	$(1)/bin/python -m pip install $(2) -e '.[$(EXTRAS)]'
+	$(1)/bin/python -m pip install $(2) -e '.[$(3)]'
 endef
 
 # The stamp is newer than pyproject.toml and the lock once everything is installed at the locked
@@ -36,7 +38,15 @@ endef
 venv: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml $(LOCK)
-	$(call install,$(VENV),-c $(LOCK))
+	$(call install,$(VENV),-c $(LOCK),$(EXTRAS))
+	touch $@ $(VENV)/.installed-runtime
+
+# The detector and the dev tools without the trainer's PyTorch: all that `make test-fast` needs.
+# `make venv` later adds the rest to the same venv.
+venv-runtime: $(VENV)/.installed-runtime
+
+$(VENV)/.installed-runtime: pyproject.toml $(LOCK)
+	$(call install,$(VENV),-c $(LOCK),dev)
 	touch $@
 
 # Re-resolve the lock after a change of pyproject.toml, keeping the other pins (or moving them
@@ -59,15 +69,27 @@ kafka-jars:
 test: venv kafka-jars
 	SEQSENTINEL_REQUIRE_KAFKA=1 $(VENV_PYTHON) -m pytest $(PYTEST_ARGS)
 
+# The fast tier is a folder: tests/fast/, the runtime's tests (contract, scorer, engine, bulk
+# decoding, replay, settings) on ONNX models built with onnx.helper (tests/onnx_fixtures.py).
+# It needs neither torch nor a broker; run alone, its conftest makes `import torch` fail.
+# `make test` runs it too, with the rest.
+test-fast: venv-runtime
+	$(VENV_PYTHON) -m pytest tests/fast $(PYTEST_ARGS)
+
 # The suite against the newest release of every dependency, in a venv of its own: what
 # `make lock LOCK_UPGRADE=--upgrade` would bring. Upgrades that venv on every run.
 test-latest: kafka-jars
-	$(call install,$(VENV_LATEST),--upgrade --upgrade-strategy eager)
+	$(call install,$(VENV_LATEST),--upgrade --upgrade-strategy eager,$(EXTRAS))
 	SEQSENTINEL_REQUIRE_KAFKA=1 $(VENV_LATEST)/bin/python -m pytest $(PYTEST_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+# docs/configuration.md from the settings' descriptions in detector/config.py;
+# tests/test_configuration_docs.py fails while it is out of date.
+docs: venv-runtime
+	$(VENV_PYTHON) -m detector.commands.config_docs --output docs/configuration.md
 
 # The whole detector end to end on this machine: local Kafka, a model trained on synthetic
 # sensors, `detector run`, `detector produce`, and the alerts printed as they arrive.
