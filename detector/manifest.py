@@ -58,13 +58,19 @@ class NumericFeature(_Strict):
 
     kind: Literal["numeric"] = "numeric"
     name: str = Field(min_length=1)
+    #: The centre subtracted: the training mean, or the median with `scale = "robust"`.
     mean: float = 0.0
+    #: The spread divided by: the training std, or with `scale = "robust"` IQR / 1.349
+    #: (1.2533 x the mean absolute deviation from the median where the IQR is 0).
     std: float = Field(default=1.0, gt=0)
     #: standard: z-scored with `mean` and `std` (or the key's own, with per-key statistics);
-    #: none: used as it is, for values already on a small scale such as one-hot flags, which
-    #: z-scores would blow up to large inputs whenever a rare flag is set.
-    scale: Literal["standard", "none"] = "standard"
-    #: What to do when the value is absent or null: refuse the record, or use the training mean.
+    #: robust: the same arithmetic with median and IQR / 1.349 in `mean` and `std`, which
+    #: the spikes and faults in training data cannot move much (equal to the std on Gaussian
+    #: data); none: used as it is, for values already on a small scale such as one-hot flags,
+    #: which z-scores would blow up to large inputs whenever a rare flag is set.
+    scale: Literal["standard", "robust", "none"] = "standard"
+    #: What to do when the value is absent or null: refuse the record, or use `mean` (the
+    #: training mean, or median with `scale = "robust"`).
     missing: Literal["reject", "mean"] = "reject"
     #: Forecast models predict this feature of the next event (ignored by classify models).
     forecast: bool = True

@@ -54,9 +54,11 @@ class NumericFeatureConfig(_Section):
     missing: Literal["reject", "mean"] = "reject"
     #: Forecast models predict this feature of the next event.
     forecast: bool = True
-    #: standard: z-scored with training statistics; none: used as it is (one-hot flags,
-    #: values already scaled to about [-1, 1]).
-    scale: Literal["standard", "none"] = "standard"
+    #: standard: z-scored with training statistics; robust: centred on the training median
+    #: and divided by IQR / 1.349, which spikes in the training data cannot inflate (missing
+    #: values, with `missing = "mean"`, then get the median); none: used as it is (one-hot
+    #: flags, values already scaled to about [-1, 1]).
+    scale: Literal["standard", "robust", "none"] = "standard"
 
 
 class CategoricalFeatureConfig(_Section):
@@ -166,6 +168,11 @@ class TrainingConfig(_Section):
     seed: int = 0
     loss: Literal["bce", "focal"] = "bce"
     focal_gamma: float = Field(default=2.0, ge=0)
+    #: Forecast models' loss, in training and in the validation loss that early stopping
+    #: watches: mse, or huber, equal to the MSE for errors within `huber_delta` (in scaled
+    #: units) and linear beyond, so that a spike's pull on the weights is bounded.
+    forecast_loss: Literal["mse", "huber"] = "mse"
+    huber_delta: float = Field(default=1.0, gt=0)
     #: Weight of positive windows in the loss; "auto" = negatives / positives.
     pos_weight: Literal["auto"] | float = "auto"
     #: At most this many training windows (a seeded sample), to bound epoch time.
@@ -252,7 +259,7 @@ class TrainConfig(_Section):
         if self.model.task != "forecast":
             raise ValueError("threshold.min_error needs a forecast model (errors in feature units)")
         if self.model.per_key_normalisation and any(
-            isinstance(f, NumericFeatureConfig) and f.forecast and f.scale == "standard"
+            isinstance(f, NumericFeatureConfig) and f.forecast and f.scale != "none"
             for f in self.data.features
         ):
             raise ValueError(
