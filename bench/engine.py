@@ -43,7 +43,7 @@ from detector.manifest import (
 )
 from detector.records import InputRecord
 from detector.scorer import CPU, Scorer
-from detector.snapshots import encode_fields
+from detector.state.snapshots import encode_fields
 from trainer.export import export_model
 from trainer.network import SequenceNet
 

@@ -66,9 +66,9 @@ from seeded_models import FEATURES, KEY, TIME, WINDOW, bench_model
 
 from detector.config import load_settings
 from detector.engine import Engine, EngineOptions
-from detector.kafka_io import make_consumer
 from detector.records import InputRecord
 from detector.scorer import Scorer
+from detector.stream.clients import make_consumer
 
 PARTITIONS = 4
 START_TIME = 1_704_067_200.0

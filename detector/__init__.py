@@ -10,6 +10,6 @@ try:
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0.0.0+source"
 
-from detector.logs import default_to_stderr  # after __version__, which it imports
+from detector.ops.logs import default_to_stderr  # after __version__, which it imports
 
 default_to_stderr()

@@ -16,7 +16,7 @@ from detector.engine import Engine, EngineOptions, Status
 from detector.manifest import AdaptiveThreshold, KeyStatistics, Manifest, Scoring
 from detector.records import InputRecord
 from detector.scorer import Scorer
-from detector.snapshots import decode_fields, encode_fields, fingerprint
+from detector.state.snapshots import decode_fields, encode_fields, fingerprint
 from detector.thresholds import CANDIDATE_Z, choose_levels
 from trainer.calibrate import dynamic_threshold
 

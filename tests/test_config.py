@@ -13,7 +13,7 @@ import pytest
 
 from detector.cli import main
 from detector.config import ConfigError, KafkaSettings, Settings, load_settings
-from detector.daemon import engine_options
+from detector.stream.daemon import engine_options
 
 PASSWORD = "s3cr3t-Pa55word"
 

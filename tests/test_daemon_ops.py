@@ -34,11 +34,11 @@ from kafka.consumer.fetcher import ConsumerRecord
 from kafka_support import free_ports
 
 from detector.config import ModelSettings
-from detector.daemon import InHand
 from detector.manifest import ModelContractError
-from detector.model_watch import ModelWatcher, file_sha256, load_scorer
-from detector.ops_http import LIVENESS_TIMEOUT_S, Health, OpsServer
-from detector.telemetry import Metrics
+from detector.ops.http import LIVENESS_TIMEOUT_S, Health, OpsServer
+from detector.ops.metrics import Metrics
+from detector.ops.model_watch import ModelWatcher, file_sha256, load_scorer
+from detector.stream.daemon import InHand
 
 
 def replace(target: Path, source: Path | bytes) -> None:

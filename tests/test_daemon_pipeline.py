@@ -30,9 +30,9 @@ from kafka.future import Future
 from kafka_support import client_config
 
 from detector.engine import EngineOptions
-from detector.inflight import InFlight, Outgoing
 from detector.replay import replay_records
 from detector.scorer import Scorer
+from detector.stream.inflight import InFlight, Outgoing
 
 P0, P1 = TopicPartition("events", 0), TopicPartition("events", 1)
 

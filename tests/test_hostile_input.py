@@ -31,10 +31,10 @@ from daemon_support import (
     wait_for,
 )
 
-from detector.daemon import MAX_DEAD_LETTER_BYTES
 from detector.engine import Engine, Status
 from detector.records import InputRecord
 from detector.scorer import Scorer
+from detector.stream.daemon import MAX_DEAD_LETTER_BYTES
 
 DEVICES, PER_DEVICE = 20, 200
 BAD = 6_500

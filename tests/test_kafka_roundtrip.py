@@ -11,7 +11,7 @@ from kafka.structs import OffsetAndMetadata
 from kafka_support import PINNED_API_VERSION, client_config
 
 from detector.config import load_settings
-from detector.kafka_io import make_producer
+from detector.stream.clients import make_producer
 
 pytestmark = pytest.mark.kafka
 

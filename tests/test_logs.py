@@ -18,7 +18,7 @@ from model_factory import export_random, make_manifest
 
 from detector import __version__
 from detector.config import ConfigError, load_settings
-from detector.logs import LogFormat, bind_model_version, configure_logging, default_to_stderr
+from detector.ops.logs import LogFormat, bind_model_version, configure_logging, default_to_stderr
 
 PASSWORD = "s3cr3t-Pa55word"
 

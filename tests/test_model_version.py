@@ -13,10 +13,10 @@ from daemon_support import encoded, sensor_events
 from detector.config import ModelSettings
 from detector.engine import EngineOptions
 from detector.manifest import Manifest, load_model_file, parse_manifest, write_model
-from detector.model_watch import ModelWatcher
+from detector.ops.model_watch import ModelWatcher
 from detector.replay import replay_records
 from detector.scorer import Scorer
-from detector.snapshots import fingerprint
+from detector.state.snapshots import fingerprint
 
 
 def rewritten(model: Path, path: Path, **changes: object) -> Path:

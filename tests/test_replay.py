@@ -29,7 +29,7 @@ T0 = 1_700_000_000
 @pytest.fixture(autouse=True)
 def keep_logging(monkeypatch: pytest.MonkeyPatch) -> None:
     """`detector replay` configures process-wide logging; the other tests need theirs."""
-    monkeypatch.setattr("detector.logs.configure_logging", lambda: None)
+    monkeypatch.setattr("detector.ops.logs.configure_logging", lambda: None)
 
 
 @pytest.fixture(scope="module")

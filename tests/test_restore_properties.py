@@ -27,9 +27,9 @@ from detector.alerts import Alert
 from detector.engine import BatchResult, Engine, EngineOptions
 from detector.manifest import AdaptiveThreshold
 from detector.records import PolledRecord
-from detector.restore import restore_partition
 from detector.scorer import Scorer
-from detector.snapshots import Snapshot, fingerprint, latest_snapshot, snapshot_messages
+from detector.state.restore import restore_partition
+from detector.state.snapshots import Snapshot, fingerprint, latest_snapshot, snapshot_messages
 
 TOPIC = "events"
 T0 = 1_700_000_000.0

@@ -35,13 +35,12 @@ from prometheus_client import REGISTRY
 from structlog.testing import capture_logs
 
 from detector.config import Settings
-from detector.daemon import Daemon
 from detector.engine import Engine, EngineOptions
-from detector.ops_http import Health
+from detector.ops.http import Health
 from detector.records import InputRecord
 from detector.replay import replay_records
 from detector.scorer import Scorer
-from detector.snapshots import (
+from detector.state.snapshots import (
     CHUNK_BYTES,
     KeyHistory,
     decode_fields,
@@ -50,6 +49,7 @@ from detector.snapshots import (
     latest_snapshot,
     snapshot_messages,
 )
+from detector.stream.daemon import Daemon
 
 T0 = 1_700_000_000.0
 PARTITIONS = 3

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from detector.config import Settings, load_settings
-from detector.systemd import SystemdNotifier
+from detector.ops.systemd import SystemdNotifier
 
 UNITS = Path(__file__).resolve().parents[1] / "deploy" / "systemd"
 DETECTOR_UNIT = UNITS / "seqsentinel-detector.service"

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from detector.manifest import load_model_file, write_atomically
-from detector.model_watch import file_sha256
+from detector.ops.model_watch import file_sha256
 
 __all__ = ["Promotion", "PromotionError", "previous_path", "promote", "rollback"]
 

@@ -23,7 +23,7 @@ import pyarrow as pa
 
 from detector.features import FeatureCodec, RecordError, parse_json_record
 from detector.manifest import Manifest, load_model_file
-from detector.model_watch import file_sha256
+from detector.ops.model_watch import file_sha256
 from detector.records import read_records
 from trainer.config import TrainConfig
 from trainer.data import _label as training_label

@@ -59,8 +59,8 @@ def run(args: argparse.Namespace) -> int:
 
     from detector.commands.output import stdout_console
     from detector.engine import EngineOptions
-    from detector.logs import configure_logging
     from detector.manifest import ModelContractError
+    from detector.ops.logs import configure_logging
     from detector.records import read_records
     from detector.scorer import Scorer
 

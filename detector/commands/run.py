@@ -30,8 +30,8 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # Imported when the command runs, not when it is registered: see detector/commands/options.py.
-    from detector.daemon import Daemon
-    from detector.logs import configure_logging
+    from detector.ops.logs import configure_logging
+    from detector.stream.daemon import Daemon
 
     settings = load_settings_or_exit(args.config)
     configure_logging(settings.log.format, settings.log.level)

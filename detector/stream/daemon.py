@@ -1,21 +1,21 @@
 """The `detector run` daemon: poll a micro-batch, score it, publish, and only then commit.
 
 One thread does the Kafka work. Each round it takes a new model if the watcher has one ready,
-restores the key state of newly assigned partitions (`detector.restore`), collects records
-until `batching.max_batch` or `batching.max_latency_ms`, hands their raw bytes to the engine,
-and publishes the alerts and dead letters. Under `at_least_once` the round does not wait for
-their acknowledgement: it stays in flight (`detector.inflight`) while the next rounds poll and
-score, and the offsets it covers are committed (asynchronously) once the broker acknowledged
-every output of it and of the rounds before it. Nothing is committed that is not
+restores the key state of newly assigned partitions (`detector.state.restore`), collects
+records until `batching.max_batch` or `batching.max_latency_ms`, hands their raw bytes to the
+engine, and publishes the alerts and dead letters. Under `at_least_once` the round does not
+wait for their acknowledgement: it stays in flight (`detector.stream.inflight`) while the next
+rounds poll and score, and the offsets it covers are committed (asynchronously) once the broker
+acknowledged every output of it and of the rounds before it. Nothing is committed that is not
 acknowledged, so a crash or an outage at any point repeats work (alerts with the same
 `alert_id`) but loses none; a revocation and the shutdown wait for everything in flight, and
 the shutdown commits synchronously; a periodic snapshot waits in line behind the rounds before
-it, and is sent once they are acknowledged. Under `exactly_once` the outputs, the
-offsets and any state snapshot of a batch are one Kafka transaction, committed before the
-next round (a transaction must end before the next begins): a crash aborts the batch, the
-restarted instance restores the state the transaction left, and read_committed consumers
-see each alert once. Every `processing.snapshot_interval_s`, at revocation and at shutdown, each
-partition's key state goes to the compacted state topic (`detector.snapshots`).
+it, and is sent once they are acknowledged. Under `exactly_once` the outputs, the offsets and
+any state snapshot of a batch are one Kafka transaction, committed before the next round (a
+transaction must end before the next begins): a crash aborts the batch, the restarted instance
+restores the state the transaction left, and read_committed consumers see each alert once.
+Every `processing.snapshot_interval_s`, at revocation and at shutdown, each partition's key
+state goes to the compacted state topic (`detector.state.snapshots`).
 
 kafka-python 3 runs the consumer's network I/O, and the rebalance listener, on its own
 thread, and only while this thread waits in `poll()` or `close()`; the listener may therefore
@@ -45,8 +45,22 @@ from kafka.structs import OffsetAndMetadata
 from detector.alerts import Alert
 from detector.config import Settings
 from detector.engine import Counters, Engine, EngineOptions
-from detector.inflight import InFlight, Outgoing
-from detector.kafka_io import (
+from detector.manifest import ModelContractError
+from detector.ops.http import Health, OpsServer
+from detector.ops.logs import bind_model_version
+from detector.ops.metrics import Metrics
+from detector.ops.model_watch import ModelWatcher, load_scorer
+from detector.ops.systemd import SystemdNotifier
+from detector.records import DeadLetter, PolledRecord, Source
+from detector.scorer import Scorer
+from detector.state.restore import (
+    KafkaRestoreSource,
+    RestoreError,
+    input_records,
+    restore_partition,
+)
+from detector.state.snapshots import KeyHistory, StateCopy, fingerprint, snapshot_records
+from detector.stream.clients import (
     TopicError,
     ensure_topics,
     make_admin,
@@ -54,16 +68,7 @@ from detector.kafka_io import (
     make_producer,
     state_topic,
 )
-from detector.logs import bind_model_version
-from detector.manifest import ModelContractError
-from detector.model_watch import ModelWatcher, load_scorer
-from detector.ops_http import Health, OpsServer
-from detector.records import DeadLetter, PolledRecord, Source
-from detector.restore import KafkaRestoreSource, RestoreError, input_records, restore_partition
-from detector.scorer import Scorer
-from detector.snapshots import KeyHistory, StateCopy, fingerprint, snapshot_records
-from detector.systemd import SystemdNotifier
-from detector.telemetry import Metrics
+from detector.stream.inflight import InFlight, Outgoing
 
 __all__ = ["Daemon", "InHand", "engine_options"]
 

@@ -33,8 +33,8 @@ import orjson
 from kafka import TopicPartition
 
 from detector.arena import ArenaShape, KeyArena
-from detector.inflight import Outgoing
 from detector.manifest import Feature, Manifest
+from detector.stream.inflight import Outgoing
 
 __all__ = [
     "CHUNK_BYTES",

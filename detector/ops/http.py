@@ -16,7 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from detector.telemetry import Metrics
+from detector.ops.metrics import Metrics
 
 __all__ = ["Health", "OpsServer"]
 

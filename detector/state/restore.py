@@ -31,9 +31,9 @@ from kafka import KafkaConsumer, TopicPartition
 
 from detector.config import Settings
 from detector.engine import Engine
-from detector.kafka_io import make_reader, state_topic
 from detector.records import PolledRecord
-from detector.snapshots import KeyHistory, Snapshot, fingerprint, latest_snapshot
+from detector.state.snapshots import KeyHistory, Snapshot, fingerprint, latest_snapshot
+from detector.stream.clients import make_reader, state_topic
 
 __all__ = [
     "KafkaRestoreSource",

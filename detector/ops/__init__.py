@@ -1,0 +1,1 @@
+"""Operating the daemon: health and readiness, metrics, systemd, logs, model reload."""
