@@ -10,7 +10,6 @@ import contextlib
 import shutil
 import signal
 import socket
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -38,7 +37,7 @@ from detector.manifest import ModelContractError
 from detector.ops.http import LIVENESS_TIMEOUT_S, Health, OpsServer
 from detector.ops.metrics import Metrics
 from detector.ops.model_watch import ModelWatcher, file_sha256, load_scorer
-from detector.stream.daemon import InHand
+from detector.stream.source import InHand
 
 
 def replace(target: Path, source: Path | bytes) -> None:
@@ -55,6 +54,12 @@ def log_order(daemon: DaemonProcess, *events: str) -> list[int]:
     """Index in the daemon's log of the first line with each event."""
     logged = [line["event"] for line in daemon.log_events()]
     return [logged.index(event) for event in events]
+
+
+def connection_attempts(daemon: DaemonProcess) -> int:
+    """How many times the daemon found Kafka unreachable so far."""
+    events = [line["event"] for line in daemon.log_events()]
+    return events.count("Kafka is not reachable; retrying")
 
 
 @pytest.mark.kafka
@@ -102,7 +107,7 @@ def test_not_ready_but_alive_while_the_broker_cannot_be_reached_and_no_secret_lo
     daemon = DaemonProcess(nowhere, "events", sensor_model, tmp_path, settings=sasl)
     with running(daemon):
         wait_for(lambda: daemon.get("/readyz")[0] == 503, 90, "/readyz to answer")
-        time.sleep(1.0)  # a few connection attempts
+        wait_for(lambda: connection_attempts(daemon) >= 2, 30, "a few connection attempts")
         status, body = daemon.get("/readyz")
         assert status == 503
         assert orjson.loads(body)["reason"] == "the Kafka broker is not reachable"
@@ -184,9 +189,7 @@ def test_sighup_swaps_in_a_new_model_and_a_corrupt_one_is_refused(
         daemon.wait_ready()
         run_phase(phases[0], sensor_model)
 
-        replace(served, other_model)
-        time.sleep(0.5)
-        assert info_version() == model_version(sensor_model)  # no polling: waits for SIGHUP
+        replace(served, other_model)  # no polling (see the watcher's own test): waits for SIGHUP
         daemon.signal(signal.SIGHUP)
         wait_for(lambda: info_version() == model_version(other_model), 90, "the new model")
         assert reloads("loaded") == 1
@@ -209,28 +212,37 @@ def test_watcher_loads_a_changed_file_once_and_keeps_serving_on_a_bad_one(
     served = tmp_path / "model.onnx"
     shutil.copyfile(sensor_model, served)
     refused: list[str] = []
-    settings = ModelSettings(
-        path=served, providers=["CPUExecutionProvider"], reload_interval_s=0.05
-    )
+    settings = ModelSettings(path=served, providers=["CPUExecutionProvider"])
     watcher = ModelWatcher(settings, model_version(sensor_model), refused.append)
-    watcher.start()
-    try:
-        time.sleep(0.2)
-        assert watcher.take() is None  # unchanged file: nothing to load
-        replace(served, other_model)
-        scorer = wait_for(watcher.take, 10, "the changed file to be loaded")
-        assert scorer.manifest.model_version == model_version(other_model)
-        time.sleep(0.2)
-        assert watcher.take() is None  # loaded once, not at every check
+    watcher.check()
+    assert watcher.take() is None  # unchanged file: nothing to load
+    replace(served, other_model)
+    watcher.check()
+    scorer = watcher.take()
+    assert scorer is not None and scorer.manifest.model_version == model_version(other_model)
+    watcher.check()
+    assert watcher.take() is None  # loaded once, not at every check
 
-        replace(served, b"not a model")
-        wait_for(lambda: refused, 10, "the bad file to be refused")
-        assert "not an ONNX model" in refused[0]
-        replace(served, other_model)  # touched again, same version as the serving one
-        time.sleep(0.3)
-        assert watcher.take() is None and len(refused) == 1
-    finally:
-        watcher.stop()
+    replace(served, b"not a model")
+    watcher.check()
+    assert len(refused) == 1 and "not an ONNX model" in refused[0]
+    replace(served, other_model)  # touched again, same version as the serving one
+    watcher.check()
+    assert watcher.take() is None and len(refused) == 1
+
+
+def test_a_watcher_without_an_interval_checks_only_when_asked(sensor_model, other_model, tmp_path):
+    served = tmp_path / "model.onnx"
+    shutil.copyfile(sensor_model, served)
+    polled = ModelSettings(path=served, providers=["CPUExecutionProvider"], reload_interval_s=5)
+    assert ModelWatcher(polled, model_version(sensor_model), print).interval == 5
+    settings = polled.model_copy(update={"reload_interval_s": 0})
+    watcher = ModelWatcher(settings, model_version(sensor_model), print)
+    assert watcher.interval is None  # the watcher's thread waits for `request()` alone
+    watcher.request()
+    replace(served, other_model)
+    watcher.check()
+    assert watcher.take().manifest.model_version == model_version(other_model)
 
 
 def test_allow_list_admits_only_listed_model_files(sensor_model, other_model):
@@ -290,9 +302,8 @@ def test_in_hand_keys_records_by_the_message_key_unless_a_field_names_it():
     assert [record.key for record in by_field.records] == [None, None, None]
     assert [record.source.offset for record in keyed.records] == [7, 8, 9]
     assert keyed.polled == {partition: 10}  # the next offset to commit
-    keyed.acked = dict(keyed.polled)
     keyed.drop([partition])
-    assert (keyed.records, keyed.polled, keyed.acked) == ([], {}, {})
+    assert (keyed.records, keyed.polled, keyed.runs) == ([], {}, [])
 
 
 def test_probes_answer_from_the_loop_health_and_metrics_render():

@@ -32,7 +32,8 @@ from kafka_support import client_config
 from detector.engine import EngineOptions
 from detector.replay import replay_records
 from detector.scorer import Scorer
-from detector.stream.inflight import InFlight, Outgoing
+from detector.stream.inflight import InFlight
+from detector.stream.messages import Outgoing
 
 P0, P1 = TopicPartition("events", 0), TopicPartition("events", 1)
 

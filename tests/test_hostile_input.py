@@ -34,7 +34,7 @@ from daemon_support import (
 from detector.engine import Engine, Status
 from detector.records import InputRecord
 from detector.scorer import Scorer
-from detector.stream.daemon import MAX_DEAD_LETTER_BYTES
+from detector.stream.messages import MAX_DEAD_LETTER_BYTES
 
 DEVICES, PER_DEVICE = 20, 200
 BAD = 6_500

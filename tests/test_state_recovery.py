@@ -29,12 +29,9 @@ from daemon_support import (
 )
 from kafka import KafkaConsumer, TopicPartition
 from kafka.structs import OffsetAndMetadata
-from kafka_support import client_config, free_ports
+from kafka_support import client_config
 from model_factory import event, load_random, make_manifest
-from prometheus_client import REGISTRY
-from structlog.testing import capture_logs
 
-from detector.config import Settings
 from detector.engine import Engine, EngineOptions
 from detector.ops.http import Health
 from detector.records import InputRecord
@@ -49,7 +46,6 @@ from detector.state.snapshots import (
     latest_snapshot,
     snapshot_messages,
 )
-from detector.stream.daemon import Daemon
 
 T0 = 1_700_000_000.0
 PARTITIONS = 3
@@ -215,32 +211,6 @@ def test_a_key_history_tells_a_continued_history_from_a_lost_one() -> None:
     assert before.lost(evicted, ttl_s=0.0) == []  # evictions lose state by design
     gone = [(key, 5, 0) for key in "abcde"]  # no clock went past their TTL
     assert before.lost(history("", [], []), ttl_s=600.0) == gone
-
-
-def test_a_daemon_counts_and_logs_keys_whose_state_did_not_continue() -> None:
-    daemon = Daemon(Settings(http={"host": "127.0.0.1", "port": free_ports(1)[0]}))
-    try:
-        tp = TopicPartition("events", 1)
-        daemon._continues(tp, history("ab", [5, 5], [100.0, 100.0]), "restore")
-        with capture_logs() as logs:
-            daemon._continues(tp, history("ab", [6, 2], [160.0, 130.0]), "snapshot")
-            daemon._continues(tp, history("ab", [7, 3], [220.0, 190.0]), "snapshot")
-    finally:
-        daemon.ops.server.server_close()
-    assert logs == [
-        {
-            "event": "key state lost",
-            "partition": "events[1]",
-            "at": "snapshot",
-            "keys": 1,
-            "examples": [{"key": "b", "recorded": 5, "found": 2}],
-            "log_level": "error",
-        }
-    ]
-    lost = daemon.metrics.registry.get_sample_value
-    assert lost("seqsentinel_key_state_lost_total", {"at": "snapshot"}) == 1
-    assert lost("seqsentinel_key_state_lost_total", {"at": "restore"}) == 0
-    assert REGISTRY.get_sample_value("seqsentinel_key_state_lost_total", {"at": "snapshot"}) is None
 
 
 def test_large_snapshots_are_chunked_and_a_half_written_one_never_hides_the_last(

@@ -8,18 +8,15 @@ the range read is reported so that a run can be told apart from the next.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any
 
 from kafka import KafkaConsumer, TopicPartition
 
 from detector.config import KafkaSettings
+from detector.stream.reader import IDLE_TIMEOUT_S, ReadError, read_partitions
 
 __all__ = ["SourceError", "TopicMessage", "TopicRange", "read_range"]
-
-#: Give up when no message arrives for this long while the end offsets are not reached.
-IDLE_TIMEOUT_S = 30.0
 
 
 class SourceError(RuntimeError):
@@ -108,32 +105,11 @@ def _read(
     end: dict[TopicPartition, int],
     idle_timeout_s: float,
 ) -> list[TopicMessage]:
-    remaining = {tp for tp in start if start[tp] < end[tp]}
-    if not remaining:
-        return []
-    consumer.assign(sorted(remaining, key=lambda tp: tp.partition))
-    for tp in remaining:
-        consumer.seek(tp, start[tp])
-    messages: list[TopicMessage] = []
-    last_progress = time.monotonic()
-    while remaining:
-        polled = consumer.poll(timeout_ms=500)
-        for tp, batch in polled.items():
-            messages += [
-                TopicMessage(m.partition, m.offset, m.timestamp, m.key, m.value)
-                for m in batch
-                if m.offset < end[tp]
-            ]
-        done = {tp for tp in remaining if consumer.position(tp) >= end[tp]}
-        if done:
-            consumer.pause(*done)
-            remaining -= done
-        if polled or done:
-            last_progress = time.monotonic()
-        elif time.monotonic() - last_progress > idle_timeout_s:
-            behind = ", ".join(f"{tp.partition}" for tp in sorted(remaining))
-            raise SourceError(
-                f"no message for {idle_timeout_s:.0f} s before the end offsets of "
-                f"partition(s) {behind}"
-            )
-    return messages
+    try:
+        return [
+            TopicMessage(m.partition, m.offset, m.timestamp, m.key, m.value)
+            for _, batch in read_partitions(consumer, start, end, idle_timeout_s)
+            for m in batch
+        ]
+    except ReadError as error:
+        raise SourceError(str(error)) from None

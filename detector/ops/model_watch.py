@@ -115,10 +115,14 @@ class ModelWatcher:
             self._serving_version = scorer.manifest.model_version
         return scorer
 
+    @property
+    def interval(self) -> float | None:
+        """Seconds between the background checks; None: only `request()` triggers one."""
+        return self.settings.reload_interval_s or None
+
     def _run(self) -> None:
-        interval = self.settings.reload_interval_s or None
         while not self._stopped:
-            self._wake.wait(interval)
+            self._wake.wait(self.interval)
             self._wake.clear()
             if not self._stopped:
                 self.check()

@@ -19,36 +19,18 @@ one partition's backlog before another's, leaves every key as an uninterrupted r
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from functools import partial
-from itertools import repeat
-from operator import attrgetter
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
-from kafka import KafkaConsumer, TopicPartition
+from kafka import TopicPartition
 
-from detector.config import Settings
 from detector.engine import Engine
 from detector.records import PolledRecord
-from detector.state.snapshots import KeyHistory, Snapshot, fingerprint, latest_snapshot
-from detector.stream.clients import make_reader, state_topic
+from detector.state.snapshots import KeyHistory, Snapshot, fingerprint
 
-__all__ = [
-    "KafkaRestoreSource",
-    "RestoreError",
-    "RestoreSource",
-    "Restored",
-    "input_records",
-    "restore_partition",
-]
-
-#: A read that makes no progress for this long is given up (the broker went away).
-STALL_S = 30.0
-POLL_MS = 500
-_VALUE, _KEY, _OFFSET = attrgetter("value"), attrgetter("key"), attrgetter("offset")
-_DECODE = partial(bytes.decode, errors="replace")
+__all__ = ["RestoreError", "RestoreSource", "Restored", "restore_partition"]
 
 
 class RestoreError(RuntimeError):
@@ -68,36 +50,9 @@ class Restored:
     history: KeyHistory  # the keys as restored
 
 
-def input_records(
-    partition: TopicPartition, messages: Sequence[Any], keyed: bool
-) -> list[PolledRecord]:
-    """Polled messages as engine records; `keyed`: the message key is the entity key. A
-    tombstone (no value) is an empty payload: a dead letter, like any record not JSON.
-
-    Built column by column with C-level `map`s, and each row made by `tuple.__new__` (what
-    `PolledRecord._make` does, less its length check): this runs for every record polled,
-    and a Python call per record here cost as much as a third of the engine's work.
-    """
-    values = list(map(_VALUE, messages))
-    if None in values:
-        values = [b"" if value is None else value for value in values]
-    keys = _keys(messages) if keyed else repeat(None)
-    rows = zip(
-        values, keys, repeat(partition.topic), repeat(partition.partition), map(_OFFSET, messages)
-    )
-    return list(map(tuple.__new__, repeat(PolledRecord), rows))
-
-
-def _keys(messages: Sequence[Any]) -> list[str | None]:
-    """The message keys as text; a missing or empty key is None (the record's field is read)."""
-    keys = list(map(_KEY, messages))
-    if None in keys or b"" in keys:
-        return [key.decode(errors="replace") if key else None for key in keys]
-    return list(map(_DECODE, keys))
-
-
 class RestoreSource(Protocol):
-    """What a restore reads: a partition's latest snapshot and a range of its input records."""
+    """What a restore reads: a partition's latest snapshot and a range of its input records;
+    `RestoreError` when either cannot be read to the end."""
 
     def snapshot(self, partition: TopicPartition, model: str) -> tuple[Snapshot | None, str]:
         """As `latest_snapshot` says, for fingerprint `model`."""
@@ -108,23 +63,6 @@ class RestoreSource(Protocol):
     ) -> Iterable[list[PolledRecord]]:
         """The records from offset `start` up to, not including, `end`, poll by poll."""
         ...
-
-
-@dataclass(frozen=True, slots=True)
-class KafkaRestoreSource:
-    """The daemon's: the state topic and the input topic of `settings`."""
-
-    settings: Settings
-
-    def snapshot(self, partition: TopicPartition, model: str) -> tuple[Snapshot | None, str]:
-        return read_snapshot(self.settings, partition.partition, model)
-
-    def records(
-        self, partition: TopicPartition, start: int, end: int
-    ) -> Iterator[list[PolledRecord]]:
-        keyed = self.settings.kafka.key_field is None
-        for messages in read_range(self.settings, partition, start, end):
-            yield input_records(partition, messages, keyed)
 
 
 def restore_partition(
@@ -156,53 +94,3 @@ def restore_partition(
     history = KeyHistory.of_partition(arena, partition.partition)
     seconds = time.monotonic() - started
     return Restored(max(start, committed), why, generation, replayed, seconds, recorded, history)
-
-
-def read_snapshot(settings: Settings, partition: int, model: str) -> tuple[Snapshot | None, str]:
-    """The input partition's latest snapshot compatible with fingerprint `model`."""
-    topic = state_topic(settings)
-    reader = make_reader(settings)
-    try:
-        numbers = reader.partitions_for_topic(topic)
-        if not numbers:
-            return None, "absent"
-        tp = TopicPartition(topic, partition % len(numbers))
-        end = _bounds(reader, tp)
-        records = (
-            (message.key, message.value)
-            for messages in _read(reader, tp, end)
-            for message in messages
-        )
-        return latest_snapshot(records, settings.topics.input, partition, model)
-    finally:
-        reader.close()
-
-
-def read_range(
-    settings: Settings, partition: TopicPartition, start: int, end: int
-) -> Iterator[list[Any]]:
-    """The messages of `partition` from `start` up to, not including, `end`, in polls."""
-    reader = make_reader(settings)
-    try:
-        reader.assign([partition])
-        reader.seek(partition, start)
-        yield from _read(reader, partition, end)
-    finally:
-        reader.close()
-
-
-def _bounds(reader: KafkaConsumer, tp: TopicPartition) -> int:
-    reader.assign([tp])
-    reader.seek_to_beginning(tp)
-    return reader.end_offsets([tp])[tp]
-
-
-def _read(reader: KafkaConsumer, tp: TopicPartition, end: int) -> Iterator[list[Any]]:
-    last_progress = time.monotonic()
-    while reader.position(tp) < end:
-        messages = reader.poll(timeout_ms=POLL_MS).get(tp, [])
-        if messages:
-            last_progress = time.monotonic()
-            yield [message for message in messages if message.offset < end]
-        elif time.monotonic() - last_progress > STALL_S:
-            raise RestoreError(f"reading {tp.topic}[{tp.partition}] stalled before offset {end}")

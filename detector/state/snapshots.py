@@ -27,6 +27,7 @@ import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from itertools import repeat
+from typing import NamedTuple
 
 import numpy as np
 import orjson
@@ -34,7 +35,6 @@ from kafka import TopicPartition
 
 from detector.arena import ArenaShape, KeyArena
 from detector.manifest import Feature, Manifest
-from detector.stream.inflight import Outgoing
 
 __all__ = [
     "CHUNK_BYTES",
@@ -42,6 +42,7 @@ __all__ = [
     "Snapshot",
     "SnapshotHeader",
     "StateCopy",
+    "StateRecord",
     "decode_fields",
     "encode_fields",
     "fingerprint",
@@ -208,19 +209,28 @@ class StateCopy:
     state_partition: int
 
 
-def snapshot_records(copies: list[StateCopy], fingerprint: str) -> list[Outgoing]:
+class StateRecord(NamedTuple):
+    """One record of a snapshot, with the state topic partition it must be written to."""
+
+    topic: str
+    partition: int
+    key: bytes
+    value: bytes
+
+
+def snapshot_records(copies: list[StateCopy], fingerprint: str) -> list[StateRecord]:
     """The records to publish for the snapshots of `copies`, made by a model of `fingerprint`."""
-    outgoing: list[Outgoing] = []
+    records: list[StateRecord] = []
     for copy in copies:
         tp = copy.partition
         messages = snapshot_messages(
             tp.topic, tp.partition, copy.offset, copy.fields, fingerprint, copy.generation
         )
-        outgoing += [
-            Outgoing(copy.state_topic, key, value, [], partition=copy.state_partition)
+        records += [
+            StateRecord(copy.state_topic, copy.state_partition, key, value)
             for key, value in messages
         ]
-    return outgoing
+    return records
 
 
 def latest_snapshot(

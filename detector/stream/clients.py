@@ -1,4 +1,4 @@
-"""Kafka clients built from `Settings`, and the topic checks the daemon makes at start.
+"""Kafka clients built from `Settings`, and the topics the daemon checks and creates at start.
 
 Every client gets `KafkaSettings.client_options()`, so security settings reach all of them.
 `api_version` is left to kafka-python's probe unless configured: kafka-python 3 detects Kafka
@@ -9,24 +9,34 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import threading
 from typing import Any
 
-from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+import structlog
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
-from kafka.errors import TopicAlreadyExistsError
+from kafka.errors import KafkaError, TopicAlreadyExistsError
+from kafka.structs import OffsetAndMetadata
 
+from detector.backoff import Backoff
 from detector.config import Settings
+from detector.ops.supervisor import Supervisor
 
 __all__ = [
     "TopicError",
+    "connect",
     "ensure_topics",
+    "exactly_once",
     "make_admin",
     "make_consumer",
     "make_producer",
     "make_reader",
+    "offset_metadata",
     "state_topic",
     "transactional_id",
 ]
+
+log = structlog.get_logger(__name__)
 
 #: How long a client waits for the broker while it is created; the daemon retries after that,
 #: so that it stays responsive to signals while the broker is down.
@@ -72,9 +82,13 @@ def make_reader(settings: Settings) -> KafkaConsumer:
     )
 
 
+def exactly_once(settings: Settings) -> bool:
+    """Whether outputs, offsets and snapshots go in transactions; asked here and only here."""
+    return settings.processing.guarantee == "exactly_once"
+
+
 def _isolation(settings: Settings) -> str:
-    exactly_once = settings.processing.guarantee == "exactly_once"
-    return "read_committed" if exactly_once else "read_uncommitted"
+    return "read_committed" if exactly_once(settings) else "read_uncommitted"
 
 
 def state_topic(settings: Settings) -> str:
@@ -91,7 +105,7 @@ def transactional_id(settings: Settings) -> str:
 def make_producer(settings: Settings) -> KafkaProducer:
     """An idempotent producer acknowledged by all in-sync replicas, batching what it sends;
     transactional under exactly_once."""
-    transactional = settings.processing.guarantee == "exactly_once"
+    transactional = exactly_once(settings)
     return KafkaProducer(
         acks="all",
         enable_idempotence=True,
@@ -122,7 +136,8 @@ def ensure_topics(admin: KafkaAdminClient, settings: Settings) -> list[str]:
             f"the input topic {topics.input!r} does not exist on {settings.kafka.bootstrap_servers}"
             " (create it, or set topics.input to the topic the events are written to)"
         )
-    outputs = (topics.alerts, topics.dead_letters, state_topic(settings))
+    state = state_topic(settings)
+    outputs = (topics.alerts, topics.dead_letters, state)
     missing = [name for name in outputs if name not in existing]
     if not missing:
         return []
@@ -138,10 +153,56 @@ def ensure_topics(admin: KafkaAdminClient, settings: Settings) -> list[str]:
             name,
             num_partitions=partitions,
             replication_factor=-1,
-            topic_configs=compacted if name == state_topic(settings) else {},
+            topic_configs=compacted if name == state else {},
         )
         for name in missing
     ]
     with contextlib.suppress(TopicAlreadyExistsError):  # another detector was quicker
         admin.create_topics(new_topics, timeout_ms=30_000, wait_for_metadata=True)
     return missing
+
+
+def offset_metadata(offsets: dict[TopicPartition, int]) -> dict[TopicPartition, OffsetAndMetadata]:
+    """Next offsets as kafka-python commits them."""
+    return {tp: OffsetAndMetadata(offset, "", -1) for tp, offset in offsets.items()}
+
+
+def connect(
+    settings: Settings, stopping: threading.Event, supervisor: Supervisor
+) -> tuple[KafkaProducer, KafkaConsumer] | None:
+    """Check the topics and create the producer and the consumer, retrying while the broker is
+    unreachable; None when a stop is requested first."""
+    backoff = Backoff(0.5, 10.0)
+    while not stopping.is_set():
+        supervisor.beat()
+        producer = consumer = None
+        try:
+            admin = make_admin(settings)
+            try:
+                created = ensure_topics(admin, settings)
+            finally:
+                admin.close()
+            if created:
+                log.info("created topics", topics=created)
+            producer = make_producer(settings)
+            topics = settings.topics
+            for topic in (topics.alerts, topics.dead_letters, state_topic(settings)):
+                producer.partitions_for(topic)  # metadata now: send() never waits for it
+            if producer.config["transactional_id"]:  # fences a predecessor, aborting its batch
+                producer.init_transactions()
+            consumer = make_consumer(settings)
+            # Metadata first: a group leader without it assigns nothing, and may not notice
+            # the topic's partitions for a long while.
+            consumer.partitions_for_topic(topics.input)
+        except KafkaError as error:
+            for client in (producer, consumer):
+                if client is not None:
+                    client.close()
+            delay = backoff.next()
+            supervisor.broker(reachable=False)
+            log.warning("Kafka is not reachable; retrying", error=str(error), retry_in_s=delay)
+            stopping.wait(delay)
+            continue
+        supervisor.broker(reachable=True)
+        return producer, consumer
+    return None

@@ -17,25 +17,13 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import NamedTuple
 
 from kafka import TopicPartition
 from kafka.future import Future
 
-from detector.alerts import Alert
+from detector.stream.messages import Outgoing
 
-__all__ = ["InFlight", "Outgoing", "Round"]
-
-
-class Outgoing(NamedTuple):
-    """One message to publish: an alert, a dead letter or a piece of a state snapshot."""
-
-    topic: str
-    key: bytes | None
-    value: bytes
-    headers: list[tuple[str, bytes]]
-    alert: Alert | None = None
-    partition: int | None = None
+__all__ = ["InFlight", "Round"]
 
 
 @dataclass(slots=True)
