@@ -33,9 +33,9 @@ from kafka_support import client_config
 from model_factory import event, load_random, make_manifest
 
 from detector.engine import Engine, EngineOptions
+from detector.files.replay import replay_records
 from detector.ops.http import Health
 from detector.records import InputRecord
-from detector.replay import replay_records
 from detector.scorer import Scorer
 from detector.state.snapshots import (
     CHUNK_BYTES,
@@ -166,9 +166,27 @@ def test_snapshot_blobs_round_trip_every_field_and_refuse_garbage(scorer: Scorer
         np.testing.assert_array_equal(back[name], array)
     nothing = decode_fields(encode_fields(engine.arena.export(np.zeros(0, np.intp))))
     assert nothing["keys"].size == 0 and nothing["count"].shape == (0,)  # a partition of no key
-    for garbage in (b"", b"not zlib", zlib.compress(b"\x05\x00\x00\x00short")):
+    garbage_ipc = b"\xff\xff\xff\xff" + b"\x00" * 12
+    for garbage in (b"", b"not zlib", zlib.compress(b"\x05\x00\x00\x00short"), garbage_ipc):
         with pytest.raises(ValueError, match="not a state snapshot"):
             decode_fields(garbage)
+
+
+#: A blob of the zlib format snapshots had before Arrow IPC, as an earlier version wrote it.
+ZLIB_BLOB = bytes.fromhex(
+    "7801e36560608802e2e868a5e4fcd2bc12251d259b4c0b259d68a3d8589d68a592fcd2e48cd41490681a42"
+    "b428332f1d2c640252a8630c569a9d5a199f939a975e92510c36042c171b1b9b925aa66b7861d785dd17fb2e"
+    "b6b303ad020126080524151cfe84dc740432fca13490d9600f241c8008881b807881032b508003880100e42af4"
+)
+
+
+def test_a_snapshot_of_the_zlib_format_before_stays_readable() -> None:
+    fields = decode_fields(ZLIB_BLOB)
+    assert fields["keys"].tolist() == ["dev-1", "ключ"]
+    np.testing.assert_array_equal(fields["count"], np.array([7, 2], np.int64))
+    np.testing.assert_array_equal(fields["touched"], [1_700_000_000.5, 1_700_000_060.0])
+    np.testing.assert_array_equal(fields["ring"], np.arange(6, dtype=np.float32).reshape(2, 3))
+    assert encode_fields(fields).startswith(b"\xff\xff\xff\xff")  # written as Arrow IPC
 
 
 def test_a_partition_ahead_in_event_time_does_not_expire_the_keys_of_another(
