@@ -28,8 +28,8 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka_support import client_config, free_ports
 from prometheus_client.parser import text_string_to_metric_families
 
+from detector.files.replay import replay_records
 from detector.manifest import ExportMode
-from detector.replay import replay_records
 from detector.scorer import Scorer
 
 KEY, TIME = "device", "ts"

@@ -17,7 +17,7 @@ from detector import cli as detector_cli
 from detector.cli import main as detector_main
 from detector.commands.options import FILE_FORMATS
 from detector.commands.output import stdout_console
-from detector.records import SUFFIXES
+from detector.files.readers import SUFFIXES
 from trainer import cli as trainer_cli
 from trainer import retrain
 from trainer.cli import main as trainer_main

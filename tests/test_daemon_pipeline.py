@@ -30,7 +30,7 @@ from kafka.future import Future
 from kafka_support import client_config
 
 from detector.engine import EngineOptions
-from detector.replay import replay_records
+from detector.files.replay import replay_records
 from detector.scorer import Scorer
 from detector.stream.inflight import InFlight
 from detector.stream.messages import Outgoing

@@ -13,8 +13,8 @@ import pytest
 from cli_support import intra_op_threads, spy_on_scorer_loads
 
 from detector.engine import EngineOptions, Status
-from detector.records import read_records
-from detector.replay import replay_records
+from detector.files.readers import read_records
+from detector.files.replay import replay_records
 from detector.scorer import Scorer
 from trainer.cli import main
 from trainer.config import load_train_config

@@ -12,9 +12,9 @@ from daemon_support import encoded, sensor_events
 
 from detector.config import ModelSettings
 from detector.engine import EngineOptions
+from detector.files.replay import replay_records
 from detector.manifest import Manifest, load_model_file, parse_manifest, write_model
 from detector.ops.model_watch import ModelWatcher
-from detector.replay import replay_records
 from detector.scorer import Scorer
 from detector.state.snapshots import fingerprint
 

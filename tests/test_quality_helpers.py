@@ -14,7 +14,7 @@ import pytest
 from model_factory import event, load_random, make_manifest
 
 from detector.engine import EngineOptions, Status
-from detector.replay import replay_records
+from detector.files.replay import replay_records
 from detector.thresholds import CANDIDATE_Z
 from trainer.calibrate import CalibrationError, calibrate, dynamic_threshold
 from trainer.config import TrainConfig

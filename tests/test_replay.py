@@ -18,9 +18,10 @@ from model_factory import KEY, TIME, event, export_random, make_manifest
 from detector.cli import main
 from detector.commands.manifest_tables import describe
 from detector.engine import Engine, EngineOptions, Status
+from detector.files.readers import read_records
+from detector.files.replay import replay_records
 from detector.manifest import NumericFeature
-from detector.records import InputRecord, read_records
-from detector.replay import replay_records
+from detector.records import InputRecord
 from detector.scorer import Scorer
 
 T0 = 1_700_000_000

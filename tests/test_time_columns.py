@@ -16,8 +16,8 @@ from model_factory import KEY, TIME, event, load_random, make_manifest
 
 from detector.engine import EngineOptions, Status
 from detector.features import FeatureCodec, RecordError
-from detector.records import read_records
-from detector.replay import replay_records
+from detector.files.readers import read_records
+from detector.files.replay import replay_records
 from trainer.config import TrainConfig
 from trainer.data import DataError, load_events
 

@@ -23,8 +23,8 @@ from detector.features import (
     key_gaps,
     parse_json_record,
 )
+from detector.files.readers import read_records
 from detector.manifest import CategoricalFeature, Columns, Manifest, NumericFeature
-from detector.records import read_records
 from trainer.config import CategoricalFeatureConfig, TrainConfig
 
 TRAIN, VALIDATION, TEST = 0, 1, 2

@@ -1,6 +1,6 @@
 """Judge a model file on labeled data by scoring it the way the detector would.
 
-The events go through `detector.replay.replay_records` — the detector's streaming engine,
+The events go through `detector.files.replay.replay_records` — the detector's streaming engine,
 its feature codec, warm-up, smoothing and onnxruntime session — so the numbers here are the
 numbers a deployment would see, not those of the training code.
 """
@@ -17,9 +17,9 @@ import numpy as np
 import orjson
 
 from detector.engine import EngineOptions, Status
+from detector.files.readers import FileFormat, read_records
+from detector.files.replay import Progress, ReplayResult, replay_records
 from detector.manifest import Manifest
-from detector.records import FileFormat, read_records
-from detector.replay import Progress, ReplayResult, replay_records
 from detector.scorer import Scorer
 from trainer.metrics import (
     average_precision,

@@ -22,9 +22,9 @@ import orjson
 import pyarrow as pa
 
 from detector.features import FeatureCodec, RecordError, parse_json_record
+from detector.files.readers import read_records
 from detector.manifest import Manifest, load_model_file
 from detector.ops.model_watch import file_sha256
-from detector.records import read_records
 from trainer.config import TrainConfig
 from trainer.data import _label as training_label
 from trainer.evaluate import evaluate

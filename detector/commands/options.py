@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
-#: The file formats `detector.records.read_records` reads (its `FileFormat`), for `--format`.
+#: The file formats `detector.files.readers.read_records` reads (its `FileFormat`), for `--format`.
 FILE_FORMATS = ("csv", "jsonl", "parquet")
 
 

@@ -88,7 +88,7 @@ def produce(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from detector.config import load_settings_or_exit
-    from detector.records import read_records
+    from detector.files.readers import read_records
 
     console = Console(stderr=True)
     if args.rate is not None and not args.rate > 0:

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from rich.table import Table
 
     from detector.engine import EngineOptions
-    from detector.replay import ReplayResult
+    from detector.files.replay import ReplayResult
     from detector.scorer import Scorer
 
 #: Warn when more than this share of the events are dead letters.
@@ -59,9 +59,9 @@ def run(args: argparse.Namespace) -> int:
 
     from detector.commands.output import stdout_console
     from detector.engine import EngineOptions
+    from detector.files.readers import read_records
     from detector.manifest import ModelContractError
     from detector.ops.logs import configure_logging
-    from detector.records import read_records
     from detector.scorer import Scorer
 
     configure_logging()  # log lines to stderr: stdout holds the summary
@@ -96,7 +96,7 @@ def replay_with_progress(
     """`replay_records` under a progress bar on the console (stderr)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
-    from detector.replay import replay_records
+    from detector.files.replay import replay_records
 
     columns = (BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=True) as bar:

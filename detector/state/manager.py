@@ -19,9 +19,9 @@ import structlog
 from kafka import TopicPartition
 from kafka.errors import KafkaError
 
-from detector.backoff import Backoff
 from detector.config import Settings
 from detector.engine import Engine
+from detector.ops.backoff import Backoff
 from detector.ops.supervisor import Supervisor
 from detector.state.restore import RestoreError, RestoreSource, restore_partition
 from detector.state.snapshots import (

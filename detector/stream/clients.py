@@ -18,8 +18,8 @@ from kafka.admin import NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 from kafka.structs import OffsetAndMetadata
 
-from detector.backoff import Backoff
 from detector.config import Settings
+from detector.ops.backoff import Backoff
 from detector.ops.supervisor import Supervisor
 
 __all__ = [

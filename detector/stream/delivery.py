@@ -28,8 +28,8 @@ from kafka.errors import CommitFailedError, KafkaError, ProducerFencedError
 from kafka.future import Future
 from kafka.structs import OffsetAndMetadata
 
-from detector.backoff import Backoff
 from detector.config import Settings
+from detector.ops.backoff import Backoff
 from detector.ops.metrics import Metrics
 from detector.ops.supervisor import Supervisor
 from detector.stream.clients import exactly_once

@@ -21,8 +21,8 @@ from kafka import KafkaConsumer, TopicPartition
 from kafka.consumer.subscription_state import AsyncConsumerRebalanceListener
 from kafka.errors import KafkaError
 
-from detector.backoff import Backoff
 from detector.config import Settings
+from detector.ops.backoff import Backoff
 from detector.ops.supervisor import Supervisor
 from detector.records import PolledRecord
 from detector.state.manager import names

@@ -13,8 +13,8 @@ import orjson
 from onnx_fixtures import KEY, TIME
 
 from detector.engine import Engine, Status
+from detector.files.replay import replay_records
 from detector.records import InputRecord
-from detector.replay import replay_records
 
 T0 = 1_700_000_000
 
