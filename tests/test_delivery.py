@@ -160,6 +160,17 @@ def test_offsets_are_committed_once_every_output_before_them_is_acknowledged(sup
     assert delivery.take_committable() == {} and supervisor.health.broker_reachable
 
 
+def test_commits_come_at_most_once_per_interval_and_all_at_shutdown(supervisor):
+    delivery, _, committer = at_least_once(supervisor, commit_interval_ms=60_000)
+    delivery.publish([], {P0: 10}, records=1)
+    delivery.settle()
+    committer.answer()
+    delivery.publish([], {P0: 20}, records=1)
+    delivery.settle()
+    assert committer.asked == [{P0: 10}]  # the next one a minute later
+    assert delivery.commit() and committer.committed == [{P0: 20}]
+
+
 def test_a_failed_send_is_sent_again_and_holds_back_the_commit(supervisor):
     delivery, outputs, committer = at_least_once(supervisor)
     delivery.publish([message(b"a")], {P0: 10}, records=1)
