@@ -28,9 +28,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from detector.engine import Engine, EngineOptions
-from detector.features import parse_json_record
-from detector.manifest import (
+from detector.contract.features import parse_json_record
+from detector.contract.manifest import (
     AdaptiveThreshold,
     CategoricalFeature,
     Columns,
@@ -41,8 +40,9 @@ from detector.manifest import (
     TimeDeltaFeature,
     TrainingSummary,
 )
-from detector.records import InputRecord
-from detector.scorer import CPU, Scorer
+from detector.engine.core import Engine, EngineOptions
+from detector.engine.records import InputRecord
+from detector.engine.scorer import CPU, Scorer
 from detector.state.snapshots import encode_fields
 from trainer.export import export_model
 from trainer.network import SequenceNet

@@ -86,7 +86,7 @@ def scoring(folder: Path, failures: list[str]) -> dict[str, Any]:
     """CUDA against CPU for both export modes of the benchmark model."""
     from seeded_models import bench_model
 
-    from detector.scorer import Scorer
+    from detector.engine.scorer import Scorer
 
     rng = np.random.default_rng(0)
     report: dict[str, Any] = {}
@@ -117,7 +117,7 @@ def training(
 ) -> dict[str, Any]:
     """The trainer's pipeline on the GPU (mixed precision) and the CPU, then both evaluated;
     `cuda_used`: whether onnxruntime's CUDA provider works here."""
-    from detector.scorer import CPU as CPU_PROVIDER
+    from detector.engine.scorer import CPU as CPU_PROVIDER
     from trainer.config import load_train_config
     from trainer.evaluate import evaluate
     from trainer.pipeline import train

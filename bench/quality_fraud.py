@@ -41,7 +41,7 @@ from quality_report import (
 )
 from sklearn.ensemble import HistGradientBoostingClassifier
 
-from detector.engine import Status
+from detector.engine.core import Status
 from trainer.config import NumericFeatureConfig, TrainConfig, load_train_config
 from trainer.evaluate import evaluate
 from trainer.metrics import average_precision, precision_recall_curve, roc_auc

@@ -40,7 +40,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from detector.engine import Status
+from detector.engine.core import Status
 from trainer.config import TrainConfig
 from trainer.data import _split as trainer_split
 from trainer.evaluate import Evaluation

@@ -69,7 +69,7 @@ from quality_report import (
     write_scores,
 )
 
-from detector.engine import EngineOptions
+from detector.engine.core import EngineOptions
 from trainer.config import TrainConfig, load_train_config
 from trainer.evaluate import Evaluation, evaluate
 from trainer.metrics import (

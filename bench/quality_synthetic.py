@@ -54,7 +54,7 @@ from quality_report import (
     write_scores,
 )
 
-from detector.engine import EngineOptions
+from detector.engine.core import EngineOptions
 from trainer.config import load_train_config
 from trainer.evaluate import evaluate
 from trainer.metrics import Counts, RangeCounts, summed

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from detector.manifest import (
+from detector.contract.manifest import (
     Columns,
     ExportMode,
     Manifest,

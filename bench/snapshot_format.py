@@ -29,7 +29,7 @@ from engine import ADAPTIVE, export, make_events, run
 from rich.console import Console
 from rich.table import Table
 
-from detector.scorer import CPU, Scorer
+from detector.engine.scorer import CPU, Scorer
 from detector.state.snapshots import decode_fields, encode_fields
 
 Fields = dict[str, np.ndarray]

@@ -65,9 +65,9 @@ from rich.table import Table
 from seeded_models import FEATURES, KEY, TIME, WINDOW, bench_model
 
 from detector.config import load_settings
-from detector.engine import Engine, EngineOptions
-from detector.records import InputRecord
-from detector.scorer import Scorer
+from detector.engine.core import Engine, EngineOptions
+from detector.engine.records import InputRecord
+from detector.engine.scorer import Scorer
 from detector.stream.clients import make_consumer
 
 PARTITIONS = 4

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from detector.scorer import Scorer
+from detector.engine.scorer import Scorer
 
 
 def spy_on_scorer_loads(monkeypatch: pytest.MonkeyPatch) -> list[Scorer]:

@@ -28,9 +28,9 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka_support import client_config, free_ports
 from prometheus_client.parser import text_string_to_metric_families
 
+from detector.contract.manifest import ExportMode
+from detector.engine.scorer import Scorer
 from detector.files.replay import replay_records
-from detector.manifest import ExportMode
-from detector.scorer import Scorer
 
 KEY, TIME = "device", "ts"
 FEATURES = ("temperature", "vibration")
@@ -73,7 +73,7 @@ def write_csv(path: Path, events: list[dict[str, Any]]) -> Path:
 
 def model_version(model: Path) -> str:
     """The version a model file carries on its alerts and metrics."""
-    from detector.manifest import load_model_file
+    from detector.contract.model_file import load_model_file
 
     return load_model_file(model)[0].model_version
 
@@ -117,7 +117,7 @@ def train_model(
 
 def replay_alert_ids(model: Path, records: list[bytes], max_batch: int = 4096) -> set[str]:
     """The alert ids `detector replay` gives for these JSON records."""
-    from detector.engine import EngineOptions
+    from detector.engine.core import EngineOptions
 
     scorer = Scorer.load(model, providers=["CPUExecutionProvider"])
     result = replay_records(records, scorer, EngineOptions(max_batch=max_batch))

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from detector.manifest import (
+from detector.contract.manifest import (
     CategoricalFeature,
     Columns,
     ExportMode,
@@ -24,7 +24,7 @@ from detector.manifest import (
     TimeDeltaFeature,
     TrainingSummary,
 )
-from detector.scorer import Scorer
+from detector.engine.scorer import Scorer
 from trainer.export import export_model
 from trainer.network import SequenceNet
 

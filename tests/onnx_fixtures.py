@@ -1,8 +1,9 @@
 """Model files for the fast tier, built with `onnx.helper`: the runtime's tests without torch.
 
 Each fixture is a tiny one-layer LSTM with seeded random weights, written with its manifest
-by `detector.manifest.write_model`, so it passes every check the detector makes at load. It
-honours the model contract (`detector.manifest.expected_signature`) in both export modes:
+by `detector.contract.model_file.write_model`, so it passes every check the detector makes at
+load. It honours the model contract (`detector.contract.model_file.expected_signature`) in
+both export modes:
 
 - forecast: the LSTM reads a key's events before the last one, a linear head predicts the
   forecast features of the last one, and the graph returns their squared errors divided by
@@ -23,8 +24,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from detector import manifest as contract
-from detector.manifest import (
+from detector.contract import model_file as contract
+from detector.contract.manifest import (
     Columns,
     ExportMode,
     Manifest,
@@ -34,8 +35,8 @@ from detector.manifest import (
     Task,
     TimeDeltaFeature,
     TrainingSummary,
-    write_model,
 )
+from detector.contract.model_file import write_model
 
 KEY, TIME = "device", "time"
 #: The opset of the fixtures' graphs: ReduceMean still takes its axes as an attribute.

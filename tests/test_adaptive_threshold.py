@@ -11,13 +11,13 @@ from model_factory import event, load_random, make_manifest
 from pydantic import ValidationError
 from structlog.testing import capture_logs
 
-from detector.arena import ArenaShape, KeyArena
-from detector.engine import Engine, EngineOptions, Status
-from detector.manifest import AdaptiveThreshold, KeyStatistics, Manifest, Scoring
-from detector.records import InputRecord
-from detector.scorer import Scorer
+from detector.contract.manifest import AdaptiveThreshold, KeyStatistics, Manifest, Scoring
+from detector.engine.arena import ArenaShape, KeyArena
+from detector.engine.core import Engine, EngineOptions, Status
+from detector.engine.records import InputRecord
+from detector.engine.scorer import Scorer
+from detector.engine.thresholds import CANDIDATE_Z, choose_levels
 from detector.state.snapshots import decode_fields, encode_fields, fingerprint
-from detector.thresholds import CANDIDATE_Z, choose_levels
 from trainer.calibrate import dynamic_threshold
 
 T0 = 1_700_000_000.0

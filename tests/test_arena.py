@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from detector.arena import INITIAL_CAPACITY, ArenaShape, KeyArena
+from detector.engine.arena import INITIAL_CAPACITY, ArenaShape, KeyArena
 
 WINDOW_SHAPE = ArenaShape(ring=(4, 3))
 STATE_SHAPE = ArenaShape(state=(2, 5))

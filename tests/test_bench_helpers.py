@@ -23,7 +23,7 @@ import quality_smap  # noqa: E402
 import seeded_models  # noqa: E402
 from quality_report import run_jobs  # noqa: E402
 
-from detector.scorer import Scorer  # noqa: E402
+from detector.engine.scorer import Scorer  # noqa: E402
 
 
 @pytest.fixture

@@ -11,12 +11,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from model_factory import KEY, TIME, load_random, make_manifest
 
-from detector import engine as engine_module
-from detector.bulk_decode import decode_plain
-from detector.engine import Engine, EngineOptions
-from detector.features import FeatureCodec, RecordError, parse_json_record
-from detector.manifest import NumericFeature, TimeDeltaFeature
-from detector.records import InputRecord
+from detector.contract.bulk_decode import decode_plain
+from detector.contract.features import FeatureCodec, RecordError, parse_json_record
+from detector.contract.manifest import NumericFeature, TimeDeltaFeature
+from detector.engine import core as engine_module
+from detector.engine.core import Engine, EngineOptions
+from detector.engine.records import InputRecord
 
 NAMES = ("amount", "items")
 LIMIT = 65536

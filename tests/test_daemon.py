@@ -27,7 +27,7 @@ from daemon_support import (
 )
 from kafka_support import LocalBroker, TopicFactory
 
-from detector.manifest import load_model_file
+from detector.contract.model_file import load_model_file
 
 pytestmark = pytest.mark.kafka
 

@@ -33,10 +33,10 @@ from kafka.consumer.fetcher import ConsumerRecord
 from kafka_support import free_ports
 
 from detector.config import ModelSettings
-from detector.manifest import ModelContractError
+from detector.contract.model_file import ModelContractError, file_sha256
 from detector.ops.http import LIVENESS_TIMEOUT_S, Health, OpsServer
 from detector.ops.metrics import Metrics
-from detector.ops.model_watch import ModelWatcher, file_sha256, load_scorer
+from detector.ops.model_watch import ModelWatcher, load_scorer
 from detector.stream.source import InHand
 
 

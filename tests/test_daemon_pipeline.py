@@ -27,9 +27,9 @@ from kafka.errors import KafkaTimeoutError
 from kafka.future import Future
 from kafka_support import client_config
 
-from detector.engine import EngineOptions
+from detector.engine.core import EngineOptions
+from detector.engine.scorer import Scorer
 from detector.files.replay import replay_records
-from detector.scorer import Scorer
 from detector.stream.inflight import InFlight
 from detector.stream.messages import Outgoing
 

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.csv
 import pytest
 
-from detector.manifest import load_model_file
+from detector.contract.model_file import load_model_file
 
 CONFIG = """
 [data]

@@ -10,12 +10,12 @@ import pytest
 from model_factory import KEY, TIME, event, load_random, make_manifest
 from structlog.testing import capture_logs
 
-from detector.alerts import alert_id
-from detector.engine import BatchResult, Engine, EngineOptions, Status
-from detector.features import UNKNOWN_CODE
-from detector.manifest import KeyStatistics
-from detector.records import InputRecord, Source
-from detector.scorer import Scorer
+from detector.contract.features import UNKNOWN_CODE
+from detector.contract.manifest import KeyStatistics
+from detector.engine.alerts import alert_id
+from detector.engine.core import BatchResult, Engine, EngineOptions, Status
+from detector.engine.records import InputRecord, Source
+from detector.engine.scorer import Scorer
 
 S, W, K, D = Status.SCORED, Status.WARMING_UP, Status.SKIPPED_BY_STRIDE, Status.DEAD_LETTER
 T0 = 1_700_000_000.0

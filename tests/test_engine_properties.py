@@ -17,9 +17,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from model_factory import MERCHANTS, event, load_random, make_manifest
 
-from detector.engine import Engine, EngineOptions, LatePolicy, Status
-from detector.records import InputRecord
-from detector.scorer import Scorer
+from detector.engine.core import Engine, EngineOptions, LatePolicy, Status
+from detector.engine.records import InputRecord
+from detector.engine.scorer import Scorer
 
 WINDOW = 4
 

@@ -12,10 +12,10 @@ import pyarrow.csv as pa_csv
 import pytest
 from cli_support import intra_op_threads, spy_on_scorer_loads
 
-from detector.engine import EngineOptions, Status
+from detector.engine.core import EngineOptions, Status
+from detector.engine.scorer import Scorer
 from detector.files.readers import read_records
 from detector.files.replay import replay_records
-from detector.scorer import Scorer
 from trainer.cli import main
 from trainer.config import load_train_config
 from trainer.evaluate import evaluate, read_labels

@@ -31,9 +31,9 @@ from daemon_support import (
     wait_for,
 )
 
-from detector.engine import Engine, Status
-from detector.records import InputRecord
-from detector.scorer import Scorer
+from detector.engine.core import Engine, Status
+from detector.engine.records import InputRecord
+from detector.engine.scorer import Scorer
 from detector.stream.messages import MAX_DEAD_LETTER_BYTES
 
 DEVICES, PER_DEVICE = 20, 200

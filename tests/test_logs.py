@@ -147,7 +147,7 @@ def test_secrets_stay_out_of_logs(
 def test_unconfigured_events_go_to_stderr(capsys: pytest.CaptureFixture[str]) -> None:
     structlog.reset_defaults()
     default_to_stderr()
-    structlog.get_logger("detector.scorer").info("model loaded", path="m.onnx")
+    structlog.get_logger("detector.engine.scorer").info("model loaded", path="m.onnx")
 
     out, err = capsys.readouterr()
     assert (out, "model loaded" in err, "m.onnx" in err) == ("", True, True)
@@ -168,7 +168,7 @@ def test_library_use_keeps_the_callers_stdout(tmp_path: Path) -> None:
     model = export_random(tmp_path / "model.onnx", make_manifest(), seed=1)
     program = (
         "import json, sys\n"
-        "from detector.scorer import Scorer\n"
+        "from detector.engine.scorer import Scorer\n"
         "scorer = Scorer.load(sys.argv[1])\n"
         "print(json.dumps({'version': scorer.manifest.model_version}))\n"
     )

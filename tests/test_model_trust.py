@@ -13,7 +13,7 @@ import pytest
 from daemon_support import DaemonProcess, running, train_model
 from model_factory import export_random, make_manifest
 
-from detector.manifest import (
+from detector.contract.model_file import (
     MAX_MODEL_BYTES,
     METADATA_KEY,
     ModelContractError,
@@ -21,7 +21,7 @@ from detector.manifest import (
     load_model_file,
     parse_manifest,
 )
-from detector.scorer import Scorer
+from detector.engine.scorer import Scorer
 from trainer.export import INT8_TOLERANCE
 
 

@@ -11,11 +11,12 @@ import pytest
 from daemon_support import encoded, sensor_events
 
 from detector.config import ModelSettings
-from detector.engine import EngineOptions
+from detector.contract.manifest import Manifest
+from detector.contract.model_file import load_model_file, parse_manifest, write_model
+from detector.engine.core import EngineOptions
+from detector.engine.scorer import Scorer
 from detector.files.replay import replay_records
-from detector.manifest import Manifest, load_model_file, parse_manifest, write_model
 from detector.ops.model_watch import ModelWatcher
-from detector.scorer import Scorer
 from detector.state.snapshots import fingerprint
 
 

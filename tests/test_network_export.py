@@ -10,17 +10,19 @@ import onnx
 import pytest
 import torch
 
-from detector.manifest import (
-    METADATA_KEY,
+from detector.contract.manifest import (
     CategoricalFeature,
     Columns,
     Manifest,
-    ModelContractError,
     Network,
     NumericFeature,
     Scoring,
     TimeDeltaFeature,
     TrainingSummary,
+)
+from detector.contract.model_file import (
+    METADATA_KEY,
+    ModelContractError,
     load_model_file,
     write_model,
 )

@@ -8,7 +8,7 @@ import pytest
 from daemon_support import DaemonProcess, model_version, running, wait_for
 
 from detector.config import ModelSettings
-from detector.manifest import ModelContractError
+from detector.contract.model_file import ModelContractError
 from detector.ops.model_watch import ModelWatcher, fingerprint
 from trainer.cli import main
 from trainer.promotion import PromotionError, previous_path, promote, rollback

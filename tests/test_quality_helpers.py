@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from model_factory import event, load_random, make_manifest
 
-from detector.engine import EngineOptions, Status
+from detector.engine.core import EngineOptions, Status
+from detector.engine.thresholds import CANDIDATE_Z
 from detector.files.replay import replay_records
-from detector.thresholds import CANDIDATE_Z
 from trainer.calibrate import CalibrationError, calibrate, dynamic_threshold
 from trainer.config import TrainConfig
 from trainer.metrics import Counts, RangeCounts, episode_flags, runs, summed

@@ -17,12 +17,12 @@ from model_factory import KEY, TIME, event, export_random, make_manifest
 
 from detector.cli import main
 from detector.commands.manifest_tables import describe
-from detector.engine import Engine, EngineOptions, Status
+from detector.contract.manifest import NumericFeature
+from detector.engine.core import Engine, EngineOptions, Status
+from detector.engine.records import InputRecord
+from detector.engine.scorer import Scorer
 from detector.files.readers import read_records
 from detector.files.replay import replay_records
-from detector.manifest import NumericFeature
-from detector.records import InputRecord
-from detector.scorer import Scorer
 
 T0 = 1_700_000_000
 

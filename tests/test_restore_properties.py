@@ -23,11 +23,11 @@ from hypothesis import strategies as st
 from kafka import TopicPartition
 from model_factory import MERCHANTS, event, load_random, make_manifest
 
-from detector.alerts import Alert
-from detector.engine import BatchResult, Engine, EngineOptions
-from detector.manifest import AdaptiveThreshold
-from detector.records import PolledRecord
-from detector.scorer import Scorer
+from detector.contract.manifest import AdaptiveThreshold
+from detector.engine.alerts import Alert
+from detector.engine.core import BatchResult, Engine, EngineOptions
+from detector.engine.records import PolledRecord
+from detector.engine.scorer import Scorer
 from detector.state.restore import restore_partition
 from detector.state.snapshots import Snapshot, fingerprint, latest_snapshot, snapshot_messages
 

@@ -12,7 +12,7 @@ import pyarrow.csv
 import pytest
 import torch
 
-from detector.features import IQR_TO_SIGMA, MEAN_DEVIATION_TO_SIGMA, robust_statistics
+from detector.contract.features import IQR_TO_SIGMA, MEAN_DEVIATION_TO_SIGMA, robust_statistics
 from trainer.config import TrainConfig, load_train_config
 from trainer.data import TRAIN, VALIDATION, Events, load_events
 from trainer.fit import Loss, fit, make_loss, predict, seed_everything

@@ -10,9 +10,9 @@ import pytest
 import structlog
 from model_factory import export_random, make_manifest
 
-from detector import scorer as scorer_module
-from detector.manifest import ModelContractError
-from detector.scorer import CPU, Scorer, load_cuda_libraries, resolve_providers
+from detector.contract.model_file import ModelContractError
+from detector.engine import scorer as scorer_module
+from detector.engine.scorer import CPU, Scorer, load_cuda_libraries, resolve_providers
 
 
 @pytest.fixture(scope="module")

@@ -15,13 +15,13 @@ from prometheus_client import REGISTRY
 from structlog.testing import capture_logs
 
 from detector.config import Settings
-from detector.engine import Engine, EngineOptions
+from detector.engine.core import Engine, EngineOptions
+from detector.engine.records import PolledRecord
+from detector.engine.scorer import Scorer
 from detector.ops.http import Health
 from detector.ops.metrics import Metrics
 from detector.ops.supervisor import Supervisor
 from detector.ops.systemd import SystemdNotifier
-from detector.records import PolledRecord
-from detector.scorer import Scorer
 from detector.state.manager import StateManager
 from detector.state.restore import RestoreError
 from detector.state.snapshots import KeyHistory, Snapshot, fingerprint, latest_snapshot

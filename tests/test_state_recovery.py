@@ -32,11 +32,11 @@ from kafka.structs import OffsetAndMetadata
 from kafka_support import client_config
 from model_factory import event, load_random, make_manifest
 
-from detector.engine import Engine, EngineOptions
+from detector.engine.core import Engine, EngineOptions
+from detector.engine.records import InputRecord
+from detector.engine.scorer import Scorer
 from detector.files.replay import replay_records
 from detector.ops.http import Health
-from detector.records import InputRecord
-from detector.scorer import Scorer
 from detector.state.snapshots import (
     CHUNK_BYTES,
     KeyHistory,

@@ -8,9 +8,9 @@ import orjson
 from model_factory import event, load_random, make_manifest
 from prometheus_client.parser import text_string_to_metric_families
 
-from detector.engine import Engine
+from detector.engine.core import Engine
+from detector.engine.records import InputRecord
 from detector.ops.metrics import Metrics
-from detector.records import InputRecord
 
 T0 = 1_700_000_000.0
 

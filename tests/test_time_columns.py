@@ -14,8 +14,8 @@ import pyarrow.parquet
 import pytest
 from model_factory import KEY, TIME, event, load_random, make_manifest
 
-from detector.engine import EngineOptions, Status
-from detector.features import FeatureCodec, RecordError
+from detector.contract.features import FeatureCodec, RecordError
+from detector.engine.core import EngineOptions, Status
 from detector.files.readers import read_records
 from detector.files.replay import replay_records
 from trainer.config import TrainConfig

@@ -11,8 +11,8 @@ import pyarrow.csv
 import pyarrow.parquet
 import pytest
 
-from detector.features import FeatureCodec, key_gaps
-from detector.manifest import CategoricalFeature, NumericFeature
+from detector.contract.features import FeatureCodec, key_gaps
+from detector.contract.manifest import CategoricalFeature, NumericFeature
 from trainer.config import ConfigError, TrainConfig, load_train_config
 from trainer.data import TEST, TRAIN, VALIDATION, DataError, load_events
 

@@ -13,8 +13,9 @@ import pyarrow.csv
 import pytest
 import torch
 
-from detector.engine import Status
-from detector.manifest import AdaptiveThreshold, load_model_file
+from detector.contract.manifest import AdaptiveThreshold
+from detector.contract.model_file import load_model_file
+from detector.engine.core import Status
 from trainer.calibrate import (
     MIN_KEY_SCORES,
     CalibrationError,

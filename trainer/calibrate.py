@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from detector.features import FeatureCodec
-from detector.manifest import Manifest
-from detector.thresholds import choose_levels
+from detector.contract.features import FeatureCodec
+from detector.contract.manifest import Manifest
+from detector.engine.thresholds import choose_levels
 from trainer.metrics import precision_recall_curve, roc_curve
 
 

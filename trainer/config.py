@@ -14,7 +14,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from detector import __version__
-from detector.manifest import (
+from detector.contract.manifest import (
     AdaptiveThreshold,
     CategoricalFeature,
     Columns,

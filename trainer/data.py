@@ -16,15 +16,15 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from detector.features import (
+from detector.contract.features import (
     FeatureCodec,
     RecordError,
     fit_statistics,
     key_gaps,
     parse_json_record,
 )
+from detector.contract.manifest import CategoricalFeature, Columns, Manifest, NumericFeature
 from detector.files.readers import read_records
-from detector.manifest import CategoricalFeature, Columns, Manifest, NumericFeature
 from trainer.config import CategoricalFeatureConfig, TrainConfig
 
 TRAIN, VALIDATION, TEST = 0, 1, 2

@@ -16,11 +16,11 @@ from typing import Any
 import numpy as np
 import orjson
 
-from detector.engine import EngineOptions, Status
+from detector.contract.manifest import Manifest
+from detector.engine.core import EngineOptions, Status
+from detector.engine.scorer import Scorer
 from detector.files.readers import FileFormat, read_records
 from detector.files.replay import Progress, ReplayResult, replay_records
-from detector.manifest import Manifest
-from detector.scorer import Scorer
 from trainer.metrics import (
     average_precision,
     key_time_order,

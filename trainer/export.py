@@ -21,7 +21,8 @@ import torch
 from onnxruntime.quantization import QuantType, quantize_dynamic
 from torch import Tensor, nn
 
-from detector.manifest import (
+from detector.contract.manifest import Manifest, Probes
+from detector.contract.model_file import (
     INPUT_C,
     INPUT_EVENTS,
     INPUT_H,
@@ -30,12 +31,10 @@ from detector.manifest import (
     OUTPUT_CONTRIB,
     OUTPUT_H,
     OUTPUT_SCORE,
-    Manifest,
-    Probes,
     relative_difference,
     write_model,
 )
-from detector.scorer import CPU, Scorer
+from detector.engine.scorer import CPU, Scorer
 from trainer.network import SequenceNet
 
 OPSET = 17

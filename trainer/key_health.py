@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from detector.manifest import NumericFeature
+from detector.contract.manifest import NumericFeature
 from trainer.data import TRAIN, Events
 
 #: A key dominates when it carries at least this share of the validation loss...

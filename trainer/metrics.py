@@ -277,7 +277,7 @@ def episode_flags(
 
     An event counts as above once it is the `confirm`-th consecutive one at or above the
     threshold; an episode opens at such an event and closes at the `cooldown`-th consecutive
-    event not above (`detector.alerts.advance_episodes`), so an event is inside one when an
+    event not above (`detector.engine.alerts.advance_episodes`), so an event is inside one when an
     event at most `cooldown - 1` scored events before it, of its key, was above.
     Positions as in `runs`: each key's scored events contiguous and in time order. The runs
     of the result are the episodes, one alert each. `from_onset` makes each episode start at

@@ -12,8 +12,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from detector.features import FeatureCodec
-from detector.manifest import CategoricalFeature, Manifest
+from detector.contract.features import FeatureCodec
+from detector.contract.manifest import CategoricalFeature, Manifest
 
 #: Residual variances are floored so that a perfectly predicted feature cannot divide by zero.
 MIN_RESIDUAL_VARIANCE = 1e-6

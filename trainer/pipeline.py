@@ -13,7 +13,8 @@ import onnx
 import torch
 
 from detector import __version__
-from detector.manifest import KeyStatistics, Manifest, Scoring, TrainingSummary, write_model
+from detector.contract.manifest import KeyStatistics, Manifest, Scoring, TrainingSummary
+from detector.contract.model_file import write_model
 from trainer.calibrate import calibrate, calibrate_per_key, min_error_score, smooth_per_key
 from trainer.config import TrainConfig
 from trainer.data import SPLIT_NAMES, TEST, TRAIN, VALIDATION, Events, Windows, load_events

@@ -17,8 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from detector.manifest import load_model_file, write_atomically
-from detector.ops.model_watch import file_sha256
+from detector.contract.model_file import file_sha256, load_model_file, write_atomically
 
 __all__ = ["Promotion", "PromotionError", "previous_path", "promote", "rollback"]
 

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from matplotlib.figure import Figure
 
-from detector.manifest import CategoricalFeature, Manifest, NumericFeature
+from detector.contract.manifest import CategoricalFeature, Manifest, NumericFeature
 from trainer.key_health import (
     CARD_KEYS,
     DOMINANT_LOSS_SHARE,

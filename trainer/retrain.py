@@ -21,10 +21,10 @@ import numpy as np
 import orjson
 import pyarrow as pa
 
-from detector.features import FeatureCodec, RecordError, parse_json_record
+from detector.contract.features import FeatureCodec, RecordError, parse_json_record
+from detector.contract.manifest import Manifest
+from detector.contract.model_file import file_sha256, load_model_file
 from detector.files.readers import read_records
-from detector.manifest import Manifest, load_model_file
-from detector.ops.model_watch import file_sha256
 from trainer.config import TrainConfig
 from trainer.data import _label as training_label
 from trainer.evaluate import evaluate

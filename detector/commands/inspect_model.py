@@ -23,8 +23,8 @@ def run(args: argparse.Namespace) -> int:
 
     from detector.commands.manifest_tables import features, overview
     from detector.commands.output import stdout_console
-    from detector.manifest import ModelContractError, load_model_file
-    from detector.scorer import resolve_providers
+    from detector.contract.model_file import ModelContractError, load_model_file
+    from detector.engine.scorer import resolve_providers
 
     try:
         manifest, _ = load_model_file(args.model)

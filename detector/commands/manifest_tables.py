@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from rich.table import Table
 
-from detector.manifest import (
+from detector.contract.manifest import (
     AdaptiveThreshold,
     CategoricalFeature,
     Feature,

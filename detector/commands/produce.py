@@ -141,7 +141,7 @@ def produce(args: argparse.Namespace) -> int:
 def _model_columns(args: argparse.Namespace) -> str | None:
     """Take the key and time columns from the `--model`'s manifest where the options leave
     them open; why the model is refused, if it is."""
-    from detector.manifest import ModelContractError, load_model_file
+    from detector.contract.model_file import ModelContractError, load_model_file
 
     try:
         columns = load_model_file(args.model)[0].columns
@@ -226,7 +226,7 @@ def _key(document: dict[str, Any] | None, args: argparse.Namespace) -> bytes | N
 def _time_order(documents: Sequence[dict[str, Any] | None], column: str) -> list[int]:
     """Positions of `documents` in the order of their `column`, stable: seconds (or the number
     as it is); unreadable times go last."""
-    from detector.features import RecordError, parse_event_time
+    from detector.contract.features import RecordError, parse_event_time
 
     def seconds(document: dict[str, Any] | None) -> float:
         value = None if document is None else document.get(column)

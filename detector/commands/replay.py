@@ -17,9 +17,9 @@ if TYPE_CHECKING:
     from rich.console import Console
     from rich.table import Table
 
-    from detector.engine import EngineOptions
+    from detector.engine.core import EngineOptions
+    from detector.engine.scorer import Scorer
     from detector.files.replay import ReplayResult
-    from detector.scorer import Scorer
 
 #: Warn when more than this share of the events are dead letters.
 DEAD_LETTER_WARNING = 0.10
@@ -58,11 +58,11 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from detector.commands.output import stdout_console
-    from detector.engine import EngineOptions
+    from detector.contract.model_file import ModelContractError
+    from detector.engine.core import EngineOptions
+    from detector.engine.scorer import Scorer
     from detector.files.readers import read_records
-    from detector.manifest import ModelContractError
     from detector.ops.logs import configure_logging
-    from detector.scorer import Scorer
 
     configure_logging()  # log lines to stderr: stdout holds the summary
     console = Console(stderr=True)
@@ -165,7 +165,7 @@ def write_scores(path: Path, result: ReplayResult) -> None:
     import pyarrow as pa
     import pyarrow.csv
 
-    from detector.engine import Status
+    from detector.engine.core import Status
 
     status_names = np.array([status.name.lower() for status in Status], object)
     table = pa.table(

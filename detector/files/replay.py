@@ -15,11 +15,11 @@ from typing import Any
 
 import numpy as np
 
-from detector.alerts import Alert
-from detector.engine import BatchResult, Engine, EngineOptions, Status
-from detector.features import RecordError, parse_event_time, parse_json_record
-from detector.records import DeadLetter, InputRecord, Source
-from detector.scorer import Scorer
+from detector.contract.features import RecordError, parse_event_time, parse_json_record
+from detector.engine.alerts import Alert
+from detector.engine.core import BatchResult, Engine, EngineOptions, Status
+from detector.engine.records import DeadLetter, InputRecord, Source
+from detector.engine.scorer import Scorer
 
 #: Called after each batch with (events done, events in all).
 Progress = Callable[[int, int], None]

@@ -12,8 +12,8 @@ from collections.abc import Iterable
 from kafka import TopicPartition
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 
-from detector.engine import Counters
-from detector.manifest import Manifest
+from detector.contract.manifest import Manifest
+from detector.engine.core import Counters
 
 __all__ = ["Metrics"]
 

@@ -9,7 +9,6 @@ any step is refused with an error in the log, and the old model stays.
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -17,22 +16,14 @@ from pathlib import Path
 import structlog
 
 from detector.config import ModelSettings
-from detector.manifest import ModelContractError
-from detector.scorer import Scorer
+from detector.contract.model_file import ModelContractError, file_sha256
+from detector.engine.scorer import Scorer
 
-__all__ = ["ModelWatcher", "file_sha256", "load_scorer"]
+__all__ = ["ModelWatcher", "load_scorer"]
 
 log = structlog.get_logger(__name__)
 
 Fingerprint = tuple[int, int, int] | None
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_scorer(settings: ModelSettings) -> Scorer:

@@ -13,12 +13,12 @@ from typing import Any
 
 import structlog
 
-from detector.engine import Counters
+from detector.engine.core import Counters
+from detector.engine.scorer import Scorer
 from detector.ops.http import Health
 from detector.ops.logs import bind_model_version
 from detector.ops.metrics import Metrics
 from detector.ops.systemd import SystemdNotifier
-from detector.scorer import Scorer
 
 __all__ = ["Supervisor"]
 

@@ -20,7 +20,7 @@ from kafka import TopicPartition
 from kafka.errors import KafkaError
 
 from detector.config import Settings
-from detector.engine import Engine
+from detector.engine.core import Engine
 from detector.ops.backoff import Backoff
 from detector.ops.supervisor import Supervisor
 from detector.state.restore import RestoreError, RestoreSource, restore_partition

@@ -26,8 +26,8 @@ from typing import Protocol
 import numpy as np
 from kafka import TopicPartition
 
-from detector.engine import Engine
-from detector.records import PolledRecord
+from detector.engine.core import Engine
+from detector.engine.records import PolledRecord
 from detector.state.snapshots import KeyHistory, Snapshot, fingerprint
 
 __all__ = ["RestoreError", "RestoreSource", "Restored", "restore_partition"]

@@ -36,8 +36,8 @@ import orjson
 import pyarrow as pa
 from kafka import TopicPartition
 
-from detector.arena import ArenaShape, KeyArena
-from detector.manifest import Feature, Manifest
+from detector.contract.manifest import Feature, Manifest
+from detector.engine.arena import ArenaShape, KeyArena
 
 __all__ = [
     "CHUNK_BYTES",

@@ -22,14 +22,14 @@ import structlog
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from detector.config import Settings
-from detector.engine import Engine, EngineOptions
-from detector.manifest import ModelContractError
+from detector.contract.model_file import ModelContractError
+from detector.engine.core import Engine, EngineOptions
+from detector.engine.scorer import Scorer
 from detector.ops.http import Health, OpsServer
 from detector.ops.metrics import Metrics
 from detector.ops.model_watch import ModelWatcher, load_scorer
 from detector.ops.supervisor import Supervisor
 from detector.ops.systemd import SystemdNotifier
-from detector.scorer import Scorer
 from detector.state.manager import StateManager, names
 from detector.stream.clients import TopicError, connect, state_topic
 from detector.stream.delivery import Delivery, KafkaProducerOutputs, Offsets, make_delivery

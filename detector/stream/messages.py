@@ -6,8 +6,8 @@ from typing import NamedTuple
 
 import orjson
 
-from detector.alerts import Alert
-from detector.records import DeadLetter, Source
+from detector.engine.alerts import Alert
+from detector.engine.records import DeadLetter, Source
 from detector.state.snapshots import StateRecord
 
 __all__ = [

@@ -20,7 +20,7 @@ from typing import Any
 from kafka import KafkaConsumer, TopicPartition
 
 from detector.config import Settings
-from detector.records import PolledRecord
+from detector.engine.records import PolledRecord
 from detector.state.restore import RestoreError
 from detector.state.snapshots import Snapshot, latest_snapshot
 from detector.stream.clients import make_reader, state_topic

@@ -22,9 +22,9 @@ from kafka.consumer.subscription_state import AsyncConsumerRebalanceListener
 from kafka.errors import KafkaError
 
 from detector.config import Settings
+from detector.engine.records import PolledRecord
 from detector.ops.backoff import Backoff
 from detector.ops.supervisor import Supervisor
-from detector.records import PolledRecord
 from detector.state.manager import names
 from detector.stream.clients import offset_metadata
 from detector.stream.delivery import CommitCallback, Offsets

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from onnx_fixtures import sensor_manifest, write_fixture
 
-from detector.manifest import ExportMode, Task
-from detector.scorer import Scorer
+from detector.contract.manifest import ExportMode, Task
+from detector.engine.scorer import Scorer
 
 FAST = Path(__file__).resolve().parent
 

@@ -9,11 +9,11 @@ import orjson
 import pytest
 from onnx_fixtures import KEY, TIME, reference_scores
 
-from detector import engine as engine_module
-from detector.engine import BatchResult, Engine, EngineOptions, Status
-from detector.features import FeatureCodec
-from detector.records import InputRecord
-from detector.scorer import Scorer
+from detector.contract.features import FeatureCodec
+from detector.engine import core as engine_module
+from detector.engine.core import BatchResult, Engine, EngineOptions, Status
+from detector.engine.records import InputRecord
+from detector.engine.scorer import Scorer
 
 T0 = 1_700_000_000.0
 

@@ -10,8 +10,9 @@ import pytest
 from onnx import numpy_helper
 from onnx_fixtures import build_graph, reference_scores, sensor_manifest, write_fixture
 
-from detector.manifest import ExportMode, ModelContractError, Task, load_model_file, write_model
-from detector.scorer import Scorer
+from detector.contract.manifest import ExportMode, Task
+from detector.contract.model_file import ModelContractError, load_model_file, write_model
+from detector.engine.scorer import Scorer
 
 CASES = [(task, mode) for task in ("forecast", "classify") for mode in ("window", "stateful")]
 

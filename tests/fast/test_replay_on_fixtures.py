@@ -12,9 +12,9 @@ import numpy as np
 import orjson
 from onnx_fixtures import KEY, TIME
 
-from detector.engine import Engine, Status
+from detector.engine.core import Engine, Status
+from detector.engine.records import InputRecord
 from detector.files.replay import replay_records
-from detector.records import InputRecord
 
 T0 = 1_700_000_000
 

@@ -13,7 +13,7 @@ from detector.commands.options import add_format_argument, add_threads_argument
 if TYPE_CHECKING:
     from rich.table import Table
 
-    from detector.manifest import Manifest
+    from detector.contract.manifest import Manifest
     from trainer.evaluate import Evaluation
 
 
@@ -45,8 +45,8 @@ def run(args: argparse.Namespace) -> int:
     from rich.progress import Progress
 
     from detector.commands.output import stdout_console
-    from detector.engine import EngineOptions
-    from detector.manifest import ModelContractError
+    from detector.contract.model_file import ModelContractError
+    from detector.engine.core import EngineOptions
     from trainer.evaluate import evaluate
     from trainer.report import write_evaluation_report
 

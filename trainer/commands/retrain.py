@@ -139,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
     from kafka.errors import KafkaError
 
     from detector.config import ConfigError as SettingsError
-    from detector.manifest import ModelContractError
+    from detector.contract.model_file import ModelContractError
     from trainer.calibrate import CalibrationError
     from trainer.config import ConfigError, load_train_config
     from trainer.data import DataError

@@ -24,7 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # Imported when the command runs, not when it is registered: see detector/commands/options.py.
-    from detector.manifest import ModelContractError
+    from detector.contract.model_file import ModelContractError
     from trainer.promotion import PromotionError, rollback
 
     try:

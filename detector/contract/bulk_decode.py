@@ -13,22 +13,32 @@ dead letters included.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from itertools import chain
 from operator import itemgetter
+from typing import Any, Protocol
 
 import numpy as np
 import orjson
 
-from detector.features import FLOAT32_MAX, MAX_EVENT_TIME, UNKNOWN_CODE, FeatureCodec
-from detector.manifest import CategoricalFeature, NumericFeature
-from detector.records import InputRecord
+from detector.contract.features import FLOAT32_MAX, MAX_EVENT_TIME, UNKNOWN_CODE, FeatureCodec
+from detector.contract.manifest import CategoricalFeature, NumericFeature
 
 #: JSON numbers as orjson returns them (bool is a type of its own, and is refused).
 _NUMBERS = frozenset({float, int})
 #: What a categorical feature accepts: a label, or an integer standing for one.
 _LABELS = frozenset({str, int})
+
+
+class Record(Protocol):
+    """What `decode_plain` reads of a record: the engine's `InputRecord` or `PolledRecord`."""
+
+    @property
+    def payload(self) -> bytes | str | Mapping[str, Any]: ...
+
+    @property
+    def key(self) -> str | None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,7 +53,7 @@ class PlainBatch:
 
 
 def decode_plain(
-    codec: FeatureCodec, records: Sequence[InputRecord], max_bytes: int
+    codec: FeatureCodec, records: Sequence[Record], max_bytes: int
 ) -> PlainBatch | None:
     """The batch decoded in bulk, or None when any record is not plain."""
     features = codec.features

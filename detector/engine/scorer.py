@@ -19,8 +19,9 @@ import numpy as np
 import onnxruntime
 import structlog
 
-from detector.features import FeatureCodec
-from detector.manifest import (
+from detector.contract.features import FeatureCodec
+from detector.contract.manifest import Manifest
+from detector.contract.model_file import (
     INPUT_C,
     INPUT_EVENTS,
     INPUT_H,
@@ -29,7 +30,6 @@ from detector.manifest import (
     OUTPUT_CONTRIB,
     OUTPUT_H,
     OUTPUT_SCORE,
-    Manifest,
     ModelContractError,
     load_model_file,
     relative_difference,

@@ -26,7 +26,10 @@ from typing import Any, Literal, get_args
 import numpy as np
 import structlog
 
-from detector.alerts import (
+from detector.contract.bulk_decode import decode_plain
+from detector.contract.features import RecordError, parse_json_record
+from detector.contract.manifest import AdaptiveThreshold, Manifest
+from detector.engine.alerts import (
     Alert,
     advance_episodes,
     alert_id,
@@ -35,13 +38,10 @@ from detector.alerts import (
     occlusion_values,
     smooth,
 )
-from detector.arena import ArenaShape, KeyArena
-from detector.bulk_decode import decode_plain
-from detector.features import RecordError, parse_json_record
-from detector.manifest import AdaptiveThreshold, Manifest
-from detector.records import DeadLetter, InputRecord
-from detector.scorer import Scorer, Scores
-from detector.thresholds import choose_levels
+from detector.engine.arena import ArenaShape, KeyArena
+from detector.engine.records import DeadLetter, InputRecord
+from detector.engine.scorer import Scorer, Scores
+from detector.engine.thresholds import choose_levels
 
 log = structlog.get_logger(__name__)
 

@@ -16,7 +16,7 @@ from itertools import repeat
 
 import numpy as np
 
-from detector.manifest import Manifest
+from detector.contract.manifest import Manifest
 
 #: Slots allocated up front; the arena doubles from here as keys arrive, up to `max_keys`.
 INITIAL_CAPACITY = 1024

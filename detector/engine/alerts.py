@@ -15,10 +15,10 @@ from typing import Any, Literal
 
 import numpy as np
 
-from detector.arena import KeyArena
-from detector.features import UNKNOWN_CODE
-from detector.manifest import CategoricalFeature, Manifest
-from detector.records import Source
+from detector.contract.features import UNKNOWN_CODE
+from detector.contract.manifest import CategoricalFeature, Manifest
+from detector.engine.arena import KeyArena
+from detector.engine.records import Source
 
 ExplanationKind = Literal["forecast_error_share", "occlusion"]
 

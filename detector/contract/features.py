@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 import numpy as np
 import orjson
 
-from detector.manifest import (
+from detector.contract.manifest import (
     CategoricalFeature,
     Feature,
     KeyStatistics,
