@@ -82,9 +82,12 @@ test-latest: kafka-jars
 	$(call install,$(VENV_LATEST),--upgrade --upgrade-strategy eager,$(EXTRAS))
 	SEQSENTINEL_REQUIRE_KAFKA=1 $(VENV_LATEST)/bin/python -m pytest $(PYTEST_ARGS)
 
+# ruff, then the import directions between the layers (pyproject.toml's [tool.importlinter];
+# tests/test_layers.py runs them with the suite too).
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports --no-cache
 
 # docs/configuration.md from the settings' descriptions in detector/config.py;
 # tests/test_configuration_docs.py fails while it is out of date.
