@@ -2,8 +2,8 @@
 # Installs seqsentinel from this source tree into a Python environment.
 #
 # The Dockerfile's only install step, kept in a script so that what an image holds can be built
-# and checked without Docker (tests/test_docker_install.py does). pip reads its usual PIP_*
-# variables, e.g. PIP_INDEX_URL for a mirror or PIP_NO_CACHE_DIR=1 in images.
+# and checked without Docker (tests/deploy/test_docker_install.py does). pip reads its usual
+# PIP_* variables, e.g. PIP_INDEX_URL for a mirror or PIP_NO_CACHE_DIR=1 in images.
 set -eu
 
 usage() {

@@ -13,7 +13,7 @@ from daemon_support import read_topic
 from kafka.partitioner.default import murmur2
 from kafka_support import TopicFactory
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LOCAL_KAFKA = ROOT / "deploy" / "kafka" / "local-kafka"
 GENERATOR = ROOT / "bench" / "LoadGenerator.java"
 

@@ -17,7 +17,7 @@ import pytest
 from detector.config import Settings, load_settings
 from detector.ops.systemd import SystemdNotifier
 
-UNITS = Path(__file__).resolve().parents[1] / "deploy" / "systemd"
+UNITS = Path(__file__).resolve().parents[2] / "deploy" / "systemd"
 DETECTOR_UNIT = UNITS / "seqsentinel-detector.service"
 RETRAIN_UNIT = UNITS / "seqsentinel-retrain.service"
 RETRAIN_TIMER = UNITS / "seqsentinel-retrain.timer"

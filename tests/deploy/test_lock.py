@@ -11,7 +11,7 @@ import pytest
 from packaging.requirements import Requirement
 from test_docker_install import environment, parse_dockerfile, values
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LOCK = "constraints.txt"
 #: The Pythons the lock promises to serve, on Linux x86_64.
 PYTHONS = ("3.11", "3.12", "3.13")

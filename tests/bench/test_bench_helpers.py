@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-BENCH = Path(__file__).parent.parent / "bench"
+BENCH = Path(__file__).resolve().parents[2] / "bench"
 sys.path.insert(0, str(BENCH))
 
 import quality_fraud  # noqa: E402

@@ -20,7 +20,7 @@ from trainer.calibrate import CalibrationError, calibrate, dynamic_threshold
 from trainer.config import TrainConfig
 from trainer.metrics import Counts, RangeCounts, episode_flags, runs, summed
 
-sys.path.insert(0, str(Path(__file__).parent.parent / "bench"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
 import quality_report
 import quality_smap

@@ -22,7 +22,7 @@ from onnx import TensorProto, helper
 
 from detector.config import Settings
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 INSTALL = ROOT / "deploy" / "install.sh"
 #: The uid the images run as; the Kubernetes manifests and docs rely on it.
 SERVICE_UID = "10001"

@@ -162,7 +162,7 @@ def test_offsets_are_committed_at_most_once_per_interval_and_all_at_shutdown(
 ):
     """With a commit interval of a minute, the first acknowledged round is committed at once
     and no later one until the shutdown, which commits everything (the interval itself:
-    tests/test_delivery.py)."""
+    tests/stream/test_delivery.py)."""
     topic = kafka_topic_factory(partitions=1, prefix="interval")
     events = encoded(sensor_events(4, 30, seed=3))
     settings = {"KAFKA__COMMIT_INTERVAL_MS": "60000", "BATCHING__MAX_BATCH": "16"}

@@ -21,7 +21,7 @@ from detector.config import Settings, load_settings
 
 yaml = pytest.importorskip("yaml", reason="PyYAML (a test-only dependency) is not installed")
 
-K8S = Path(__file__).resolve().parents[1] / "deploy" / "k8s"
+K8S = Path(__file__).resolve().parents[2] / "deploy" / "k8s"
 BASE = K8S / "base"
 OVERLAYS = {name: K8S / "overlays" / name for name in ("cpu", "gpu")}
 #: The uid the detector image runs as (its last USER): pods must use the same for the volumes.
