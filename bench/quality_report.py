@@ -18,6 +18,10 @@ values in time order, for offline threshold studies:
     {seed}/{key}/train_split        int8     the trainer's split of the training file's
                                              events: 0 train, 1 validation, 2 test
     {seed}/{key}/smoothing          float64  0-d: the manifest's EWMA α of the scores
+    {seed}/{key}/static_threshold   float64  0-d: the calibrated threshold (`Scoring.threshold`)
+    {seed}/{key}/unit_score         float64  0-d: the score of a scaled error of 1 in every
+                                             forecast feature (`min_scaled_error`'s unit);
+                                             NaN when the configuration sets no such bound
 """
 
 from __future__ import annotations
@@ -326,7 +330,13 @@ def score_dump(
             arrays[f"{prefix}/{part}_thresholds"] = stream.thresholds[scored]
             arrays[f"{prefix}/{part}_labels"] = stream.labels[scored].astype(np.int8)
         arrays[f"{prefix}/train_split"] = split_codes(config, streams["train"])
-        arrays[f"{prefix}/smoothing"] = np.float64(test.manifest.scoring.smoothing)
+        scoring = test.manifest.scoring
+        arrays[f"{prefix}/smoothing"] = np.float64(scoring.smoothing)
+        arrays[f"{prefix}/static_threshold"] = np.float64(scoring.threshold)
+        bound = config.threshold.min_scaled_error
+        arrays[f"{prefix}/unit_score"] = np.float64(
+            scoring.min_score / bound**2 if bound else np.nan
+        )
     return arrays
 
 

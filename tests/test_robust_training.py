@@ -12,7 +12,7 @@ import pyarrow.csv
 import pytest
 import torch
 
-from detector.contract.features import IQR_TO_SIGMA, MEAN_DEVIATION_TO_SIGMA, robust_statistics
+from detector.contract.features import IQR_TO_SIGMA, robust_statistics
 from trainer.config import TrainConfig, load_train_config
 from trainer.data import TRAIN, VALIDATION, Events, load_events
 from trainer.fit import Loss, fit, make_loss, predict, seed_everything
@@ -27,7 +27,7 @@ key = "sensor"
 time = "ts"
 features = [
   {{ name = "temperature", kind = "numeric", scale = "{scale}", missing = "mean" }},
-  {{ name = "load", kind = "numeric", forecast = false }},
+  {{ name = "load", kind = "numeric", forecast = false, scale = "standard" }},
 ]
 
 [model]
@@ -106,7 +106,7 @@ def test_robust_statistics_are_numpys_median_and_iqr_in_every_group() -> None:
     sizes = [1, 2, 5, 8, 101]
     group = rng.permutation(np.repeat(np.arange(len(sizes)), sizes))
     values = np.column_stack([rng.normal(0, 3, group.size), rng.exponential(2, group.size)])
-    # Mostly equal values: an IQR of 0, so σ comes from the mean absolute deviation.
+    # Mostly equal values: an IQR of 0, so σ is their std (a rare flag stays small).
     values[group == 3, 1] = [5, 5, 5, 5, 5, 5, 5, 8]
 
     median, sigma = robust_statistics(values, group, len(sizes))
@@ -118,7 +118,7 @@ def test_robust_statistics_are_numpys_median_and_iqr_in_every_group() -> None:
         iqr = q3 > q1
         np.testing.assert_allclose(sigma[g, iqr], (q3 - q1)[iqr] / IQR_TO_SIGMA, rtol=1e-12)
     assert sigma[0].tolist() == [0.0, 0.0]  # one value: no spread (floored when fitted)
-    assert sigma[3, 1] == pytest.approx(MEAN_DEVIATION_TO_SIGMA * 3 / 8)
+    assert sigma[3, 1] == pytest.approx(np.std([5, 5, 5, 5, 5, 5, 5, 8]))
 
 
 def test_robust_scaling_fits_median_and_iqr_globally_and_per_key_on_training_data(

@@ -81,11 +81,13 @@ epochs = 10
 batch_size = 128
 learning_rate = 0.01
 patience = 4
+forecast_targets = "last"
 
 [threshold]
 method = "quantile"
 target = 0.99
 """
+LAST_TARGETS = 'forecast_targets = "last"\n'
 
 
 def write(folder: Path, config: str, rows: list[dict]) -> tuple[TrainConfig, Path]:
@@ -272,7 +274,7 @@ def test_min_error_bounds_every_threshold_by_the_score_of_that_error(tmp_path, c
 
 
 def test_every_event_targets_train_another_forecaster_that_catches_the_spikes(tmp_path) -> None:
-    every = FORECAST.replace("patience = 4\n", 'patience = 4\nforecast_targets = "every"\n')
+    every = FORECAST.replace('"last"', '"every"')
     config, data = write(tmp_path, every, sensor_rows())
     result = train(config, [data], tmp_path / "sensors.onnx", progress=False)
 
@@ -291,15 +293,28 @@ def test_every_event_targets_need_a_unidirectional_forecast_model(tmp_path) -> N
         load_train_config(write_config(tmp_path, CLASSIFY.replace("[training]\n", every)))
     both_ways = FORECAST.replace('export_mode = "stateful"', "bidirectional = true")
     with pytest.raises(ValueError, match="needs a unidirectional forecast model"):
-        load_train_config(write_config(tmp_path, both_ways.replace("[training]\n", every)))
+        load_train_config(write_config(tmp_path, both_ways.replace('"last"', '"every"')))
+    # The recipe learns from every event only where the network can.
+    recipe = load_train_config(write_config(tmp_path, both_ways.replace(LAST_TARGETS, "")))
+    assert recipe.training.forecast_targets == "last"
 
 
 def test_the_benchmark_configurations_are_valid_and_say_what_each_model_learns_from() -> None:
     folder = Path(__file__).resolve().parent.parent / "bench" / "configs"
     configs = {path.stem: load_train_config(path) for path in sorted(folder.glob("*.toml"))}
-    assert sorted(configs) == ["fraud", "smap", "smap_shared"]
-    assert configs["smap"].training.forecast_targets == "every"
-    assert configs["smap_shared"].training.forecast_targets == "last"
+    assert sorted(configs) == ["fraud", "smap", "smap_shared", "synthetic"]
+    forecast = [name for name, config in configs.items() if config.model.task == "forecast"]
+    assert forecast == ["smap", "smap_shared", "synthetic"]
+    # One recipe: the forecast configurations differ in their data's shape only.
+    for name in forecast:
+        config = configs[name]
+        assert config.training == configs["smap"].training
+        assert config.threshold == configs["smap"].threshold
+        assert config.model.model_copy(update={"per_key_normalisation": False}) == (
+            configs["smap"].model
+        )
+    assert configs["smap"].threshold.adaptive is not None
+    assert configs["smap_shared"].model.per_key_normalisation
 
 
 def test_min_error_needs_a_forecast_in_units_alike_for_every_key(tmp_path) -> None:

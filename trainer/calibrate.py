@@ -189,8 +189,11 @@ def _require(target: float | None, method: str) -> float:
     return target
 
 
-def min_error_score(manifest: Manifest, residual_variance: np.ndarray, min_error: float) -> float:
-    """The forecast score of an error of `min_error` in every forecast feature (their own
-    units): each squared error in encoded units over its residual variance, averaged."""
-    encoded = min_error / FeatureCodec(manifest).forecast_units
+def min_error_score(
+    manifest: Manifest, residual_variance: np.ndarray, min_error: float, scaled: bool = False
+) -> float:
+    """The forecast score of an error of `min_error` in every forecast feature: in their own
+    units, or with `scaled` in their scaled units (a share of their training spread): each
+    squared error in encoded units over its residual variance, averaged."""
+    encoded = min_error if scaled else min_error / FeatureCodec(manifest).forecast_units
     return float(np.mean(np.square(encoded) / np.asarray(residual_variance, np.float64)))

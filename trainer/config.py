@@ -9,7 +9,7 @@ from __future__ import annotations
 import tomllib
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -26,6 +26,7 @@ from detector.contract.manifest import (
     TimeDeltaFeature,
     TrainingSummary,
 )
+from trainer.recipe import with_forecast_recipe
 
 #: Default target of each threshold method, when `[threshold] target` is not given.
 DEFAULT_TARGETS = {
@@ -208,8 +209,14 @@ class ThresholdConfig(_Section):
     #: Forecast models: an error smaller than this in every forecast feature, in the
     #: features' own units, never alerts however unusual it is for its key (telemanom's 0.05
     #: on values scaled to [-1, 1]); stored as the score of such an error
-    #: (`Scoring.min_score`). 0: no such bound.
+    #: (`Scoring.min_score`). 0: no such bound. Advanced: it holds only where every key's
+    #: units are alike; `min_scaled_error` is the scale-free form.
     min_error: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+    #: Forecast models: an error smaller than this share of the feature's training spread
+    #: (its std, or IQR / 1.349 with robust scaling; per key with per-key normalisation) in
+    #: every forecast feature never alerts: whatever its key's recent errors, a deviation that
+    #: small is not a fault. 0: no such bound.
+    min_scaled_error: float = Field(default=0.0, ge=0, allow_inf_nan=False)
 
     @property
     def resolved_target(self) -> float | None:
@@ -222,6 +229,11 @@ class TrainConfig(_Section):
     model: ModelConfig = ModelConfig()
     training: TrainingConfig = TrainingConfig()
     threshold: ThresholdConfig = ThresholdConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _recipe(cls, document: Any) -> Any:
+        return with_forecast_recipe(document) if isinstance(document, dict) else document
 
     @model_validator(mode="after")
     def _coherent(self) -> TrainConfig:
@@ -245,6 +257,10 @@ class TrainConfig(_Section):
             )
         if self.threshold.min_error:
             self._check_min_error()
+            if self.threshold.min_scaled_error:
+                raise ValueError("set threshold.min_error or min_scaled_error, not both")
+        if self.threshold.min_scaled_error and self.model.task != "forecast":
+            raise ValueError("threshold.min_scaled_error needs a forecast model")
         if self.threshold.per_key:
             if not self.model.per_key_normalisation:
                 raise ValueError("threshold.per_key needs model.per_key_normalisation = true")

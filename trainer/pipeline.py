@@ -157,11 +157,7 @@ def train(
         if config.threshold.per_key
         else {}
     )
-    min_score = (
-        min_error_score(manifest, net.residual_variance.cpu().numpy(), config.threshold.min_error)
-        if config.threshold.min_error
-        else 0.0
-    )
+    min_score = _min_score(manifest, net, config)
     alerting = max(threshold, min_score)
     metrics = {
         "validation": _split_metrics(validation, alerting, history.best_validation_loss),
@@ -293,6 +289,16 @@ def _rescore(
         change["float_validation_auprc"] = average_precision(validation.labels, validation.scores)
         change["int8_validation_auprc"] = average_precision(scored[0].labels, scored[0].scores)
     return scored[0], scored[1], new_threshold, description, change
+
+
+def _min_score(manifest: Manifest, net: SequenceNet, config: TrainConfig) -> float:
+    """The score below which nothing alerts (`Scoring.min_score`), from either bound."""
+    variance = net.residual_variance.cpu().numpy()
+    if config.threshold.min_error:
+        return min_error_score(manifest, variance, config.threshold.min_error)
+    if config.threshold.min_scaled_error:
+        return min_error_score(manifest, variance, config.threshold.min_scaled_error, scaled=True)
+    return 0.0
 
 
 def _split_metrics(split: SplitScores, threshold: float, loss: float | None) -> dict[str, float]:

@@ -45,10 +45,6 @@ MIN_STD = 1e-6
 #: A Gaussian's IQR is 1.349 σ: robust scaling divides by IQR / 1.349, so that on clean
 #: Gaussian data it scales as the standard one does.
 IQR_TO_SIGMA = 1.349
-#: Where the IQR is 0 (most values equal), σ is 1.2533 x the mean absolute deviation from the
-#: median instead, as in the modified z-score (Iglewicz and Hoaglin, 1993): a floor of 1 in
-#: the feature's own units would depend on those units.
-MEAN_DEVIATION_TO_SIGMA = 1.2533
 
 
 class RecordError(ValueError):
@@ -341,7 +337,9 @@ def robust_statistics(
     values: np.ndarray, group: np.ndarray, groups: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per group and column of `values` [n, c] (`group` [n] in 0..groups-1, none empty): the
-    median and σ from the IQR, which spikes cannot inflate as they do the std.
+    median and σ from the IQR, which spikes cannot inflate as they do the std. Where the IQR
+    is 0 (most values equal: flags, counts that are mostly 0) σ is the std instead: any
+    narrower spread would blow a rare flag up to a huge input.
 
     Vectorised for a million keys: each column is sorted once by (group, value), and every
     group's quantiles are read at their positions in it, interpolated as `np.quantile`'s.
@@ -350,10 +348,12 @@ def robust_statistics(
     starts = np.cumsum(counts) - counts
     ordered = np.column_stack([column[np.lexsort((column, group))] for column in values.T])
     q1, median, q3 = (_group_quantile(ordered, starts, counts, q) for q in (0.25, 0.5, 0.75))
-    deviation = np.zeros_like(median)
-    np.add.at(deviation, group, np.abs(values - median[group]))
-    fallback = deviation / counts[:, None] * MEAN_DEVIATION_TO_SIGMA
-    return median, np.where(q3 > q1, (q3 - q1) / IQR_TO_SIGMA, fallback)
+    sums, squares = np.zeros_like(median), np.zeros_like(median)
+    np.add.at(sums, group, values)
+    np.add.at(squares, group, values * values)
+    mean = sums / counts[:, None]
+    std = np.sqrt(np.maximum(squares / counts[:, None] - mean * mean, 0.0))
+    return median, np.where(q3 > q1, (q3 - q1) / IQR_TO_SIGMA, std)
 
 
 def _group_quantile(

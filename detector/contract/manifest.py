@@ -36,7 +36,7 @@ class NumericFeature(_Strict):
     #: The centre subtracted: the training mean, or the median with `scale = "robust"`.
     mean: float = 0.0
     #: The spread divided by: the training std, or with `scale = "robust"` IQR / 1.349
-    #: (1.2533 x the mean absolute deviation from the median where the IQR is 0).
+    #: (the std where the IQR is 0).
     std: float = Field(default=1.0, gt=0)
     #: standard: z-scored with `mean` and `std` (or the key's own, with per-key statistics);
     #: robust: the same arithmetic with median and IQR / 1.349 in `mean` and `std`, which

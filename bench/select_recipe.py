@@ -1,0 +1,350 @@
+"""Choose the forecast recipe's alerting settings by cross-validation, never on the labels
+a figure is reported on.
+
+    python bench/select_recipe.py --smap SMAP.npz --synthetic SYNTHETIC.npz [--splits 100]
+                                  [--json OUT]
+
+The score dumps come from `bench/protocol.py --scores PREFIX.npz` (or the two benches'
+`--scores`): each key's smoothed scores, in time order, as one model per key scored them.
+Alerting does not change the scores, so every candidate setting is replayed offline here
+with the engine's own rules (`detector.thresholds.choose_levels` every `refresh` scores over
+the last `history`, the warm-up, the young margin, the floor, confirmation and cooldown, as
+`detector.engine` applies them), and judged per labeled sequence as the benchmarks judge.
+The replay is checked against the engine first: with the settings the dumps were made with,
+it must give the dumped thresholds, or the script stops.
+
+Three data sets are judged: SMAP, SMAP-early (each channel's stream from 1,000 events before
+its first label: the new-device case) and the synthetic series. A setting's objective is the
+mean of their sequence F1s (each pooled over keys and averaged over seeds).
+
+- **Channel and series halves:** `--splits` times, the SMAP channels and the synthetic
+  series are halved at random (a channel's full and early streams stay on one side). The
+  best setting on one half is scored on the other, and the other way round. The mean of
+  those held-out F1s is the honest estimate of the selection.
+- **Leave one data set out:** the best setting on SMAP and SMAP-early is scored on the
+  synthetic series, and the best on the synthetic series is scored on SMAP and SMAP-early.
+
+The setting chosen most often across the halvings is the recipe's (`trainer/recipe.py`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from quality_report import console, table, write_json
+
+from detector.engine.thresholds import choose_levels
+from trainer.metrics import episode_flags, range_counts
+
+#: Events of each SMAP channel's stream kept before its first label in SMAP-early.
+EARLY = 1000
+#: The engine's re-choice schedule and cooldown, as the recipe and the benchmarks use them.
+HISTORY, REFRESH, COOLDOWN = 2100, 70, 100
+#: The candidates: telemanom's margin and wider ones; alerting from the first score, or after
+#: a sixth, a third or two thirds of the history; young margins from none (the margin) up.
+GRID = {
+    "smoothing": (0.02, 0.1),
+    "prune": (0.13, 0.2, 0.3),
+    "warm_up": (0, 350, 700),
+    "young_prune": (None, 0.5, 1.0),
+    "confirm": (1, 5, 10),
+    "min_scaled_error": (0.05, 0.1, 0.2),
+}
+
+
+@dataclass(frozen=True)
+class Setting:
+    smoothing: float
+    prune: float
+    warm_up: int
+    young_prune: float | None
+    confirm: int
+    min_scaled_error: float
+
+
+@dataclass
+class Stream:
+    """One key's scores under one seed, and what the engine needs beside them."""
+
+    data_set: str
+    key: str
+    seed: str
+    #: The model's scores before smoothing (recovered from the dumped smoothed ones).
+    raw: np.ndarray
+    labels: np.ndarray
+    static: float
+    unit: float
+    #: The scores smoothed with each candidate α.
+    smoothed: dict[float, np.ndarray] = field(default_factory=dict)
+    #: Each re-choice's level for each (α, prune, young_prune) [choices].
+    levels: dict[tuple[float, float, float | None], np.ndarray] = field(default_factory=dict)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smap", type=Path, required=True, help="SMAP score dump (.npz)")
+    parser.add_argument("--synthetic", type=Path, help="synthetic score dump (optional)")
+    parser.add_argument("--splits", type=int, default=100, help="random halvings (default 100)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the halvings")
+    parser.add_argument(
+        "--check", nargs=6, metavar=tuple(GRID), help="the dumps' own setting: checks the replay"
+    )
+    parser.add_argument("--json", type=Path, help="write the results as JSON here")
+    args = parser.parse_args()
+
+    smap = _streams(args.smap, "SMAP")
+    streams = smap + [_early(stream) for stream in smap]
+    if args.synthetic:
+        streams += _streams(args.synthetic, "synthetic")
+    console.print(f"{len(streams)} streams; replaying {_size()} settings")
+    _prepare_levels(streams)
+    if args.check:
+        _check(streams, args.smap, _parse_setting(args.check))
+    settings = [Setting(*values) for values in itertools.product(*GRID.values())]
+    replayed = Table(streams, settings)
+    document = {
+        "grid": GRID,
+        "halvings": _halvings(replayed, args.splits, args.seed),
+        "leave_one_data_set_out": _leave_one_out(replayed),
+    }
+    write_json(args.json, document)
+
+
+def _streams(path: Path, data_set: str) -> list[Stream]:
+    dump = np.load(path)
+    prefixes = sorted({name.rsplit("/", 1)[0] for name in dump.files})
+    return [
+        Stream(
+            data_set,
+            prefix.split("/", 1)[1],
+            prefix.split("/", 1)[0],
+            _unsmoothed(dump[f"{prefix}/test_scores"], float(dump[f"{prefix}/smoothing"])),
+            dump[f"{prefix}/test_labels"] > 0,
+            float(dump[f"{prefix}/static_threshold"]),
+            float(dump[f"{prefix}/unit_score"]),
+        )
+        for prefix in prefixes
+    ]
+
+
+def _unsmoothed(smoothed: np.ndarray, alpha: float) -> np.ndarray:
+    """The scores an EWMA of weight `alpha` (started at the first score) turned into
+    `smoothed`: s[t] = α r[t] + (1 - α) s[t-1] solved for r[t]."""
+    raw = smoothed.copy()
+    raw[1:] = (smoothed[1:] - (1 - alpha) * smoothed[:-1]) / alpha
+    return raw
+
+
+def _smoothed(raw: np.ndarray, alpha: float) -> np.ndarray:
+    """The engine's EWMA of a key's scores (`detector.engine.alerts.smooth`), in float64."""
+    if alpha == 1.0:
+        return raw.copy()
+    out = np.empty_like(raw)
+    previous = raw[0]
+    for index, value in enumerate(raw.tolist()):
+        previous = value if index == 0 else alpha * value + (1 - alpha) * previous
+        out[index] = previous
+    return out
+
+
+def _early(stream: Stream) -> Stream:
+    """The stream from `EARLY` events before its first label (all of it when sooner)."""
+    labeled = np.flatnonzero(stream.labels)
+    start = max(0, int(labeled[0]) - EARLY) if labeled.size else 0
+    return Stream(
+        "SMAP-early",
+        stream.key,
+        stream.seed,
+        stream.raw[start:],
+        stream.labels[start:],
+        stream.static,
+        stream.unit,
+    )
+
+
+def _size() -> int:
+    return int(np.prod([len(values) for values in GRID.values()]))
+
+
+def _prepare_levels(streams: list[Stream]) -> None:
+    """Every stream smoothed with each α, and every re-choice's level for each (α, margin,
+    young margin), all streams at once per re-choice (`choose_levels` is vectorised)."""
+    for stream in streams:
+        stream.smoothed = {alpha: _smoothed(stream.raw, alpha) for alpha in GRID["smoothing"]}
+    longest = max(stream.raw.size for stream in streams)
+    for alpha, prune, young in itertools.product(
+        GRID["smoothing"], GRID["prune"], GRID["young_prune"]
+    ):
+        per_stream: list[list[float]] = [[] for _ in streams]
+        for count in range(REFRESH, longest + 1, REFRESH):
+            rows = [i for i, s in enumerate(streams) if s.raw.size >= count]
+            recent = np.stack([_recent(streams[i].smoothed[alpha], count) for i in rows])
+            valid = np.arange(HISTORY) < min(count, HISTORY)
+            margin = young if young is not None and count < HISTORY else prune
+            levels = choose_levels(recent, np.broadcast_to(valid, recent.shape), prune=margin)[0]
+            for row, level in zip(rows, levels.tolist(), strict=True):
+                per_stream[row].append(level)
+        for stream, levels in zip(streams, per_stream, strict=True):
+            stream.levels[alpha, prune, young] = np.asarray(levels)
+
+
+def _recent(scores: np.ndarray, count: int) -> np.ndarray:
+    """The last min(count, HISTORY) of the first `count` scores, oldest first, padded; in
+    float32, as the engine's ring keeps them."""
+    kept = scores[max(0, count - HISTORY) : count].astype(np.float32)
+    return np.pad(kept, (0, HISTORY - kept.size))
+
+
+def _thresholds(stream: Stream, setting: Setting) -> np.ndarray:
+    """Each score's threshold as `detector.engine` sets it under `setting`."""
+    count = np.arange(1, stream.raw.size + 1)
+    levels = stream.levels[setting.smoothing, setting.prune, setting.young_prune]
+    done = count // REFRESH
+    level = np.where(done > 0, levels[np.maximum(done - 1, 0)] if levels.size else np.nan, np.nan)
+    floor = setting.min_scaled_error**2 * stream.unit if setting.min_scaled_error else 0.0
+    static = max(stream.static, floor)
+    return np.where(
+        count < setting.warm_up, np.inf, np.where(np.isnan(level), static, np.fmax(level, floor))
+    )
+
+
+def _counts(stream: Stream, setting: Setting) -> np.ndarray:
+    """(labeled, detected, predicted, predicted on a label) of `stream` under `setting`."""
+    above = stream.smoothed[setting.smoothing] >= _thresholds(stream, setting)
+    predicted = episode_flags(above, None, COOLDOWN, setting.confirm, from_onset=True)
+    counts = range_counts(stream.labels, predicted)
+    return np.array([counts.labeled, counts.detected, counts.predicted, counts.predicted_on_label])
+
+
+def _check(streams: list[Stream], path: Path, setting: Setting) -> None:
+    """Stop unless the replay here gives the engine's thresholds of the dumped run."""
+    dump = np.load(path)
+    for stream in streams:
+        if stream.data_set != "SMAP":
+            continue
+        got = _thresholds(stream, setting)
+        want = dump[f"{stream.seed}/{stream.key}/test_thresholds"]
+        if not np.allclose(got, want, rtol=1e-9, equal_nan=True):
+            raise SystemExit(f"{stream.key}: the replay's thresholds are not the engine's")
+    console.print("replay checked: the engine's thresholds, to the event")
+
+
+class Table:
+    """The counts of every setting on every stream [settings, streams, 4], and the F1s of
+    any subset of keys: pooled over a data set's keys per seed, meant over seeds."""
+
+    def __init__(self, streams: list[Stream], settings: list[Setting]) -> None:
+        self.streams, self.settings = streams, settings
+        self.counts = np.stack(
+            [np.stack([_counts(stream, setting) for stream in streams]) for setting in settings]
+        ).astype(np.float64)
+        runs = sorted({(s.data_set, s.seed) for s in streams})
+        self.data_sets = sorted({data_set for data_set, _ in runs})
+        self.run_of = np.array([runs.index((s.data_set, s.seed)) for s in streams])
+        self.set_of_run = np.array([self.data_sets.index(data_set) for data_set, _ in runs])
+        self.keys = np.array([s.key for s in streams])
+
+    def f1s(self, keys: set[str] | None = None) -> np.ndarray:
+        """Sequence F1 [settings, data sets] over `keys` (None: all)."""
+        chosen = np.ones(self.keys.size, bool) if keys is None else np.isin(self.keys, list(keys))
+        member = np.zeros((self.keys.size, self.set_of_run.size))
+        member[np.flatnonzero(chosen), self.run_of[chosen]] = 1.0
+        pooled = np.einsum("akc,kr->acr", self.counts, member)  # [settings, 4, runs]
+        labeled, detected, predicted, on_label = pooled.transpose(1, 0, 2)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            precision = np.where(predicted > 0, on_label / predicted, 0.0)
+            recall = np.where(labeled > 0, detected / labeled, 0.0)
+            f1 = np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0)
+        return np.stack(
+            [f1[:, self.set_of_run == index].mean(axis=1) for index in range(len(self.data_sets))],
+            axis=1,
+        )
+
+    def best(self, keys: set[str] | None = None, data_sets: set[str] | None = None) -> int:
+        """The index of the setting of the best mean F1 over `data_sets` (None: all)."""
+        columns = [i for i, name in enumerate(self.data_sets) if not data_sets or name in data_sets]
+        return int(self.f1s(keys)[:, columns].mean(axis=1).argmax())
+
+
+def _halvings(table_: Table, splits: int, seed: int) -> dict:
+    """Choose on random halves of the keys, score on the other halves."""
+    families: dict[str, set[str]] = {}
+    for stream in table_.streams:
+        family = "SMAP" if stream.data_set.startswith("SMAP") else stream.data_set
+        families.setdefault(family, set()).add(stream.key)
+    rng = np.random.default_rng(seed)
+    held_out, chosen = [], Counter()
+    for _ in range(splits):
+        halves: list[set[str]] = [set(), set()]
+        for keys in families.values():
+            ordered = sorted(keys)
+            for rank, index in enumerate(rng.permutation(len(ordered)).tolist()):
+                halves[rank % 2].add(ordered[index])
+        for fit, judged in ((0, 1), (1, 0)):
+            best = table_.best(halves[fit])
+            chosen[best] += 1
+            held_out.append(table_.f1s(halves[judged])[best])
+    estimate = dict(zip(table_.data_sets, np.mean(held_out, axis=0).tolist(), strict=True))
+    estimate["mean"] = float(np.mean(list(estimate.values())))
+    recipe, times = chosen.most_common(1)[0]
+    in_sample = dict(zip(table_.data_sets, table_.f1s()[recipe].tolist(), strict=True))
+    in_sample["mean"] = float(np.mean(list(in_sample.values())))
+    console.print(
+        table(
+            f"Sequence F1, cross-validated ({splits} halvings of the keys, both ways)",
+            ["", *estimate],
+            [["held-out halves", *estimate.values()], ["recipe, all keys", *in_sample.values()]],
+        )
+    )
+    setting = asdict(table_.settings[recipe])
+    console.print(f"recipe (chosen in {times} of {2 * splits} fits): {setting}")
+    return {
+        "held_out_f1": estimate,
+        "recipe": setting,
+        "recipe_chosen": times,
+        "fits": 2 * splits,
+        "recipe_f1_all_keys": in_sample,
+        "most_chosen": [
+            {"setting": asdict(table_.settings[i]), "times": n} for i, n in chosen.most_common(5)
+        ],
+    }
+
+
+def _leave_one_out(table_: Table) -> dict:
+    """Choose on SMAP and SMAP-early, score on the synthetic series, and the other way."""
+    smap = {"SMAP", "SMAP-early"}
+    rows, document = [], {}
+    f1s = table_.f1s()
+    if "synthetic" not in table_.data_sets:
+        return {}
+    for fit, judged in ((smap, {"synthetic"}), ({"synthetic"}, smap)):
+        best = table_.best(None, fit)
+        scored = {
+            name: float(f1s[best, i]) for i, name in enumerate(table_.data_sets) if name in judged
+        }
+        name = f"chosen on {' + '.join(sorted(fit))}"
+        document[name] = {"setting": asdict(table_.settings[best]), "f1": scored}
+        rows += [[name, data_set, f1] for data_set, f1 in scored.items()]
+    console.print(table("Leave one data set out: sequence F1", ["", "scored on", "F1"], rows))
+    return document
+
+
+def _parse_setting(values: list[str]) -> Setting:
+    alpha, prune, warm_up, young, confirm, bound = values
+    return Setting(
+        float(alpha),
+        float(prune),
+        int(warm_up),
+        None if young == "none" else float(young),
+        int(confirm),
+        float(bound),
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""The one recipe for forecast models: every setting a forecast configuration leaves out.
+
+A configuration of a forecast model (sensor faults) should say what its data looks like and
+nothing more; the recipe supplies the rest, the same for every fleet. Its thresholding
+settings were chosen by cross-validation across data sets, never on the labels they are
+reported on (`bench/select_recipe.py`, `docs/quality.md`); the network and training
+settings are telemanom's scale of model (Hundman et al., 2018) with robust inputs and loss.
+Classification models (fraud) keep the plain defaults of each section.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+#: Settings of each section of a forecast configuration, where it does not set them.
+FORECAST_RECIPE: dict[str, dict[str, Any]] = {
+    "model": {"window": 64, "min_history": 16, "hidden": 32, "dropout": 0.1},
+    "training": {
+        "epochs": 8,
+        "batch_size": 128,
+        "learning_rate": 0.003,
+        "patience": 3,
+        # Every event of a window is a target: several times the signal per window.
+        "forecast_targets": "every",
+        # Spikes in training data pull the weights linearly, not quadratically.
+        "forecast_loss": "huber",
+    },
+    "threshold": {
+        "method": "dynamic",
+        # telemanom's smoothing of errors (EWMA over about 100 events).
+        "smoothing": 0.02,
+        "confirm": 10,
+        "min_scaled_error": 0.1,
+        "adaptive": {
+            "history": 2100,
+            "refresh": 70,
+            "prune": 0.2,
+            "warm_up": 700,
+            "young_prune": 0.5,
+            "floor": "none",
+        },
+    },
+}
+#: Sections taken whole where a configuration sets them.
+WHOLE_SECTIONS = ("threshold",)
+#: How a forecast configuration's numeric features are scaled unless they say: by median and
+#: IQR, which the spikes and faults of training data cannot inflate.
+FORECAST_SCALE = "robust"
+
+
+def with_forecast_recipe(document: dict[str, Any]) -> dict[str, Any]:
+    """`document` (a training configuration as a mapping) with the recipe beneath it, when
+    it describes a forecast model; unchanged otherwise. Its own settings always win. The
+    model and training sections are completed setting by setting; alerting's settings work
+    together, so a `[threshold]` section it sets is taken whole, the recipe's only where it
+    has none (or an empty one)."""
+    if _section(document, "model").get("task") != "forecast":
+        return document
+    completed = dict(document)
+    for name, defaults in FORECAST_RECIPE.items():
+        if name not in WHOLE_SECTIONS or not _section(document, name):
+            completed[name] = _beneath(_section(document, name), defaults)
+    if completed["model"].get("bidirectional") and "forecast_targets" not in _section(
+        document, "training"
+    ):
+        # A bidirectional network sees each window's later events: it learns the last alone.
+        completed["training"] = {**completed["training"], "forecast_targets": "last"}
+    data = _section(document, "data")
+    if "features" in data:
+        features = [
+            _beneath(_plain(feature), {"scale": FORECAST_SCALE})
+            if _plain(feature).get("kind", "numeric") == "numeric"
+            else feature
+            for feature in data["features"]
+        ]
+        completed["data"] = {**data, "features": features}
+    return completed
+
+
+def _section(document: dict[str, Any], name: str) -> dict[str, Any]:
+    return _plain(document.get(name, {}))
+
+
+def _plain(value: Any) -> Any:
+    """A section given as a model instance, as the mapping of the fields it was given."""
+    if hasattr(value, "model_dump"):
+        return value.model_dump(exclude_unset=True)
+    return value
+
+
+def _beneath(given: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(given)
+    for name, value in defaults.items():
+        if name not in merged:
+            merged[name] = value
+        elif isinstance(value, dict) and isinstance(_plain(merged[name]), dict):
+            merged[name] = _beneath(_plain(merged[name]), value)
+    return merged
