@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from detector.contract.features import IQR_TO_SIGMA, group_quartiles
 from detector.contract.manifest import NumericFeature
 from trainer.data import TRAIN, Events
 
@@ -24,8 +25,6 @@ DOMINANT_RATIO = 3.0
 ROBUST_Z_LIMIT = 50.0
 #: Keys with fewer training rows are not judged: quartiles of a handful of values say little.
 MIN_TRAINING_ROWS = 10
-#: IQR / 1.349 estimates a Gaussian's σ without letting the spikes being sought inflate it.
-IQR_TO_SIGMA = 1.349
 #: Where the IQR is 0 (most values equal), σ is 1.2533 x the mean absolute deviation from the
 #: median instead, as in the modified z-score (Iglewicz and Hoaglin, 1993).
 MEAN_DEVIATION_TO_SIGMA = 1.2533
@@ -128,12 +127,11 @@ def robust_z_extremes(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per group (each non-empty): the largest |x - median| / σ of its values, σ from the IQR,
     and its range (max - min). A constant group has z 0 and range 0."""
-    order = np.lexsort((values, group))
-    ordered = values[order]
+    q1, median, q3 = (part[:, 0] for part in group_quartiles(values[:, None], group, groups))
     counts = np.bincount(group, minlength=groups)
-    starts = np.cumsum(counts) - counts
-    q1, median, q3 = (_group_quantile(ordered, starts, counts, q) for q in (0.25, 0.5, 0.75))
-    low, high = ordered[starts], ordered[starts + counts - 1]
+    low, high = np.full(groups, np.inf), np.full(groups, -np.inf)
+    np.minimum.at(low, group, values)
+    np.maximum.at(high, group, values)
     mean_deviation = (
         np.bincount(group, weights=np.abs(values - median[group]), minlength=groups) / counts
     )
@@ -141,16 +139,6 @@ def robust_z_extremes(
     deviation = np.maximum(high - median, median - low)
     z = np.divide(deviation, sigma, out=np.zeros_like(deviation), where=sigma > 0)
     return z, high - low
-
-
-def _group_quantile(
-    ordered: np.ndarray, starts: np.ndarray, counts: np.ndarray, q: float
-) -> np.ndarray:
-    """Each group's `q` quantile of values sorted within groups, interpolated as np.quantile."""
-    position = starts + q * (counts - 1)
-    below = np.floor(position).astype(np.int64)
-    above = np.minimum(below + 1, starts + counts - 1)
-    return ordered[below] + (ordered[above] - ordered[below]) * (position - below)
 
 
 def suspicious_keys(events: Events) -> tuple[SuspiciousKey, ...]:
