@@ -300,7 +300,7 @@ def test_every_event_targets_need_a_unidirectional_forecast_model(tmp_path) -> N
 
 
 def test_the_benchmark_configurations_are_valid_and_say_what_each_model_learns_from() -> None:
-    folder = Path(__file__).resolve().parent.parent / "bench" / "configs"
+    folder = Path(__file__).resolve().parents[2] / "bench" / "configs"
     configs = {path.stem: load_train_config(path) for path in sorted(folder.glob("*.toml"))}
     assert sorted(configs) == ["fraud", "smap", "smap_shared", "synthetic"]
     forecast = [name for name, config in configs.items() if config.model.task == "forecast"]
