@@ -7,9 +7,9 @@ a figure is reported on.
 The score dumps come from `bench/protocol.py --scores PREFIX.npz` (or the two benches'
 `--scores`): each key's smoothed scores, in time order, as one model per key scored them.
 Alerting does not change the scores, so every candidate setting is replayed offline here
-with the engine's own rules (`detector.thresholds.choose_levels` every `refresh` scores over
+with the engine's own rules (`detector.engine.thresholds.choose_levels` every `refresh` scores over
 the last `history`, the warm-up, the young margin, the floor, confirmation and cooldown, as
-`detector.engine` applies them), and judged per labeled sequence as the benchmarks judge.
+`detector.engine.core` applies them), and judged per labeled sequence as the benchmarks judge.
 The replay is checked against the engine first: with the settings the dumps were made with,
 it must give the dumped thresholds, or the script stops.
 
@@ -201,7 +201,7 @@ def _recent(scores: np.ndarray, count: int) -> np.ndarray:
 
 
 def _thresholds(stream: Stream, setting: Setting) -> np.ndarray:
-    """Each score's threshold as `detector.engine` sets it under `setting`."""
+    """Each score's threshold as `detector.engine.core` sets it under `setting`."""
     count = np.arange(1, stream.raw.size + 1)
     levels = stream.levels[setting.smoothing, setting.prune, setting.young_prune]
     done = count // REFRESH

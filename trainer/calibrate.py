@@ -147,7 +147,7 @@ def dynamic_threshold(
 ) -> tuple[float, str]:
     """Nonparametric threshold of Hundman et al. (2018) on the (smoothed) normal scores.
 
-    `detector.thresholds.choose_levels` over all normal validation scores at once, each key's
+    `detector.engine.thresholds.choose_levels` over all normal validation scores at once, each key's
     scores one run of sequences. Fitted once, it is the model's static threshold; with
     `Scoring.adaptive` the engine also re-chooses it per key from live scores, never below it.
     """

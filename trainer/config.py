@@ -1,6 +1,6 @@
 """The training configuration: one TOML file, validated before any data is read.
 
-Every section maps onto the model contract (`detector.manifest`), so a mistake is reported
+Every section maps onto the model contract (`detector.contract.manifest`), so a mistake is reported
 against the field that holds it rather than surfacing as a broken model later.
 """
 
@@ -361,6 +361,7 @@ def load_train_config(path: Path | str) -> TrainConfig:
 
 def _epoch(value: datetime | float) -> float:
     if isinstance(value, datetime):
-        # A cut-off without a zone is UTC, as event times without one are (detector.features).
+        # A cut-off without a zone is UTC, as event times without one are
+        # (detector.contract.features).
         return (value if value.tzinfo else value.replace(tzinfo=UTC)).timestamp()
     return float(value)
