@@ -39,6 +39,7 @@ from detector.engine.alerts import (
     smooth,
 )
 from detector.engine.arena import ArenaShape, KeyArena
+from detector.engine.identity import incompatibility
 from detector.engine.records import DeadLetter, InputRecord
 from detector.engine.scorer import Scorer, Scores
 from detector.engine.thresholds import choose_levels
@@ -793,28 +794,3 @@ def _episode_peaks(
     result = np.full(peaks.size, np.nan)
     result[by_key[starts]] = peaks[by_key[last[segment[starts]]]]
     return result
-
-
-def incompatibility(old: Manifest, new: Manifest) -> str | None:
-    """Why key state kept for `old` cannot serve `new`, or None when it can."""
-    checks = {
-        "task": (old.task, new.task),
-        "export mode": (old.export_mode, new.export_mode),
-        "window": (old.window, new.window),
-        "features": (old.features, new.features),
-        "per-key statistics": (old.per_key_normalisation, new.per_key_normalisation),
-        "adaptive threshold history": (
-            ArenaShape.for_manifest(old).history,
-            ArenaShape.for_manifest(new).history,
-        ),
-        "alert confirmation": (
-            ArenaShape.for_manifest(old).confirm,
-            ArenaShape.for_manifest(new).confirm,
-        ),
-        "network shape": (
-            (old.network.layers, old.network.hidden, old.network.bidirectional),
-            (new.network.layers, new.network.hidden, new.network.bidirectional),
-        ),
-    }
-    changed = [name for name, (before, after) in checks.items() if before != after]
-    return f"{', '.join(changed)} changed" if changed else None

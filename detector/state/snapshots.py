@@ -36,8 +36,9 @@ import orjson
 import pyarrow as pa
 from kafka import TopicPartition
 
-from detector.contract.manifest import Feature, Manifest
-from detector.engine.arena import ArenaShape, KeyArena
+from detector.contract.manifest import Manifest
+from detector.engine.arena import KeyArena
+from detector.engine.identity import state_identity
 
 __all__ = [
     "CHUNK_BYTES",
@@ -65,35 +66,10 @@ _LENGTH = struct.Struct("<I")
 
 
 def fingerprint(manifest: Manifest) -> str:
-    """Identity of the state layout a model reads: snapshots are exchanged only between models
-    whose key state the engine keeps across a swap (same features, window, network shape)."""
-    shape = ArenaShape.for_manifest(manifest)
-    identity = {
-        "format": FORMAT,
-        "task": manifest.task,
-        "export_mode": manifest.export_mode,
-        "window": manifest.window,
-        "features": [_layout(feature) for feature in manifest.features],
-        "per_key_statistics": manifest.per_key_normalisation,
-        "network": [manifest.network.layers, manifest.network.hidden],
-        "bidirectional": manifest.network.bidirectional,
-        "ring": shape.ring,
-        "state": shape.state,
-    }
-    if shape.history is not None:  # only then: fingerprints of other models stay as they were
-        identity["history"] = shape.history
-    if shape.confirm:  # likewise; "onset": the run's first time is kept beside its length
-        identity["confirm"] = "onset"
+    """The hash of `state_identity`: snapshots are exchanged only between models whose key
+    state the engine keeps across a swap."""
+    identity = {"format": FORMAT, **state_identity(manifest)}
     return hashlib.sha256(orjson.dumps(identity, option=orjson.OPT_SORT_KEYS)).hexdigest()[:16]
-
-
-def _layout(feature: Feature) -> dict:
-    """A feature as it shapes key state; `scale` only when set, so that the fingerprints of
-    models from before it existed stay as they were."""
-    dumped = feature.model_dump(mode="json")
-    if dumped.get("scale") == "standard":
-        del dumped["scale"]
-    return dumped
 
 
 def encode_fields(fields: dict[str, np.ndarray], compression: str = COMPRESSION) -> bytes:
