@@ -11,6 +11,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 from daemon_support import train_model
 from kafka_support import BrokerUnavailableError, LocalBroker, TopicFactory
@@ -70,3 +71,13 @@ def sensor_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def other_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Trained like `sensor_model` with another seed: the same contract, another version."""
     return train_model(tmp_path_factory.getbasetemp() / "daemon-models", seed=1)
+
+
+@pytest.fixture(scope="session")
+def payments() -> tuple[pa.Table, str]:
+    """Synthetic card payments and their training configuration, for the `trainer retrain`
+    tests; the trainer is imported only here, so that the fast tier never loads it."""
+    from trainer.synth import transactions
+
+    dataset = transactions(keys=40, days=20, seed=0)
+    return pa.concat_tables([dataset.train, dataset.test]), dataset.config

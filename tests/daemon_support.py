@@ -313,6 +313,12 @@ class DaemonProcess:
             for sample in family.samples
         }
 
+    def records(self) -> float:
+        """Records processed so far, of every outcome."""
+        return sum(
+            v for (name, _), v in self.metrics().items() if name == "seqsentinel_records_total"
+        )
+
     def signal(self, signum: int) -> None:
         assert self.process is not None
         self.process.send_signal(signum)

@@ -185,7 +185,7 @@ def test_a_revocation_commits_the_records_in_hand_so_none_is_scored_twice(
             second.wait_ready()
             sender.join()
             wait_for(lambda: fully_committed(kafka_bootstrap, first.group, topic), 60, "commit")
-            counts = [_records(daemon) for daemon in (first, second)]
+            counts = [daemon.records() for daemon in (first, second)]
             assert second.stop() == 0
         assert first.stop() == 0
     assert sum(counts) == len(events)  # every record scored exactly once between the two
@@ -230,12 +230,6 @@ def test_broker_outage_mid_stream_loses_no_alert(sensor_model, tmp_path_factory)
     finally:
         topics.close()
         broker.stop()
-
-
-def _records(daemon: DaemonProcess) -> float:
-    return sum(
-        v for (name, _), v in daemon.metrics().items() if name == "seqsentinel_records_total"
-    )
 
 
 def _not_ready(daemon: DaemonProcess) -> tuple[int, bytes] | None:

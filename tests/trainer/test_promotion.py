@@ -1,11 +1,12 @@
-"""Promotion and rollback of the model in service: atomic, lossless, and seen by the detector."""
+"""Promotion and rollback of the model in service: atomic and lossless, each a new file for
+the watcher (a running detector serving them: tests/integration/test_promotion_on_kafka.py)."""
 
 from __future__ import annotations
 
 import os
 
 import pytest
-from daemon_support import DaemonProcess, model_version, running, wait_for
+from daemon_support import model_version
 
 from detector.config import ModelSettings
 from detector.contract.model_file import ModelContractError
@@ -99,41 +100,3 @@ def test_a_write_that_fails_leaves_the_model_in_service_and_no_partial_file(
 
     assert target.read_bytes() == sensor_model.read_bytes()
     assert not list(tmp_path.glob("*.partial"))
-
-
-@pytest.mark.kafka
-def test_a_running_detector_serves_the_promoted_model_then_the_rolled_back_one(
-    kafka_bootstrap, kafka_topic_factory, sensor_model, other_model, tmp_path, capsys
-):
-    served = tmp_path / "models" / "model.onnx"
-    promote(sensor_model, served)
-    daemon = DaemonProcess(
-        kafka_bootstrap,
-        kafka_topic_factory(prefix="promote"),
-        served,
-        tmp_path,
-        settings={"MODEL__RELOAD_INTERVAL_S": "0.2"},
-    )
-
-    def serving() -> str | None:
-        samples = daemon.metrics()
-        return next(
-            (
-                dict(labels)["model_version"]
-                for name, labels in samples
-                if name == "seqsentinel_model_info"
-            ),
-            None,
-        )
-
-    with running(daemon):
-        daemon.wait_ready()
-        assert serving() == model_version(sensor_model)
-
-        promote(other_model, served)
-        wait_for(lambda: serving() == model_version(other_model), 90, "the promoted model")
-        assert main(["rollback", str(served)]) == 0
-        wait_for(lambda: serving() == model_version(sensor_model), 90, "the rolled-back model")
-        assert daemon.ready()
-        assert daemon.stop() == 0
-    assert f"restored model {model_version(sensor_model)}" in capsys.readouterr().out

@@ -1,61 +1,19 @@
 """`trainer retrain` end to end: tiny classifiers trained for real on synthetic card payments,
-judged through the detector's engine, promoted or kept, from files and from a real topic."""
+judged through the detector's engine, promoted or kept (from a topic:
+tests/integration/test_retrain_on_kafka.py)."""
 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
-from typing import Any
 
-import orjson
-import pyarrow as pa
 import pyarrow.csv as pa_csv
 import pytest
-from daemon_support import send
-from kafka import KafkaProducer
-from kafka_support import client_config
+from retrain_support import LABEL, lines, retrain, write_config
 
 from trainer.cli import main
-from trainer.synth import transactions
 
-KEY, LABEL = "customer_id", "is_fraud"
-#: Small enough to train in a few seconds on two cores, good enough to beat a network that
-#: barely moved from its random start.
-TINY = {
-    "hidden = 32": "hidden = 8",
-    "epochs = 20": "epochs = 4",
-    "max_windows = 60000": 'device = "cpu"',
-    "learning_rate = 0.005": "learning_rate = 0.02",
-}
 HOPELESS = {"learning_rate = 0.005": "learning_rate = 0.000001"}
-
-
-@pytest.fixture(scope="module")
-def payments(tmp_path_factory: pytest.TempPathFactory) -> tuple[pa.Table, str]:
-    dataset = transactions(keys=40, days=20, seed=0)
-    return pa.concat_tables([dataset.train, dataset.test]), dataset.config
-
-
-def write_config(folder: Path, text: str, changes: dict[str, str], name: str) -> Path:
-    for old, new in (TINY | changes).items():
-        assert old in text
-        text = text.replace(old, new)
-    path = folder / name
-    path.write_text(text)
-    return path
-
-
-def retrain(config: Path, champion: Path, report: Path, *source: str) -> tuple[int, dict]:
-    argv = ["retrain", "--config", str(config), *source, "--champion", str(champion)]
-    argv += ["--promote-to", str(champion), "--report", str(report), "--no-progress"]
-    status = main(argv)
-    path = report / "report.json"
-    return status, json.loads(path.read_text()) if path.exists() else {}
-
-
-def lines(path: Path) -> list[dict[str, Any]]:
-    return [orjson.loads(line) for line in path.read_bytes().splitlines()]
 
 
 def test_first_run_promotes_then_a_worse_challenger_is_kept(payments, tmp_path):
@@ -123,52 +81,3 @@ def test_bad_input_exits_2_before_training(payments, tmp_path, capsys, arguments
     assert main(argv) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "m.onnx").exists()
-
-
-@pytest.mark.kafka
-def test_retrain_from_a_topic_reads_its_time_range_and_joins_labels_by_event_id(
-    payments, kafka_bootstrap, kafka_topic_factory, tmp_path
-):
-    table, text = payments
-    # Kept for good: the broker's 7-day retention would drop backdated segments at its next
-    # check (every 5 minutes), and with them the start of the range.
-    events = kafka_topic_factory(partitions=2, configs={"retention.ms": "-1"})
-    labels = kafka_topic_factory(prefix="labels")
-    rows = table.to_pylist()
-    # The events end an hour ago; what came 40 days ago is outside --since and never read.
-    shift = time.time() - 3600 - max(row["ts"] for row in rows)
-    producer = KafkaProducer(acks="all", **client_config(kafka_bootstrap))
-    old_ms = int((time.time() - 40 * 86_400) * 1000)
-    for partition in (0, 1):
-        producer.send(events, value=b"old, unreadable", partition=partition, timestamp_ms=old_ms)
-    for number, row in enumerate(rows):
-        # The label travels separately; the key only as the message key.
-        value = {k: v for k, v in row.items() if k not in (KEY, LABEL)}
-        value |= {"ts": row["ts"] + shift, "event_id": f"e{number}"}
-        key = str(row[KEY]).encode()
-        producer.send(
-            events, value=orjson.dumps(value), key=key, timestamp_ms=int(value["ts"] * 1e3)
-        )
-    producer.flush(timeout=30)
-    producer.close()
-    fraud = [{"event_id": f"e{n}", LABEL: 1} for n, row in enumerate(rows) if row[LABEL]]
-    send(kafka_bootstrap, labels, [orjson.dumps(label) for label in fraud], [None] * len(fraud))
-    config = write_config(tmp_path, text, {}, "retrain.toml")
-    served = tmp_path / "models" / "model.onnx"
-    source = ["--from-kafka", events, "--bootstrap-servers", kafka_bootstrap, "--since", "30d"]
-    source += ["--labels", f"topic:{labels}", "--label-id-column", "event_id"]
-
-    status, report = retrain(config, served, tmp_path / "report", *source)
-
-    assert status == 0
-    data = report["data"]
-    read = data["source"]["kafka"]["partitions"]
-    assert {p: span["start"] for p, span in read.items()} == {"0": 1, "1": 1}
-    assert sum(span["end"] - span["start"] for span in read.values()) == len(rows)
-    assert (data["records"], data["rejected"]) == (len(rows), {})
-    parts = data["train_part"], data["holdout_part"]
-    assert sum(part["positives"] for part in parts) == len(fraud)
-    assert sum(part["keys"] for part in parts) >= len({row[KEY] for row in rows})
-    trained = lines(tmp_path / "report" / "train.jsonl")
-    assert {record[KEY] for record in trained} <= {str(row[KEY]) for row in rows}
-    assert served.exists()
