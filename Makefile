@@ -83,8 +83,9 @@ test-latest: kafka-jars
 	SEQSENTINEL_REQUIRE_KAFKA=1 $(VENV_LATEST)/bin/python -m pytest $(PYTEST_ARGS)
 
 # ruff, then the import directions between the layers (pyproject.toml's [tool.importlinter];
-# tests/test_layers.py runs them with the suite too).
-lint: venv
+# tests/test_layers.py runs them with the suite too). Both read the source without running it,
+# so the runtime venv is enough: no PyTorch download to lint.
+lint: venv-runtime
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/lint-imports --no-cache
