@@ -221,8 +221,8 @@ class Engine:
     def swap_model(self, model: Scorer) -> bool:
         """Serve `model` from the next batch on; True if the keys' state was kept.
 
-        State is kept only when the new model reads it the same way: same task, export
-        mode, window, features (with their statistics) and network shape.
+        State is kept only when the new model reads it the same way: when the two models'
+        `state_identity` is equal, as it must be for a snapshot to be restored.
         """
         reason = incompatibility(self.manifest, model.manifest)
         self.model = model
