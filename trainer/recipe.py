@@ -34,9 +34,8 @@ FORECAST_RECIPE: dict[str, dict[str, Any]] = {
         "adaptive": {
             "history": 2100,
             "refresh": 70,
-            "prune": 0.2,
+            "prune": 0.13,
             "warm_up": 700,
-            "young_prune": 0.5,
             "floor": "none",
         },
     },

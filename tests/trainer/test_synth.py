@@ -11,6 +11,7 @@ import pytest
 
 from trainer.cli import main
 from trainer.config import load_train_config
+from trainer.recipe import FORECAST_RECIPE
 from trainer.synth import FAULT_KINDS, FRAUD_SCENARIOS, Dataset, sensors, transactions
 
 
@@ -100,15 +101,16 @@ def test_injected_faults_change_the_readings(devices: Dataset) -> None:
 
 def test_the_sensor_example_trains_on_a_small_budget(devices: Dataset, tmp_path: Path) -> None:
     """Seconds on two cores, not minutes: 60,000 training windows in all (6 epochs of 10,000;
-    10 epochs of 40,000 took over 10 minutes on a loaded 2-core machine), a 16-unit LSTM, and
-    early stopping after 2 epochs without progress. That the model trained with it still
-    catches the injected faults is `test_quality`'s acceptance test."""
+    10 epochs of 40,000 took over 10 minutes on a loaded 2-core machine) of the forecast
+    recipe's network, and early stopping after 2 epochs without progress. That the model
+    trained with it still catches the injected faults is `test_quality`'s acceptance test."""
     (tmp_path / "train.toml").write_text(devices.config)
     config = load_train_config(tmp_path / "train.toml")
     training = config.training
     assert training.epochs * training.max_windows == 60_000
     assert training.patience == 2
-    assert (config.model.hidden, config.model.layers, config.model.window) == (16, 1, 24)
+    recipe = FORECAST_RECIPE["model"]
+    assert (config.model.hidden, config.model.window) == (recipe["hidden"], recipe["window"])
 
 
 def test_transaction_columns_and_fraud_scenarios(payments: Dataset) -> None:
