@@ -171,7 +171,7 @@ def _evaluation(confirm: int = 1) -> SimpleNamespace:
         statuses=statuses[order],
         alerts=[*alerts, SimpleNamespace(key="a", onset_time=180.0)],
     )
-    scoring = SimpleNamespace(confirm=confirm, smoothing=0.25)
+    scoring = SimpleNamespace(confirm=confirm, smoothing=0.25, threshold=1.5, min_score=0.08)
     return SimpleNamespace(
         replay=replay, labels=labels[order], manifest=SimpleNamespace(scoring=scoring)
     )
@@ -236,7 +236,7 @@ def test_score_dump_holds_each_parts_scored_events_and_the_trainers_split() -> N
             "data": {"key": "k", "time": "t", "features": [{"name": "v", "kind": "numeric"}]},
             "split": {"train": 0.5, "validation": 0.25, "test": 0.25},
             "model": {"task": "forecast", "min_history": 2},
-            "threshold": {"method": "dynamic"},
+            "threshold": {"method": "dynamic", "min_scaled_error": 0.2},
         }
     )
     arrays = quality_report.score_dump(3, ["a"], evaluation, evaluation, config)
@@ -245,7 +245,8 @@ def test_score_dump_holds_each_parts_scored_events_and_the_trainers_split() -> N
         for part in ("test", "train")
         for what in ("scores", "thresholds", "labels")
     ]
-    assert sorted(arrays) == sorted(f"3/a/{name}" for name in [*parts, "train_split", "smoothing"])
+    scalars = ["train_split", "smoothing", "static_threshold", "unit_score"]
+    assert sorted(arrays) == sorted(f"3/a/{name}" for name in [*parts, *scalars])
     assert arrays["3/a/test_scores"].tolist() == [0, 0, 2, 0, 0, 0, 2, 0, 0, 0]
     assert arrays["3/a/train_thresholds"].tolist() == [1.0] * 10
     assert arrays["3/a/test_labels"].dtype == np.int8
@@ -253,6 +254,8 @@ def test_score_dump_holds_each_parts_scored_events_and_the_trainers_split() -> N
     # 12 training events: 0-5 train, 6-8 validation, 9-11 test; the first two not scored.
     assert arrays["3/a/train_split"].tolist() == [0, 0, 0, 0, 1, 1, 1, 2, 2, 2]
     assert arrays["3/a/smoothing"] == 0.25
+    assert arrays["3/a/static_threshold"] == 1.5
+    assert arrays["3/a/unit_score"] == pytest.approx(0.08 / 0.2**2)  # min_score of error 0.2
 
 
 def test_smap_early_streams_start_before_each_channels_first_label() -> None:
