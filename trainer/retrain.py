@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import orjson
 import pyarrow as pa
 
 from detector.contract.features import FeatureCodec, RecordError, parse_json_record
 from detector.contract.manifest import Manifest
 from detector.contract.model_file import file_sha256, load_model_file
 from detector.files.readers import read_records
+from detector.files.writers import write_json_lines
 from trainer.config import TrainConfig
 from trainer.data import _label as training_label
 from trainer.evaluate import evaluate
@@ -332,12 +332,12 @@ def _prepare(request: Request, config: TrainConfig, collected: Collected, window
     folder = request.report_dir
     train_path = folder / "train.jsonl"
     holdout_path = folder / "holdout.jsonl"
-    _write_jsonl(train_path, (records[i] for i in order[:split]))
+    write_json_lines(train_path, (records[i] for i in order[:split]))
     # Each key's latest training events go first, unlabeled: the engine sees the history a
     # running detector would have, and only the held-out events count in the metrics.
     context = order[:split][_last_per_key(sorted_keys[:split], window)]
     unlabeled = ({k: v for k, v in records[i].items() if k != label} for i in context)
-    _write_jsonl(holdout_path, [*unlabeled, *(records[i] for i in order[split:])])
+    write_json_lines(holdout_path, [*unlabeled, *(records[i] for i in order[split:])])
     summary = {
         "records": total,
         "rejected": rejected,
@@ -387,12 +387,6 @@ def _part(times: np.ndarray, keys: np.ndarray, labels: np.ndarray) -> dict[str, 
         "from": _iso(float(times[0])),
         "to": _iso(float(times[-1])),
     }
-
-
-def _write_jsonl(path: Path, records: Iterable[Mapping]) -> None:
-    with path.open("wb") as out:
-        for record in records:
-            out.write(orjson.dumps(record, default=str) + b"\n")
 
 
 def _judge(model: Path, holdout: Path, label: str | None, metric: str) -> dict[str, Any]:

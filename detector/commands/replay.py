@@ -7,8 +7,6 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import orjson
-
 from detector.commands.options import add_format_argument, add_threads_argument
 
 if TYPE_CHECKING:
@@ -112,6 +110,8 @@ def replay_with_progress(
 
 def write_outputs(args: argparse.Namespace, result: ReplayResult) -> None:
     """The files asked for with --scores, --alerts and --dead-letters."""
+    from detector.files.writers import write_json_lines
+
     if args.scores:
         write_scores(args.scores, result)
     if args.alerts:
@@ -179,12 +179,6 @@ def write_scores(path: Path, result: ReplayResult) -> None:
         }
     )
     pyarrow.csv.write_csv(table, path)
-
-
-def write_json_lines(path: Path, documents: list[dict[str, Any]]) -> None:
-    with path.open("wb") as out:
-        for document in documents:
-            out.write(orjson.dumps(document) + b"\n")
 
 
 def summary_table(result: ReplayResult, scorer: Scorer) -> Table:
