@@ -101,11 +101,11 @@ def main() -> None:
     streams = smap + [_early(stream) for stream in smap]
     if args.synthetic:
         streams += _streams(args.synthetic, "synthetic")
-    console.print(f"{len(streams)} streams; replaying {_size()} settings")
+    settings = [Setting(*values) for values in itertools.product(*GRID.values())]
+    console.print(f"{len(streams)} streams; replaying {len(settings)} settings")
     _prepare_levels(streams)
     if args.check:
         _check(streams, args.smap, _parse_setting(args.check))
-    settings = [Setting(*values) for values in itertools.product(*GRID.values())]
     replayed = Table(streams, settings)
     document = {
         "grid": GRID,
@@ -165,10 +165,6 @@ def _early(stream: Stream) -> Stream:
         stream.static,
         stream.unit,
     )
-
-
-def _size() -> int:
-    return int(np.prod([len(values) for values in GRID.values()]))
 
 
 def _prepare_levels(streams: list[Stream]) -> None:
