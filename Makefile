@@ -6,7 +6,7 @@ VENV := .venv
 VENV_PYTHON := $(VENV)/bin/python
 # `make test-latest`'s venv: the newest releases of every dependency, the lock ignored.
 VENV_LATEST := .venv-latest
-EXTRAS := train,dev,bench
+EXTRAS := train,dev,bench,confluent
 # Every dependency pinned for Linux x86_64 and Python 3.11 and later; `make lock` writes it.
 LOCK := constraints.txt
 # `make lock LOCK_UPGRADE=--upgrade` moves every pin to the newest release that resolves.

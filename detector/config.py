@@ -9,6 +9,7 @@ silently leaving a default in force.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 import tomllib
 from pathlib import Path
@@ -82,6 +83,10 @@ class KafkaSettings(_Section):
 
     bootstrap_servers: NonEmptyStr = "127.0.0.1:9092"
     """`host:port`, or several separated by commas."""
+    client: Literal["kafka-python", "confluent"] = "kafka-python"
+    """The Kafka client library of the daemon: kafka-python (pure Python), or confluent,
+    librdkafka through confluent-kafka (`pip install 'seqsentinel[confluent]'`), which costs a
+    fifth of the CPU per record consumed. Same guarantees and settings either way."""
     group_id: NonEmptyStr = "seqsentinel-detector"
     """Consumer group of the detectors that share the input's partitions; also names the state
     topic and the transactional id unless they are set."""
@@ -141,6 +146,17 @@ class KafkaSettings(_Section):
             raise PydanticCustomError("empty_server", "a comma-separated entry is empty")
         return ",".join(servers)
 
+    @field_validator("client")
+    @classmethod
+    def _client_installed(cls, value: str) -> str:
+        if value == "confluent" and importlib.util.find_spec("confluent_kafka") is None:
+            raise PydanticCustomError(
+                "client_missing",
+                "the confluent client needs the confluent-kafka package: "
+                "pip install 'seqsentinel[confluent]'",
+            )
+        return value
+
     @model_validator(mode="after")
     def _sasl_complete(self) -> KafkaSettings:
         if self.security_protocol in SASL_PROTOCOLS:
@@ -179,6 +195,31 @@ class KafkaSettings(_Section):
                 options[name] = str(path)
         if self.ssl_password is not None:
             options["ssl_password"] = self.ssl_password.get_secret_value()
+        return options
+
+    def librdkafka_options(self) -> dict[str, Any]:
+        """The same settings as librdkafka's configuration properties, for the confluent client.
+
+        Secrets are unwrapped here: never log the result.
+        """
+        options: dict[str, Any] = {
+            "bootstrap.servers": self.bootstrap_servers,
+            "client.id": self.client_id,
+            "security.protocol": self.security_protocol,
+        }
+        if self.security_protocol in SASL_PROTOCOLS:
+            assert self.sasl_password is not None  # guaranteed by _sasl_complete
+            options["sasl.mechanism"] = self.sasl_mechanism
+            options["sasl.username"] = self.sasl_username
+            options["sasl.password"] = self.sasl_password.get_secret_value()
+        locations = {
+            "ssl.ca.location": self.ssl_cafile,
+            "ssl.certificate.location": self.ssl_certfile,
+            "ssl.key.location": self.ssl_keyfile,
+        }
+        options.update({name: str(path) for name, path in locations.items() if path is not None})
+        if self.ssl_password is not None:
+            options["ssl.key.password"] = self.ssl_password.get_secret_value()
         return options
 
 
