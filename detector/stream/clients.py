@@ -1,4 +1,5 @@
-"""Kafka clients built from `Settings`, and the topics the daemon checks and creates at start.
+"""kafka-python clients built from `Settings`, and the topics the daemon checks and creates at
+start (with kafka-python's admin client, whichever client the daemon consumes with).
 
 Every client gets `KafkaSettings.client_options()`, so security settings reach all of them.
 `api_version` is left to kafka-python's probe unless configured: kafka-python 3 detects Kafka
@@ -9,22 +10,18 @@ from __future__ import annotations
 
 import contextlib
 import socket
-import threading
 from typing import Any
 
 import structlog
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
-from kafka.errors import KafkaError, TopicAlreadyExistsError
+from kafka.errors import TopicAlreadyExistsError
 from kafka.structs import OffsetAndMetadata
 
 from detector.config import Settings
-from detector.ops.backoff import Backoff
-from detector.ops.supervisor import Supervisor
 
 __all__ = [
     "TopicError",
-    "connect",
     "ensure_topics",
     "exactly_once",
     "make_admin",
@@ -32,6 +29,7 @@ __all__ = [
     "make_producer",
     "make_reader",
     "offset_metadata",
+    "output_topics",
     "state_topic",
     "transactional_id",
 ]
@@ -96,6 +94,11 @@ def state_topic(settings: Settings) -> str:
     return settings.topics.state or f"{settings.kafka.group_id}-state"
 
 
+def output_topics(settings: Settings) -> tuple[str, str, str]:
+    """The topics the daemon writes: alerts, dead letters and key state."""
+    return settings.topics.alerts, settings.topics.dead_letters, state_topic(settings)
+
+
 def transactional_id(settings: Settings) -> str:
     """Stable per instance: a restarted instance fences the transactions its predecessor left."""
     configured = settings.processing.transactional_id
@@ -137,8 +140,7 @@ def ensure_topics(admin: KafkaAdminClient, settings: Settings) -> list[str]:
             " (create it, or set topics.input to the topic the events are written to)"
         )
     state = state_topic(settings)
-    outputs = (topics.alerts, topics.dead_letters, state)
-    missing = [name for name in outputs if name not in existing]
+    missing = [name for name in output_topics(settings) if name not in existing]
     if not missing:
         return []
     if not settings.kafka.create_topics:
@@ -165,44 +167,3 @@ def ensure_topics(admin: KafkaAdminClient, settings: Settings) -> list[str]:
 def offset_metadata(offsets: dict[TopicPartition, int]) -> dict[TopicPartition, OffsetAndMetadata]:
     """Next offsets as kafka-python commits them."""
     return {tp: OffsetAndMetadata(offset, "", -1) for tp, offset in offsets.items()}
-
-
-def connect(
-    settings: Settings, stopping: threading.Event, supervisor: Supervisor
-) -> tuple[KafkaProducer, KafkaConsumer] | None:
-    """Check the topics and create the producer and the consumer, retrying while the broker is
-    unreachable; None when a stop is requested first."""
-    backoff = Backoff(0.5, 10.0)
-    while not stopping.is_set():
-        supervisor.beat()
-        producer = consumer = None
-        try:
-            admin = make_admin(settings)
-            try:
-                created = ensure_topics(admin, settings)
-            finally:
-                admin.close()
-            if created:
-                log.info("created topics", topics=created)
-            producer = make_producer(settings)
-            topics = settings.topics
-            for topic in (topics.alerts, topics.dead_letters, state_topic(settings)):
-                producer.partitions_for(topic)  # metadata now: send() never waits for it
-            if producer.config["transactional_id"]:  # fences a predecessor, aborting its batch
-                producer.init_transactions()
-            consumer = make_consumer(settings)
-            # Metadata first: a group leader without it assigns nothing, and may not notice
-            # the topic's partitions for a long while.
-            consumer.partitions_for_topic(topics.input)
-        except KafkaError as error:
-            for client in (producer, consumer):
-                if client is not None:
-                    client.close()
-            delay = backoff.next()
-            supervisor.broker(reachable=False)
-            log.warning("Kafka is not reachable; retrying", error=str(error), retry_in_s=delay)
-            stopping.wait(delay)
-            continue
-        supervisor.broker(reachable=True)
-        return producer, consumer
-    return None

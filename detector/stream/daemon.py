@@ -19,7 +19,7 @@ import threading
 import time
 
 import structlog
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import TopicPartition
 
 from detector.config import Settings
 from detector.contract.model_file import ModelContractError
@@ -31,11 +31,12 @@ from detector.ops.model_watch import ModelWatcher, load_scorer
 from detector.ops.supervisor import Supervisor
 from detector.ops.systemd import SystemdNotifier
 from detector.state.manager import StateManager, names
-from detector.stream.clients import TopicError, connect, state_topic
-from detector.stream.delivery import Delivery, KafkaProducerOutputs, Offsets, make_delivery
+from detector.stream.clients import TopicError, state_topic
+from detector.stream.connection import connect
+from detector.stream.delivery import Delivery, Offsets, Outputs, make_delivery
 from detector.stream.messages import alert_message, dead_letter_message, state_messages
 from detector.stream.reader import KafkaRestoreSource
-from detector.stream.source import InputSource
+from detector.stream.source import GroupConsumer, InputSource
 
 __all__ = ["Daemon", "engine_options"]
 
@@ -145,12 +146,11 @@ class Daemon:
             self._wire(*clients)
         return None
 
-    def _wire(self, producer: KafkaProducer, consumer: KafkaConsumer) -> None:
+    def _wire(self, outputs: Outputs, consumer: GroupConsumer) -> None:
         """The loop's parts around the connected clients; then join the group."""
         settings, supervisor = self.settings, self.supervisor
         topic = state_topic(settings)
         self.source = source = InputSource(settings, consumer, supervisor)
-        outputs = KafkaProducerOutputs(producer)
         self.delivery = make_delivery(settings, outputs, source, supervisor, self)
         self.state = StateManager(
             settings,
@@ -159,7 +159,7 @@ class Daemon:
             source,
             supervisor,
             topic,
-            lambda tp: tp.partition % len(producer.partitions_for(topic)),
+            lambda tp: tp.partition % outputs.partition_count(topic),
         )
         source.subscribe(self)
         self.connected = True
@@ -171,6 +171,7 @@ class Daemon:
             dead_letters=settings.topics.dead_letters,
             state=topic,
             guarantee=settings.processing.guarantee,
+            client=settings.kafka.client,
         )
 
     def _serving(self, scorer: Scorer) -> None:

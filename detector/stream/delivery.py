@@ -23,10 +23,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
 import structlog
-from kafka import KafkaProducer, TopicPartition
+from kafka import TopicPartition
 from kafka.errors import CommitFailedError, KafkaError, ProducerFencedError
 from kafka.future import Future
-from kafka.structs import OffsetAndMetadata
 
 from detector.config import Settings
 from detector.ops.backoff import Backoff
@@ -42,7 +41,6 @@ __all__ = [
     "Control",
     "Delivery",
     "ExactlyOnce",
-    "KafkaProducerOutputs",
     "Outputs",
     "make_delivery",
 ]
@@ -62,13 +60,16 @@ CommitCallback = Callable[[object, Exception | None], None]
 
 
 class Outputs(Protocol):
-    """The producer as a delivery drives it; `KafkaProducerOutputs` is the real one."""
+    """The producer as a delivery drives it: one implementation per client library
+    (`detector.stream.kafka_python`, `detector.stream.confluent`), each translating its
+    library's errors into `KafkaError`s and its acknowledgements into `Future`s."""
 
     def send(self, message: Outgoing) -> Future: ...
     def flush(self, timeout: float | None = None) -> None: ...
     def begin_transaction(self) -> None: ...
     def commit_transaction(self, offsets: Offsets, group: object) -> None: ...
     def abort_transaction(self) -> None: ...
+    def partition_count(self, topic: str) -> int: ...
     def close(self, timeout: float) -> None: ...
 
 
@@ -117,46 +118,6 @@ class Delivery(Protocol):
         ...
 
     def close(self, timeout: float) -> None: ...
-
-
-class KafkaProducerOutputs:
-    """`Outputs` on a `KafkaProducer`."""
-
-    def __init__(self, producer: KafkaProducer) -> None:
-        self.producer = producer
-
-    def send(self, message: Outgoing) -> Future:
-        try:
-            return self.producer.send(
-                message.topic,
-                value=message.value,
-                key=message.key,
-                headers=message.headers,
-                partition=message.partition,
-            )
-        except KafkaError as error:  # buffer full or no metadata for max_block_ms
-            return Future().failure(error)
-
-    def flush(self, timeout: float | None = None) -> None:
-        self.producer.flush(timeout=timeout)
-
-    def begin_transaction(self) -> None:
-        self.producer.begin_transaction()
-
-    def commit_transaction(self, offsets: Offsets, group: object) -> None:
-        if offsets:
-            self.producer.send_offsets_to_transaction(as_metadata(offsets), group)
-        self.producer.commit_transaction()
-
-    def abort_transaction(self) -> None:
-        self.producer.abort_transaction()
-
-    def close(self, timeout: float) -> None:
-        self.producer.close(timeout=timeout)
-
-
-def as_metadata(offsets: Offsets) -> dict[TopicPartition, OffsetAndMetadata]:
-    return {tp: OffsetAndMetadata(offset, "", -1) for tp, offset in offsets.items()}
 
 
 def observe_acknowledged(metrics: Metrics, messages: Iterable[Outgoing]) -> None:
