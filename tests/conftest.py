@@ -61,6 +61,17 @@ def kafka_topic_factory(kafka_bootstrap: str) -> Iterator[TopicFactory]:
         factory.close()
 
 
+#: The Kafka client libraries of `kafka.client`: the tests that claim Kafka behaviour run with
+#: each, through `kafka_client`.
+KAFKA_CLIENTS = ("kafka-python", "confluent")
+
+
+@pytest.fixture(scope="module", params=KAFKA_CLIENTS)
+def kafka_client(request: pytest.FixtureRequest) -> str:
+    """The value of `kafka.client` a test's daemons run with, one run per library."""
+    return request.param
+
+
 @pytest.fixture(scope="session")
 def sensor_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small forecast model trained for real on sensor data, shared by the daemon tests."""

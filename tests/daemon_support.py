@@ -240,6 +240,8 @@ class DaemonProcess:
     folder: Path
     settings: dict[str, str] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)
+    #: `kafka.client`: the library the daemon consumes and produces with.
+    client: str = "kafka-python"
     process: subprocess.Popen | None = None
 
     def __post_init__(self) -> None:
@@ -252,6 +254,7 @@ class DaemonProcess:
     def environment(self) -> dict[str, str]:
         settings = {
             "KAFKA__BOOTSTRAP_SERVERS": self.bootstrap,
+            "KAFKA__CLIENT": self.client,
             "KAFKA__GROUP_ID": self.group,
             "TOPICS__INPUT": self.input_topic,
             "TOPICS__ALERTS": self.alerts_topic,

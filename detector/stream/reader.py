@@ -10,7 +10,7 @@ partition's snapshot and backlog with it, the trainer a whole topic for retraini
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from itertools import repeat
@@ -25,7 +25,13 @@ from detector.state.restore import RestoreError
 from detector.state.snapshots import Snapshot, latest_snapshot
 from detector.stream.clients import make_reader, state_topic
 
-__all__ = ["KafkaRestoreSource", "ReadError", "input_records", "read_partitions"]
+__all__ = [
+    "KafkaRestoreSource",
+    "ReadError",
+    "input_records",
+    "polled_records",
+    "read_partitions",
+]
 
 #: A read that makes no progress for this long is given up (the broker went away).
 IDLE_TIMEOUT_S = 30.0
@@ -72,26 +78,35 @@ def read_partitions(
 def input_records(
     partition: TopicPartition, messages: Sequence[Any], keyed: bool
 ) -> list[PolledRecord]:
-    """Polled messages as engine records; `keyed`: the message key is the entity key. A
-    tombstone (no value) is an empty payload: a dead letter, like any record not JSON.
+    """kafka-python's polled messages as engine records; `keyed`: the message key is the
+    entity key."""
+    keys = map(_KEY, messages) if keyed else None
+    return polled_records(partition, list(map(_VALUE, messages)), keys, map(_OFFSET, messages))
+
+
+def polled_records(
+    partition: TopicPartition,
+    values: list[bytes | None],
+    keys: Iterable[bytes | None] | None,
+    offsets: Iterable[int],
+) -> list[PolledRecord]:
+    """One partition's messages, given as columns, as engine records; `keys` None: the entity
+    key is a field of the record. A tombstone (no value) is an empty payload: a dead letter,
+    like any record not JSON.
 
     Built column by column with C-level `map`s, and each row made by `tuple.__new__` (what
     `PolledRecord._make` does, less its length check): this runs for every record polled,
     and a Python call per record here cost as much as a third of the engine's work.
     """
-    values = list(map(_VALUE, messages))
     if None in values:
         values = [b"" if value is None else value for value in values]
-    keys = _keys(messages) if keyed else repeat(None)
-    rows = zip(
-        values, keys, repeat(partition.topic), repeat(partition.partition), map(_OFFSET, messages)
-    )
+    texts = repeat(None) if keys is None else _texts(list(keys))
+    rows = zip(values, texts, repeat(partition.topic), repeat(partition.partition), offsets)
     return list(map(tuple.__new__, repeat(PolledRecord), rows))
 
 
-def _keys(messages: Sequence[Any]) -> list[str | None]:
+def _texts(keys: list[bytes | None]) -> list[str | None]:
     """The message keys as text; a missing or empty key is None (the record's field is read)."""
-    keys = list(map(_KEY, messages))
     if None in keys or b"" in keys:
         return [key.decode(errors="replace") if key else None for key in keys]
     return list(map(_DECODE, keys))

@@ -62,14 +62,18 @@ def faulty_events() -> list[bytes]:
 
 
 @pytest.fixture(scope="module")
-def served(kafka_bootstrap, kafka_topic_factory, sensor_model, tmp_path_factory) -> dict:
+def served(
+    kafka_bootstrap, kafka_topic_factory, sensor_model, tmp_path_factory, kafka_client
+) -> dict:
     """One daemon run over good and malformed events on two partitions, stopped with SIGTERM."""
     topic = kafka_topic_factory(partitions=2, prefix="daemon")
     good = faulty_events()
     send_events(kafka_bootstrap, topic, good[:150])
     send(kafka_bootstrap, topic, [v for _, v, _ in MALFORMED], [k for k, _, _ in MALFORMED])
     send_events(kafka_bootstrap, topic, good[150:])
-    daemon = DaemonProcess(kafka_bootstrap, topic, sensor_model, tmp_path_factory.mktemp("run"))
+    daemon = DaemonProcess(
+        kafka_bootstrap, topic, sensor_model, tmp_path_factory.mktemp("run"), client=kafka_client
+    )
     expected = replay_alert_ids(sensor_model, good)
     with running(daemon):
         daemon.wait_ready()
@@ -157,7 +161,7 @@ def test_sigterm_exits_zero_after_committing_everything(served):
 
 
 def test_a_revocation_commits_the_records_in_hand_so_none_is_scored_twice(
-    kafka_bootstrap, kafka_topic_factory, sensor_model, tmp_path
+    kafka_bootstrap, kafka_topic_factory, sensor_model, tmp_path, kafka_client
 ):
     topic = kafka_topic_factory(partitions=4, prefix="rebalance")
     events = encoded(sensor_events(8, 60, seed=11))
@@ -168,8 +172,9 @@ def test_a_revocation_commits_the_records_in_hand_so_none_is_scored_twice(
         sensor_model,
         tmp_path,
         settings={"BATCHING__MAX_LATENCY_MS": "4000"},
+        client=kafka_client,
     )
-    second = DaemonProcess(kafka_bootstrap, topic, sensor_model, tmp_path)
+    second = DaemonProcess(kafka_bootstrap, topic, sensor_model, tmp_path, client=kafka_client)
     chunks = [events[i : i + 40] for i in range(0, len(events), 40)]
 
     def send_slowly() -> None:  # over several seconds, while the second member joins
@@ -196,7 +201,7 @@ def test_a_revocation_commits_the_records_in_hand_so_none_is_scored_twice(
 
 
 @pytest.mark.slow
-def test_broker_outage_mid_stream_loses_no_alert(sensor_model, tmp_path_factory):
+def test_broker_outage_mid_stream_loses_no_alert(sensor_model, tmp_path_factory, kafka_client):
     broker = LocalBroker(tmp_path_factory.mktemp("outage-broker"))
     broker.start()
     topics = TopicFactory(broker.bootstrap)
@@ -204,7 +209,9 @@ def test_broker_outage_mid_stream_loses_no_alert(sensor_model, tmp_path_factory)
         topic = topics(partitions=1, prefix="outage")
         good = faulty_events()
         thirds = [good[:120], good[120:240], good[240:]]
-        daemon = DaemonProcess(broker.bootstrap, topic, sensor_model, tmp_path_factory.mktemp("o"))
+        daemon = DaemonProcess(
+            broker.bootstrap, topic, sensor_model, tmp_path_factory.mktemp("o"), client=kafka_client
+        )
         with running(daemon):
             daemon.wait_ready()
             send_events(broker.bootstrap, topic, thirds[0])
