@@ -19,6 +19,7 @@ sends, and `KafkaError`s (`CommitFailedError` for a commit the group refused,
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 from collections.abc import Iterator
 from itertools import pairwise
@@ -58,6 +59,8 @@ _REBALANCED = frozenset(
 )
 _VALUE, _KEY, _OFFSET = methodcaller("value"), methodcaller("key"), methodcaller("offset")
 _PARTITION, _ERROR = methodcaller("partition"), methodcaller("error")
+#: librdkafka's own log lines, through the daemon's logging (warnings and above by default).
+LIBRDKAFKA_LOG = logging.getLogger("librdkafka")
 #: How long the delivery reports' thread waits in one `poll()`; bounds how late it stops.
 SERVE_INTERVAL_S = 0.1
 
@@ -268,13 +271,22 @@ class ConfluentOutputs:
 
     def __init__(self, producer: Producer) -> None:
         self.producer = producer
+        #: The error that ended the producer (it was fenced), raised by the next flush.
+        self._fatal: confluent_kafka.KafkaError | None = None
         self._closing = threading.Event()
         self._server = threading.Thread(target=self._serve, name="deliveries", daemon=True)
         self._server.start()
 
     def _serve(self) -> None:
         while not self._closing.is_set():
-            self.producer.poll(SERVE_INTERVAL_S)
+            try:
+                self.producer.poll(SERVE_INTERVAL_S)
+            except confluent_kafka.KafkaException as exception:
+                error = exception.args[0]
+                if error.fatal():  # every send fails from now on; the loop hears it at flush
+                    self._fatal = error
+                    return
+                log.warning("the producer reports an error", error=str(error))
 
     def send(self, message: Outgoing) -> Future:
         future = Future()
@@ -302,7 +314,12 @@ class ConfluentOutputs:
         return future
 
     def flush(self, timeout: float | None = None) -> None:
-        self.producer.flush() if timeout is None else self.producer.flush(timeout)
+        """Wait for the delivery reports; `ProducerFencedError` once the producer has ended
+        (its sends then fail as purged, which says less)."""
+        with _translating():
+            self.producer.flush() if timeout is None else self.producer.flush(timeout)
+        if self._fatal is not None:
+            raise translated(self._fatal)
 
     def begin_transaction(self) -> None:
         with _translating():
@@ -326,7 +343,8 @@ class ConfluentOutputs:
     def close(self, timeout: float) -> None:
         self._closing.set()
         self._server.join()
-        self.producer.flush(timeout)
+        with contextlib.suppress(confluent_kafka.KafkaException):  # ended: nothing to wait for
+            self.producer.flush(timeout)
 
 
 def open_clients(settings: Settings) -> tuple[ConfluentOutputs, ConfluentConsumer]:
@@ -334,7 +352,7 @@ def open_clients(settings: Settings) -> tuple[ConfluentOutputs, ConfluentConsume
     under exactly_once (fencing a predecessor), and the consumer, with the input's metadata;
     `KafkaError` while the broker cannot be reached."""
     kafka = settings.kafka
-    common = kafka.librdkafka_options() | {"error_cb": _report}
+    common = kafka.librdkafka_options() | {"error_cb": _report, "logger": LIBRDKAFKA_LOG}
     timeout_s = BOOTSTRAP_TIMEOUT_MS / 1000
     producer_config = common | {
         "acks": "all",

@@ -46,7 +46,13 @@ SETTINGS = {
 
 
 def killed_repeatedly(
-    bootstrap: str, topic: str, model: Path, folder: Path, settings: dict[str, str], seed: int
+    bootstrap: str,
+    topic: str,
+    model: Path,
+    folder: Path,
+    settings: dict[str, str],
+    seed: int,
+    client: str,
 ) -> tuple[list[str], set[str]]:
     """Stream faulty sensor events into `topic` while daemons are SIGKILLed at random
     moments (starting, restoring, or in the middle of batches); then one more daemon runs
@@ -68,7 +74,7 @@ def killed_repeatedly(
 
     sender = threading.Thread(target=stream)
     sender.start()
-    start = partial(DaemonProcess, bootstrap, topic, model, folder, settings)
+    start = partial(DaemonProcess, bootstrap, topic, model, folder, settings, client=client)
     kills = sigkill_cycles(start, KILLS, serve)
     sender.join()
     assert kills == [-9] * KILLS
@@ -80,7 +86,7 @@ def killed_repeatedly(
 
 
 def test_exactly_once_alerts_survive_ten_sigkills(
-    kafka_bootstrap, kafka_topic_factory, sensor_model, tmp_path
+    kafka_bootstrap, kafka_topic_factory, sensor_model, tmp_path, kafka_client
 ):
     topic = kafka_topic_factory(partitions=2, prefix="eos")
     settings = SETTINGS | {
@@ -88,18 +94,18 @@ def test_exactly_once_alerts_survive_ten_sigkills(
         "PROCESSING__TRANSACTIONAL_ID": f"{topic}-instance-0",
     }
     ids, expected = killed_repeatedly(
-        kafka_bootstrap, topic, sensor_model, tmp_path, settings, seed=1
+        kafka_bootstrap, topic, sensor_model, tmp_path, settings, seed=1, client=kafka_client
     )
     assert expected
     assert collections.Counter(ids) == {alert_id: 1 for alert_id in expected}
 
 
 def test_at_least_once_alerts_survive_ten_sigkills(
-    kafka_bootstrap, kafka_topic_factory, sensor_model, tmp_path
+    kafka_bootstrap, kafka_topic_factory, sensor_model, tmp_path, kafka_client
 ):
     topic = kafka_topic_factory(partitions=2, prefix="alo")
     ids, expected = killed_repeatedly(
-        kafka_bootstrap, topic, sensor_model, tmp_path, SETTINGS, seed=2
+        kafka_bootstrap, topic, sensor_model, tmp_path, SETTINGS, seed=2, client=kafka_client
     )
     assert expected
     assert set(ids) == expected  # none missing, and none a restarted key would not raise
@@ -108,7 +114,7 @@ def test_at_least_once_alerts_survive_ten_sigkills(
 
 
 def test_a_zombie_with_the_same_transactional_id_is_fenced(
-    kafka_bootstrap, kafka_topic_factory, sensor_model, tmp_path
+    kafka_bootstrap, kafka_topic_factory, sensor_model, tmp_path, kafka_client
 ):
     """A second instance started with the first one's transactional id (a restart while the
     old process still runs) fences the first: its next transaction is refused, it stops, and
@@ -119,8 +125,10 @@ def test_a_zombie_with_the_same_transactional_id_is_fenced(
         "PROCESSING__GUARANTEE": "exactly_once",
         "PROCESSING__TRANSACTIONAL_ID": f"{topic}-instance-0",
     }
-    zombie = DaemonProcess(kafka_bootstrap, topic, sensor_model, tmp_path, settings)
-    successor = DaemonProcess(kafka_bootstrap, topic, sensor_model, tmp_path, settings)
+    start = partial(
+        DaemonProcess, kafka_bootstrap, topic, sensor_model, tmp_path, settings, client=kafka_client
+    )
+    zombie, successor = start(), start()
     with running(zombie):
         zombie.wait_ready()
         send_events(kafka_bootstrap, topic, events[:150])

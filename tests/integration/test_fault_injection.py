@@ -39,7 +39,7 @@ RSS_GROWTH_LIMIT = 10 * 1024 * 1024
 
 
 def test_members_joining_and_leaving_mid_stream_raise_exactly_the_uninterrupted_alerts(
-    kafka_bootstrap, kafka_topic_factory, sensor_model, tmp_path
+    kafka_bootstrap, kafka_topic_factory, sensor_model, tmp_path, kafka_client
 ):
     """Two members share four partitions, a third joins, the first leaves: every partition
     that moves takes its keys' state with it (snapshot at revocation, restore at assignment),
@@ -54,7 +54,8 @@ def test_members_joining_and_leaving_mid_stream_raise_exactly_the_uninterrupted_
             send_events(kafka_bootstrap, topic, chunk)
             time.sleep(0.7)
 
-    members = [DaemonProcess(kafka_bootstrap, topic, sensor_model, tmp_path) for _ in range(3)]
+    start = partial(DaemonProcess, kafka_bootstrap, topic, sensor_model, tmp_path)
+    members = [start(client=kafka_client) for _ in range(3)]
     first, second, third = members
     sender = threading.Thread(target=stream)
     with running(first), running(second):

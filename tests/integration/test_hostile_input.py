@@ -158,7 +158,7 @@ def test_huge_numbers_are_judged_alike_in_plain_batches_and_record_by_record(
 
 @pytest.mark.slow
 def test_fuzzed_payloads_are_dead_letters_and_the_good_ones_are_scored(
-    kafka_bootstrap, kafka_topic_factory, sensor_model, tmp_path
+    kafka_bootstrap, kafka_topic_factory, sensor_model, tmp_path, kafka_client
 ):
     payloads, good = fuzzed(seed=3)
     payloads.append((b"near-the-broker-limit", b'{"x": "' + b"y" * 1_000_000 + b'"}'))
@@ -171,7 +171,7 @@ def test_fuzzed_payloads_are_dead_letters_and_the_good_ones_are_scored(
     ]
     topic = kafka_topic_factory(partitions=1, prefix="hostile")
     send(kafka_bootstrap, topic, [v for _, v in payloads], [k for k, _ in payloads])
-    daemon = DaemonProcess(kafka_bootstrap, topic, sensor_model, tmp_path)
+    daemon = DaemonProcess(kafka_bootstrap, topic, sensor_model, tmp_path, client=kafka_client)
     with running(daemon):
         daemon.wait_ready()
         committed = partial(fully_committed, kafka_bootstrap, daemon.group, topic)
