@@ -4,6 +4,10 @@
 Everything goes through the same script and the same settings an operator uses
 (`deploy/kafka/local-kafka`, `SEQSENTINEL_*` variables), so that what is measured is the
 product as deployed, not a harness around its internals.
+
+Importing this module puts the checkout it belongs to first on `sys.path`, and every daemon
+runs with the same interpreter and that checkout as its `PYTHONPATH`: the benchmark and the
+daemons it starts measure the same code, whichever checkout is installed in the venv.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -23,11 +28,19 @@ from pathlib import Path
 
 from kafka import KafkaAdminClient, KafkaProducer
 from kafka.admin import NewTopic
+from kafka.errors import KafkaError
 
 ROOT = Path(__file__).resolve().parents[1]
+if sys.path[:1] != [str(ROOT)]:
+    sys.path.insert(0, str(ROOT))
 LOCAL_KAFKA = ROOT / "deploy" / "kafka" / "local-kafka"
 #: How often the committed offsets of a daemon's group are read while it works.
 COMMIT_POLL_S = 0.1
+#: A daemon that has committed nothing this long after its start has failed...
+START_TIMEOUT_S = 120.0
+#: ...and so has one whose committed offsets have not moved for this long: a slow daemon
+#: still advances, and is measured as slow rather than recorded as a failure.
+STALL_TIMEOUT_S = 60.0
 
 
 def free_ports(count: int) -> list[int]:
@@ -61,16 +74,34 @@ def local_broker(folder: Path) -> Iterator[str]:
 
 
 class Cluster:
-    """Admin work against one bootstrap address."""
+    """Admin work against one bootstrap address. Every topic and group of the run has the run's
+    tag in its name, so that `close()` can delete them all from a broker that outlives it."""
 
     def __init__(self, bootstrap: str) -> None:
         self.bootstrap = bootstrap
         self.admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="seqsentinel-bench")
+        self.tag = f"{os.getpid()}-{secrets.token_hex(3)}"
+
+    def name(self, kind: str) -> str:
+        """A topic name of this run."""
+        return f"bench-{self.tag}-{kind}"
 
     def create_topic(self, name: str, partitions: int, **configs: str) -> str:
         topic = NewTopic(name, partitions, 1, topic_configs=configs)
         self.admin.create_topics([topic], timeout_ms=30_000, wait_for_metadata=True)
         return name
+
+    def delete_run_topics(self) -> list[str]:
+        """Delete the topics and consumer groups of this run (those the daemons created too)."""
+        topics = [name for name in self.admin.list_topics() if self.tag in name]
+        if topics:
+            self.admin.delete_topics(topics, timeout_ms=30_000)
+        listed = self.admin.list_groups()
+        names = [g["group_id"] if isinstance(g, dict) else g[0] for g in listed]
+        if groups := [name for name in names if self.tag in name]:
+            with contextlib.suppress(KafkaError):  # a group still closing is left to expire
+                self.admin.delete_groups(groups)
+        return topics
 
     def committed(self, group: str) -> int:
         """Sum of the group's committed offsets (0 before its first commit)."""
@@ -97,7 +128,14 @@ class Cluster:
         return len(values) / seconds
 
     def close(self) -> None:
-        self.admin.close()
+        """Delete the run's topics and groups (a failure to is reported, not raised: the
+        figures are measured by then) and close the admin client."""
+        try:
+            self.delete_run_topics()
+        except KafkaError as error:
+            print(f"the run's topics were not all deleted: {error}", file=sys.stderr)
+        finally:
+            self.admin.close()
 
 
 class DaemonError(RuntimeError):
@@ -144,6 +182,24 @@ class Progress:
 
     samples: list[tuple[float, int, float]] = field(default_factory=list)
 
+    def stuck(self, start_timeout: float, stall_timeout: float) -> str | None:
+        """Why the daemon should be given up on, or None while it still makes progress: no
+        commit within `start_timeout` of the first sample, or committed offsets that have not
+        moved for `stall_timeout`. How long the whole run takes does not matter."""
+        if not self.samples:
+            return None
+        now, committed, _ = self.samples[-1]
+        since = now  # when the committed total became what it is now
+        for at, count, _ in reversed(self.samples):
+            if count != committed:
+                break
+            since = at
+        if now - since <= (start_timeout if committed == 0 else stall_timeout):
+            return None
+        if committed == 0:
+            return f"committed nothing in {now - since:.0f} s"
+        return f"committed offsets stayed at {committed:,} for {now - since:.0f} s"
+
     def rate(self) -> Rate:
         """From the first to the last commit."""
         first = next(sample for sample in self.samples if sample[1] > 0)
@@ -165,7 +221,7 @@ class Daemon:
 
     def __post_init__(self) -> None:
         self.port = free_ports(1)[0]
-        self.group = f"bench-{self.input_topic}-{self.port}"
+        self.group = f"{self.input_topic}-{self.port}"  # the input's name carries the run's tag
         self.log = self.folder / f"daemon-{self.group}.log"
 
     def environment(self) -> dict[str, str]:
@@ -183,7 +239,10 @@ class Daemon:
             "LOG__FORMAT": "json",
         } | self.settings
         inherited = {k: v for k, v in os.environ.items() if not k.startswith("SEQSENTINEL_")}
-        return inherited | {f"SEQSENTINEL_{k}": v for k, v in settings.items()}
+        checkout = {
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.getenv("PYTHONPATH")]))
+        }
+        return inherited | checkout | {f"SEQSENTINEL_{k}": v for k, v in settings.items()}
 
     def start(self) -> Daemon:
         with self.log.open("ab") as log:
@@ -211,17 +270,27 @@ class Daemon:
 
         self._wait(ready, timeout, "to be ready")
 
-    def wait_committed(self, total: int, timeout: float) -> Progress:
-        """Watch the group's committed offsets until they reach `total`."""
+    def wait_committed(
+        self,
+        total: int,
+        start_timeout: float = START_TIMEOUT_S,
+        stall_timeout: float = STALL_TIMEOUT_S,
+    ) -> Progress:
+        """Watch the group's committed offsets until they reach `total`, for as long as they
+        keep advancing (`Progress.stuck`)."""
         progress = Progress()
         started = time.perf_counter()
 
         def done() -> bool:
             committed = self.cluster.committed(self.group)
             progress.samples.append((time.perf_counter() - started, committed, self.cpu_seconds()))
-            return committed >= total
+            if committed >= total:
+                return True
+            if reason := progress.stuck(start_timeout, stall_timeout):
+                raise DaemonError(f"the daemon {reason} of {total:,} records", self.tail())
+            return False
 
-        self._wait(done, timeout, f"to commit {total} records", every=COMMIT_POLL_S)
+        self._wait(done, float("inf"), f"to commit {total} records", every=COMMIT_POLL_S)
         return progress
 
     def _wait(
@@ -235,11 +304,30 @@ class Daemon:
                 raise DaemonError(f"the daemon took over {timeout:.0f} s {what}", self.tail())
             time.sleep(every)
 
+    def metric(self, name: str) -> float:
+        """A metric of the daemon's `/metrics`, summed over its labels."""
+        url = f"http://127.0.0.1:{self.port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return metric_value(response.read().decode(), name)
+
     def cpu_seconds(self) -> float:
         """User and system CPU time of the process so far (/proc/<pid>/stat)."""
         assert self.process is not None
         fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def runs_librdkafka(self) -> bool:
+        """Whether the process has librdkafka's threads (named `rdk:...`): the proof that
+        `kafka.client = "confluent"` is in effect, rather than only asked for."""
+        assert self.process is not None
+        tasks = Path(f"/proc/{self.process.pid}/task").glob("*/comm")
+        return any(task.read_text().startswith("rdk:") for task in tasks)
+
+    def check_client(self) -> None:
+        """Fail unless the daemon runs the Kafka client its settings name."""
+        asked = self.settings.get("KAFKA__CLIENT", "kafka-python")
+        if self.runs_librdkafka() != (asked == "confluent"):
+            raise DaemonError(f"the daemon does not run the {asked} client it was given", [])
 
     def peak_rss(self) -> int:
         """Bytes of the process's peak resident set (VmHWM)."""
@@ -261,6 +349,15 @@ class Daemon:
     def tail(self, lines: int = 20) -> list[str]:
         text = self.log.read_text(errors="replace") if self.log.exists() else ""
         return text.splitlines()[-lines:]
+
+
+def metric_value(exposition: str, name: str) -> float:
+    """The sum of the samples named `name` (any labels) in a Prometheus text exposition."""
+    total = 0.0
+    for line in exposition.splitlines():
+        if line.startswith(name) and line[len(name) : len(name) + 1] in (" ", "{"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
 
 
 @contextlib.contextmanager
