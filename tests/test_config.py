@@ -201,6 +201,48 @@ def test_client_options_sasl_ssl_scram(tmp_path: Path) -> None:
     }
 
 
+def test_librdkafka_options_carry_the_same_security_settings(tmp_path: Path) -> None:
+    ca, cert, key = (tmp_path / name for name in ("ca.pem", "client.pem", "client.key"))
+    for path in (ca, cert, key):
+        path.write_text("-----BEGIN-----\n")
+    kafka = KafkaSettings(
+        bootstrap_servers="k1:9092,k2:9092",
+        client="confluent",
+        security_protocol="SASL_SSL",
+        sasl_mechanism="SCRAM-SHA-512",
+        sasl_username="detector",
+        sasl_password=PASSWORD,
+        ssl_cafile=ca,
+        ssl_certfile=cert,
+        ssl_keyfile=key,
+        ssl_password="key-secret",
+    )
+    assert kafka.librdkafka_options() == {
+        "bootstrap.servers": "k1:9092,k2:9092",
+        "client.id": "seqsentinel",
+        "security.protocol": "SASL_SSL",
+        "sasl.mechanism": "SCRAM-SHA-512",
+        "sasl.username": "detector",
+        "sasl.password": PASSWORD,
+        "ssl.ca.location": str(ca),
+        "ssl.certificate.location": str(cert),
+        "ssl.key.location": str(key),
+        "ssl.key.password": "key-secret",
+    }
+
+
+def test_the_confluent_client_without_its_package_is_refused_naming_the_extra(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(kafka={"client": "confluent"})
+    [line] = caught.value.problems
+    assert line.startswith("kafka.client: ")
+    assert "pip install 'seqsentinel[confluent]'" in line
+    assert load_settings().kafka.client == "kafka-python"
+
+
 def test_masked_hides_secrets_and_keeps_absent_ones_none(monkeypatch: pytest.MonkeyPatch) -> None:
     for name, value in SASL_ENV.items():
         monkeypatch.setenv(name, value)

@@ -1,0 +1,30 @@
+"""librdkafka's errors as the daemon's loop handles them: a fenced or otherwise fatal producer
+stops it, a commit the group refused is given up, anything else is retried."""
+
+from __future__ import annotations
+
+import confluent_kafka
+import pytest
+from kafka.errors import CommitFailedError, KafkaError, ProducerFencedError
+
+from detector.stream.confluent import translated
+
+Error = confluent_kafka.KafkaError
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        (Error(Error._FENCED), ProducerFencedError),
+        (Error(Error.PRODUCER_FENCED), ProducerFencedError),
+        (Error(Error._TRANSPORT, fatal=True), ProducerFencedError),
+        (Error(Error.REBALANCE_IN_PROGRESS), CommitFailedError),
+        (Error(Error.UNKNOWN_MEMBER_ID), CommitFailedError),
+        (Error(Error._TRANSPORT), KafkaError),
+        (Error(Error._MSG_TIMED_OUT), KafkaError),
+    ],
+)
+def test_errors_map_to_what_the_delivery_and_the_source_handle(error, expected) -> None:
+    mapped = translated(error)
+    assert type(mapped) is expected
+    assert str(error) in str(mapped)
