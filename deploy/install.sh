@@ -10,7 +10,8 @@ usage() {
     cat <<'EOF'
 usage: install.sh [--runtime | --trainer] [--variant cpu|gpu] [--venv DIR] [--python PYTHON]
 
-  --runtime         the detector only: onnxruntime, never torch (the default)
+  --runtime         the detector only, with both Kafka clients (kafka-python and
+                    confluent-kafka): onnxruntime, never torch (the default)
   --trainer         the detector and the trainer: adds torch and the export tools
   --variant gpu     onnxruntime-gpu in place of onnxruntime (the two share one module and must
                     never be installed together); cpu is the default
@@ -73,7 +74,7 @@ fi
 if [ "${target:-runtime}" = trainer ]; then
     "$python" -m pip install "${source_dir}[train]"
 else
-    "$python" -m pip install "$source_dir"
+    "$python" -m pip install "${source_dir}[confluent]"
 fi
 
 if [ "$variant" = gpu ]; then

@@ -261,6 +261,6 @@ def test_runtime_install_into_a_fresh_environment(stages: dict[str, Stage], tmp_
     assert help_text.returncode == 0 and "check-config" in help_text.stdout
     assert (scored.returncode, scored.stdout.strip()) == (0, "[3.0, -4.0]")
     assert torch.stdout.strip() == "None"
-    assert {"seqsentinel", "onnxruntime"} <= names
+    assert {"seqsentinel", "onnxruntime", "confluent-kafka"} <= names
     assert not names & {"torch", "onnxruntime-gpu", "onnxscript", "matplotlib"}
     assert run(str(python), "-m", "pip", "check").returncode == 0
