@@ -46,7 +46,14 @@ from detector.stream.messages import Outgoing
 from detector.stream.reader import polled_records
 from detector.stream.source import Polled, RebalanceListener
 
-__all__ = ["ConfluentConsumer", "ConfluentOutputs", "open_clients", "translated"]
+__all__ = [
+    "ConfluentConsumer",
+    "ConfluentOutputs",
+    "consumer_config",
+    "open_clients",
+    "producer_config",
+    "translated",
+]
 
 log = structlog.get_logger(__name__)
 
@@ -347,22 +354,26 @@ class ConfluentOutputs:
             self.producer.flush(timeout)
 
 
-def open_clients(settings: Settings) -> tuple[ConfluentOutputs, ConfluentConsumer]:
-    """The producer, with the metadata of every output topic and its transactions initialised
-    under exactly_once (fencing a predecessor), and the consumer, with the input's metadata;
-    `KafkaError` while the broker cannot be reached."""
+def producer_config(settings: Settings) -> dict[str, Any]:
+    """The daemon's producer: idempotent, acknowledged by all in-sync replicas, transactional
+    under exactly_once. Secrets are unwrapped here: never log the result."""
     kafka = settings.kafka
-    common = kafka.librdkafka_options() | {"error_cb": _report, "logger": LIBRDKAFKA_LOG}
-    timeout_s = BOOTSTRAP_TIMEOUT_MS / 1000
-    producer_config = common | {
+    config = _common(settings) | {
         "acks": "all",
         "enable.idempotence": True,
         "linger.ms": kafka.linger_ms,
         "compression.type": kafka.compression_type or "none",
     }
     if exactly_once(settings):
-        producer_config["transactional.id"] = transactional_id(settings)
-    consumer_config = common | {
+        config["transactional.id"] = transactional_id(settings)
+    return config
+
+
+def consumer_config(settings: Settings) -> dict[str, Any]:
+    """The daemon's group consumer: commits only when told to (after the outputs are
+    acknowledged). Secrets are unwrapped here: never log the result."""
+    kafka = settings.kafka
+    return _common(settings) | {
         "group.id": kafka.group_id,
         "enable.auto.commit": False,
         "enable.auto.offset.store": False,
@@ -374,15 +385,27 @@ def open_clients(settings: Settings) -> tuple[ConfluentOutputs, ConfluentConsume
         "fetch.max.bytes": kafka.fetch_max_bytes,
         "max.partition.fetch.bytes": kafka.max_partition_fetch_bytes,
     }
+
+
+def _common(settings: Settings) -> dict[str, Any]:
+    return settings.kafka.librdkafka_options() | {"error_cb": _report, "logger": LIBRDKAFKA_LOG}
+
+
+def open_clients(settings: Settings) -> tuple[ConfluentOutputs, ConfluentConsumer]:
+    """The producer, with the metadata of every output topic and its transactions initialised
+    under exactly_once (fencing a predecessor), and the consumer, with the input's metadata;
+    `KafkaError` while the broker cannot be reached."""
+    timeout_s = BOOTSTRAP_TIMEOUT_MS / 1000
     with _translating():
-        producer = Producer(producer_config)
+        producer = Producer(producer_config(settings))
         outputs = ConfluentOutputs(producer)
         try:
             for topic in output_topics(settings):
                 producer.list_topics(topic, timeout=timeout_s)
             if exactly_once(settings):
                 producer.init_transactions(timeout_s)
-            consumer = ConfluentConsumer(consumer_config, keyed=kafka.key_field is None)
+            keyed = settings.kafka.key_field is None
+            consumer = ConfluentConsumer(consumer_config(settings), keyed)
             consumer.consumer.list_topics(settings.topics.input, timeout=timeout_s)
         except confluent_kafka.KafkaException:
             outputs.close(0)
