@@ -18,10 +18,10 @@ of each Kafka client and a naive baseline, all measured in one run on one machin
    `window`, `stateful` and `exactly_once` (`detector run` as a subprocess, from its first
    to its last committed offset). Figures of the confluent client are prefixed `confluent_`.
 3. Latency, per client: a fresh topic fed at half that client's `stateful_eps` (or
-   `--latency-rate`) and at a tenth, with a lowered threshold, by `bench/LoadGenerator.java`
-   in a JVM of its own (or by kafka-python in this process: `--load-generator python`); each
-   alert's broker append time (LogAppendTime) minus its event's produce time, and the
-   detector's part, from the event's append.
+   `--latency-rate`) and at a tenth, with a threshold that 1% of the events' scores reach,
+   by `bench/LoadGenerator.java` in a JVM of its own (or by kafka-python in this process:
+   `--load-generator python`); each alert's broker append time (LogAppendTime) minus its
+   event's produce time, and the detector's part, from the event's append.
 4. Memory (the first client): `detector run` over M events of M distinct keys; peak RSS
    (VmHWM) minus the peak of the run over K keys, per extra key.
 
@@ -90,8 +90,10 @@ from detector.stream.clients import make_consumer
 PARTITIONS = 4
 START_TIME = 1_704_067_200.0
 CPU = ["CPUExecutionProvider"]
-#: Share of full-window scores over the threshold: throughput runs alert rarely, the latency
-#: run often enough for a good p99.
+#: Share of scores over the threshold: of full-window scores in the throughput runs, which
+#: alert rarely; of the very events sent in the latency runs, which alert often enough for a
+#: good p99 at either rate (their keys are young: a full-window threshold would leave a run
+#: at a tenth of the rate a handful of alerts).
 THROUGHPUT_ALERT_SHARE = 0.001
 LATENCY_ALERT_SHARE = 0.01
 #: The calibration stream that places the thresholds at those shares: this many keys with
@@ -212,24 +214,18 @@ def fit_threshold(scores: np.ndarray, share: float) -> float:
     return float(np.quantile(scores, 1 - share))
 
 
-@dataclass(frozen=True)
-class Thresholds:
-    """A model's alert thresholds, for the throughput runs and for the latency runs."""
-
-    alert: float
-    latency: float
+def scores(model: Path, records: list[InputRecord]) -> np.ndarray:
+    """The engine's score of each record (NaN where none), alerting on nothing."""
+    engine = Engine(Scorer.load(model, providers=CPU), EngineOptions(threshold=np.inf))
+    return engine.process(records).scores
 
 
-def thresholds(model: Path) -> Thresholds:
-    """The model's thresholds, from the engine's scores of a calibration stream."""
+def throughput_threshold(model: Path) -> float:
+    """The model's threshold for the throughput runs, from a calibration stream."""
     keys = CALIBRATION_KEYS
     events = make_events(keys * CALIBRATION_EVENTS_PER_KEY, keys, seed=3)
-    engine = Engine(Scorer.load(model, providers=CPU), EngineOptions(threshold=np.inf))
-    scores = engine.process(events.records()).scores
-    full = full_window_scores(scores, key_ordinals(events.keys), WINDOW)
-    return Thresholds(
-        fit_threshold(full, THROUGHPUT_ALERT_SHARE), fit_threshold(full, LATENCY_ALERT_SHARE)
-    )
+    full = full_window_scores(scores(model, events.records()), key_ordinals(events.keys), WINDOW)
+    return fit_threshold(full, THROUGHPUT_ALERT_SHARE)
 
 
 # -- in-process readers: the ceilings and the naive loops ---------------------------------
@@ -451,6 +447,7 @@ class Latency:
     seconds per second of sending) say how close the detector came to filling its core."""
 
     rate_eps: float
+    threshold: float
     achieved_eps: float
     late_p99_ms: float
     p50_ms: float
@@ -542,6 +539,15 @@ def latency(
         for row in rng.standard_normal((count, len(FEATURES))).tolist()
     ]
     events = list(zip(names, tails, strict=True))
+    head, at = b'{"%s":"%s","%s":%.2f', START_TIME
+    replayed = [
+        InputRecord(head % (KEY.encode(), name, TIME.encode(), at + i * 0.01) + tail, name.decode())
+        for i, (name, tail) in enumerate(events)
+    ]
+    scored = scores(model, replayed)
+    threshold = fit_threshold(scored[~np.isnan(scored)], LATENCY_ALERT_SHARE)
+    settings = settings | {"SCORING__THRESHOLD": repr(threshold)}
+    del replayed, scored
     with running(Daemon(cluster, topic, model, folder, settings)) as daemon:
         daemon.wait_ready()
         daemon.check_client()
@@ -563,12 +569,12 @@ def latency(
     )
     send = np.array([m.timestamp - produced_ms[a] for a, m in appended.items()])
     scorer = Scorer.load(model, providers=CPU)
-    threshold = float(settings["SCORING__THRESHOLD"])
     engine = Engine(scorer, EngineOptions(threshold=threshold, key_ttl_s=0.0))
     in_send_order = sorted(appended, key=produced_ms.__getitem__)
     records = [InputRecord(appended[a].value, appended[a].key.decode()) for a in in_send_order]
     return Latency(
         rate_eps=rate,
+        threshold=threshold,
         achieved_eps=count / sent.seconds,
         late_p99_ms=sent.late_p99_ms,
         p50_ms=_percentile(total, 50),
@@ -825,7 +831,7 @@ class Run:
     cluster: Cluster
     folder: Path
     models: dict[str, Path]
-    thresholds: dict[str, Thresholds]
+    thresholds: dict[str, float]
     settings: dict[str, str]
     results: dict[str, Any] = field(default_factory=dict)
     cpu: dict[str, float | None] = field(default_factory=dict)
@@ -856,7 +862,7 @@ class Run:
         `name`). Its threshold is its model's."""
         settings = self.settings | {
             "KAFKA__CLIENT": client,
-            "SCORING__THRESHOLD": repr(self.thresholds[mode].alert),
+            "SCORING__THRESHOLD": repr(self.thresholds[mode]),
         }
         return self.attempt(
             name,
@@ -878,7 +884,7 @@ def throughput(
     if "naive" in parts:
         for mode in ("stateful", "window"):
             run.say(f"{client} naive {mode} loop on the first {args.naive_events:,} records")
-            model, threshold = run.models[mode], run.thresholds[mode].alert
+            model, threshold = run.models[mode], run.thresholds[mode]
             run.rate(
                 f"{p}naive_{mode}",
                 lambda model=model, threshold=threshold: naive(
@@ -906,8 +912,7 @@ def latencies(run: Run, client: str, half: float) -> None:
     """At half the stateful rate (the goal's load), and at a tenth: the detector's own latency
     when the load generator and the broker leave it a core."""
     args, p = run.args, prefix(client)
-    threshold = run.thresholds["stateful"].latency
-    settings = run.settings | {"KAFKA__CLIENT": client, "SCORING__THRESHOLD": repr(threshold)}
+    settings = run.settings | {"KAFKA__CLIENT": client}
     if args.latency_batch_ms is not None:
         settings["BATCHING__MAX_LATENCY_MS"] = str(args.latency_batch_ms)
     measured: dict[str, Latency | None] = {}
@@ -972,7 +977,7 @@ def measure(args: argparse.Namespace, cluster: Cluster, folder: Path) -> dict[st
         cluster,
         folder,
         models,
-        {mode: thresholds(model) for mode, model in models.items()},
+        {mode: throughput_threshold(model) for mode, model in models.items()},
         {"MODEL__INTRA_OP_THREADS": str(args.threads), "STATE__KEY_TTL_S": "0"}
         | dict(setting.split("=", 1) for setting in args.set),
     )
@@ -1012,13 +1017,14 @@ def measure(args: argparse.Namespace, cluster: Cluster, folder: Path) -> dict[st
         "onnxruntime_threads": args.threads,
         "naive_events": args.naive_events,
         "memory_keys": args.memory_keys,
-        "thresholds": {mode: asdict(fitted) for mode, fitted in run.thresholds.items()},
+        "thresholds": run.thresholds,
         "threshold_fit": {
             "keys": CALIBRATION_KEYS,
             "events": CALIBRATION_KEYS * CALIBRATION_EVENTS_PER_KEY,
             "scores": "events whose key has a full window",
             "alert_share": THROUGHPUT_ALERT_SHARE,
             "latency_alert_share": LATENCY_ALERT_SHARE,
+            "latency_scores": "every event the latency run sends",
         },
         "latency_batching_max_latency_ms": args.latency_batch_ms,
         "latency_load_generator": args.load_generator,
