@@ -244,21 +244,12 @@ def consumer(cluster: Cluster, topic: str, group: str) -> KafkaConsumer:
 
 
 def confluent_consumer(cluster: Cluster, topic: str, group: str) -> Any:
-    """A confluent-kafka consumer with the daemon's settings as librdkafka properties."""
+    """A confluent-kafka consumer configured exactly as the daemon's (`consumer_config`)."""
     from confluent_kafka import Consumer
 
-    settings = client_settings(cluster, group).kafka
-    reader = Consumer(
-        settings.librdkafka_options()
-        | {
-            "group.id": group,
-            "enable.auto.commit": False,
-            "auto.offset.reset": settings.auto_offset_reset,
-            "fetch.max.bytes": settings.fetch_max_bytes,
-            "max.partition.fetch.bytes": settings.max_partition_fetch_bytes,
-            "session.timeout.ms": settings.session_timeout_ms,
-        }
-    )
+    from detector.stream.confluent import consumer_config
+
+    reader = Consumer(consumer_config(client_settings(cluster, group)))
     reader.subscribe([topic])
     return reader
 
