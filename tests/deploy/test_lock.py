@@ -96,5 +96,5 @@ def test_make_venv_installs_through_the_lock() -> None:
         "-c",
         LOCK,
         "-e",
-        "'.[train,dev,bench]'",
+        "'.[train,dev,bench,confluent]'",
     ]

@@ -37,6 +37,7 @@ from detector.contract.model_file import ModelContractError, file_sha256
 from detector.ops.http import LIVENESS_TIMEOUT_S, Health, OpsServer
 from detector.ops.metrics import Metrics
 from detector.ops.model_watch import ModelWatcher, load_scorer
+from detector.stream.reader import input_records
 from detector.stream.source import InHand
 
 
@@ -296,8 +297,8 @@ def test_in_hand_keys_records_by_the_message_key_unless_a_field_names_it():
         for offset, key in ((7, b"dev-1"), (8, None), (9, b"dev-\xff"))
     ]
     keyed, by_field = InHand(), InHand()
-    keyed.add({partition: messages}, keyed=True)
-    by_field.add({partition: messages}, keyed=False)
+    keyed.add([(partition, input_records(partition, messages, keyed=True))])
+    by_field.add([(partition, input_records(partition, messages, keyed=False))])
     assert [record.key for record in keyed.records] == ["dev-1", None, "dev-\ufffd"]
     assert [record.key for record in by_field.records] == [None, None, None]
     assert [record.source.offset for record in keyed.records] == [7, 8, 9]
