@@ -68,6 +68,8 @@ _VALUE, _KEY, _OFFSET = methodcaller("value"), methodcaller("key"), methodcaller
 _PARTITION, _ERROR = methodcaller("partition"), methodcaller("error")
 #: librdkafka's own log lines, through the daemon's logging (warnings and above by default).
 LIBRDKAFKA_LOG = logging.getLogger("librdkafka")
+#: The most records confluent-kafka's `consume()` returns at once.
+MOST_CONSUMED = 1_000_000
 #: How long the delivery reports' thread waits in one `poll()`; bounds how late it stops.
 SERVE_INTERVAL_S = 0.1
 
@@ -128,13 +130,16 @@ class ConfluentConsumer:
         """What librdkafka holds, up to `max_records`; when nothing, waits up to `timeout_ms`
         for one record and takes what came with it. (`consume()` alone waits until it has
         all `max_records` or the timeout passed.)"""
+        max_records = min(max_records, MOST_CONSUMED)
         with _translating():
             messages = self.consumer.consume(max_records, 0)
             if not messages:
                 first = self.consumer.poll(timeout_ms / 1000)
                 if first is None:
                     return []
-                messages = [first, *self.consumer.consume(max_records - 1, 0)]
+                messages = [first]
+                if max_records > 1:
+                    messages += self.consumer.consume(max_records - 1, 0)
         return self._runs(messages)
 
     def _runs(self, messages: list[Message]) -> Polled:
