@@ -147,7 +147,7 @@ def test_daemons_run_the_checkout_the_bench_belongs_to(tmp_path: Path) -> None:
     daemon = Daemon(cluster, "in", tmp_path / "m.onnx", tmp_path)  # type: ignore[arg-type]
     environment = daemon.environment()
     assert environment["PYTHONPATH"].split(os.pathsep)[0] == str(kafka_rig.ROOT)
-    assert sys.path[0] == str(kafka_rig.ROOT)  # and so does the bench's own import
+    assert str(kafka_rig.ROOT) in sys.path  # and so does the bench's own import:
     assert throughput.checkout()["detector_from_checkout"]
 
 
