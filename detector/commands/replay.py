@@ -60,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
     from detector.engine.core import EngineOptions
     from detector.engine.scorer import Scorer
     from detector.files.readers import read_records
+    from detector.ops import heap
     from detector.ops.logs import configure_logging
 
     configure_logging()  # log lines to stderr: stdout holds the summary
@@ -78,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, ValueError, pa.ArrowException) as error:
         console.print(f"[red]cannot replay:[/red] {error}")
         return REFUSED
+    heap.settle()  # the records and the model stay to the end: no collection walks them
     result = replay_with_progress(records, scorer, options, args.input.name, console)
     write_outputs(args, result)
     stdout_console().print(summary_table(result, scorer))

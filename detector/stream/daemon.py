@@ -25,6 +25,7 @@ from detector.config import Settings
 from detector.contract.model_file import ModelContractError
 from detector.engine.core import Engine, EngineOptions
 from detector.engine.scorer import Scorer
+from detector.ops import heap
 from detector.ops.http import Health, OpsServer
 from detector.ops.metrics import Metrics
 from detector.ops.model_watch import ModelWatcher, load_scorer
@@ -163,6 +164,7 @@ class Daemon:
         )
         source.subscribe(self)
         self.connected = True
+        heap.settle()  # the model, the clients and the modules are loaded: the heap to keep
         log.info(
             "connected",
             input=settings.topics.input,
