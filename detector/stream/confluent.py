@@ -28,6 +28,7 @@ from typing import Any
 
 import confluent_kafka
 import numpy as np
+import orjson
 import structlog
 from confluent_kafka import Consumer, Message, Producer
 from kafka import TopicPartition
@@ -68,6 +69,11 @@ _VALUE, _KEY, _OFFSET = methodcaller("value"), methodcaller("key"), methodcaller
 _PARTITION, _ERROR = methodcaller("partition"), methodcaller("error")
 #: librdkafka's own log lines, through the daemon's logging (warnings and above by default).
 LIBRDKAFKA_LOG = logging.getLogger("librdkafka")
+#: How often librdkafka reports its statistics, of which the broker connections' states are
+#: read: the daemon's probe of the broker, as `InputSource` probes every `PROBE_INTERVAL_S`.
+STATISTICS_MS = 2_000
+#: `fetch.wait.max.ms`: how long the broker holds a fetch that finds no record.
+FETCH_WAIT_MS = 100
 #: The most records confluent-kafka's `consume()` returns at once.
 MOST_CONSUMED = 1_000_000
 #: How long the delivery reports' thread waits in one `poll()`; bounds how late it stops.
@@ -109,8 +115,11 @@ class ConfluentConsumer:
     entity key."""
 
     def __init__(self, config: dict[str, Any], keyed: bool) -> None:
-        self.consumer = Consumer(config | {"on_commit": self._commit_done})
+        callbacks = {"on_commit": self._commit_done, "stats_cb": self._statistics}
+        self.consumer = Consumer(config | callbacks | {"statistics.interval.ms": STATISTICS_MS})
         self._keyed = keyed
+        #: Whether librdkafka's latest statistics showed a broker connection up (None: none yet).
+        self._broker_up: bool | None = None
         self._topic = ""
         self._listener: RebalanceListener | None = None
         #: The asynchronous commit awaiting its outcome: its offsets and its callback.
@@ -182,17 +191,26 @@ class ConfluentConsumer:
             return set(map(_theirs, self.consumer.assignment()))
 
     def lag(self, partitions: set[TopicPartition], timeout_ms: int) -> dict[TopicPartition, int]:
-        """The end offset minus the position; a partition not consumed yet (paused for its
-        restore) counts everything retained."""
+        """The high watermark minus the position, both as librdkafka holds them (the
+        watermark of the latest fetch response): asking the broker would queue behind the
+        consumer's long-polling fetch on the same connection, and stall the loop up to
+        `fetch.wait.max.ms` per partition. A partition not fetched yet counts nothing.
+        `KafkaError` when librdkafka's latest statistics show no broker connection up."""
+        if self._broker_up is False:
+            raise KafkaError("no connection to any broker is up")
         with _translating():
             positions = self.consumer.position([_ours(tp) for tp in partitions])
             lag = {}
             for position in positions:
-                low, high = self.consumer.get_watermark_offsets(
-                    position, timeout=timeout_ms / 1000, cached=False
-                )
+                low, high = self.consumer.get_watermark_offsets(position, cached=True)
                 lag[_theirs(position)] = max(0, high - max(low, position.offset))
         return lag
+
+    def _statistics(self, statistics: str) -> None:
+        """librdkafka's periodic statistics, inside a poll: which broker connections are up
+        (bootstrap entries, node id -1, aside)."""
+        brokers = orjson.loads(statistics)["brokers"].values()
+        self._broker_up = any(b["state"] == "UP" for b in brokers if b["nodeid"] >= 0)
 
     def committed(self, partition: TopicPartition) -> int | None:
         with _translating():
@@ -389,6 +407,10 @@ def consumer_config(settings: Settings) -> dict[str, Any]:
         "partition.assignment.strategy": "cooperative-sticky",
         "fetch.max.bytes": kafka.fetch_max_bytes,
         "max.partition.fetch.bytes": kafka.max_partition_fetch_bytes,
+        # Records are returned as soon as there is one; the wait bounds how long an idle
+        # fetch holds the connection, and a request queued behind it (500 ms by default).
+        "fetch.min.bytes": 1,
+        "fetch.wait.max.ms": FETCH_WAIT_MS,
     }
 
 
