@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from itertools import chain
-from operator import itemgetter
+from operator import attrgetter, itemgetter
 from typing import Any, Protocol
 
 import numpy as np
@@ -29,6 +29,9 @@ from detector.contract.manifest import CategoricalFeature, NumericFeature
 _NUMBERS = frozenset({float, int})
 #: What a categorical feature accepts: a label, or an integer standing for one.
 _LABELS = frozenset({str, int})
+#: Payloads still to decode as JSON.
+_TEXTS = frozenset({bytes, str})
+_PAYLOAD, _KEY = attrgetter("payload"), attrgetter("key")
 
 
 class Record(Protocol):
@@ -62,47 +65,69 @@ def decode_plain(
     if not records or not numeric:
         return None
     columns = codec.columns
-    values = itemgetter(columns.time, *numeric, *(f.name for _, f in categorical))
-    key_column = columns.key
-    ids: dict[str, int] = {}
-    key_ids: list[int] = []
-    rows: list[tuple] = []
-    key_id, add_key, add_row, loads = ids.setdefault, key_ids.append, rows.append, orjson.loads
+    numbers = itemgetter(columns.time, *numeric)
     try:
-        for record in records:
-            payload = record.payload
-            if type(payload) is bytes or type(payload) is str:
-                if len(payload) > max_bytes:
-                    return None
-                payload = loads(payload)
-            key = record.key
-            if key is None:
-                key = payload[key_column]
-                if type(key) is not str or not key:
-                    return None
-            add_key(key_id(key, len(ids)))
-            add_row(values(payload))
+        objects = _objects(records, max_bytes)
+        if objects is None:
+            return None
+        keys = _keys(records, objects, columns.key)
+        if keys is None:
+            return None
+        flat = list(chain.from_iterable(map(numbers, objects)))
+        labels = [list(map(itemgetter(f.name), objects)) for _, f in categorical]
     except (orjson.JSONDecodeError, LookupError, TypeError):  # not JSON, a field missing, no object
         return None
-    numbers = len(numeric) + 1  # the time, then the numeric features, then the categorical
-    fields = list(zip(*rows, strict=True))  # one column per field
-    if not set(map(type, chain.from_iterable(fields[:numbers]))) <= _NUMBERS:
+    if not set(map(type, flat)) <= _NUMBERS:
         return None
-    if not set(map(type, chain.from_iterable(fields[numbers:]))) <= _LABELS:
+    if not set(map(type, chain.from_iterable(labels))) <= _LABELS:
         return None
     try:
-        table = np.array(fields[:numbers], np.float64).T
+        table = np.array(flat, np.float64).reshape(len(objects), len(numeric) + 1)
     except OverflowError:  # an integer beyond the range of floats
         return None
+    ids = dict.fromkeys(keys)  # in order of first appearance
+    index = dict(zip(ids, range(len(ids)), strict=True))
+    key_ids = np.fromiter(map(index.__getitem__, keys), np.intp, len(keys))
     times = table[:, 0] / 1000.0 if columns.time_unit == "ms" else table[:, 0]
     finite = (np.abs(table[:, 1:]) <= FLOAT32_MAX).all()  # as `decode`: False for NaN too
     if not (finite and ((times >= 0) & (times < MAX_EVENT_TIME)).all()):
         return None
-    raw = np.zeros((len(rows), codec.width), np.float64)
+    raw = np.zeros((len(objects), codec.width), np.float64)
     raw[:, codec.numeric_index] = table[:, 1:]
-    for (index, feature), column in zip(categorical, fields[numbers:], strict=True):
+    for (column, feature), values in zip(categorical, labels, strict=True):
         code = codec.vocabulary(feature.name).get
-        raw[:, index] = [
-            code(label if type(label) is str else str(label), UNKNOWN_CODE) for label in column
+        raw[:, column] = [
+            code(label if type(label) is str else str(label), UNKNOWN_CODE) for label in values
         ]
-    return PlainBatch(list(ids), np.array(key_ids, np.intp), times, raw)
+    return PlainBatch(list(ids), key_ids, times, raw)
+
+
+def _objects(records: Sequence[Record], max_bytes: int) -> list[Any] | None:
+    """Each record's payload as decoded JSON (None when one is longer than `max_bytes`); a
+    payload that is already a mapping is taken as it is. `orjson.JSONDecodeError` when one
+    is not JSON."""
+    payloads = list(map(_PAYLOAD, records))
+    kinds = set(map(type, payloads))
+    if kinds <= _TEXTS:
+        if max(map(len, payloads)) > max_bytes:
+            return None
+        return list(map(orjson.loads, payloads))
+    if kinds & _TEXTS:  # some parsed, some not
+        texts = [payload for payload in payloads if type(payload) in _TEXTS]
+        if max(map(len, texts)) > max_bytes:
+            return None
+        return [orjson.loads(p) if type(p) in _TEXTS else p for p in payloads]
+    return payloads
+
+
+def _keys(records: Sequence[Record], objects: list[Any], column: str) -> list[str] | None:
+    """Each record's key: its own, or else its payload's `column`, which must be a non-empty
+    string (None otherwise). `LookupError` or `TypeError` when a payload lacks it."""
+    keys = list(map(_KEY, records))
+    if None not in keys:
+        return keys
+    pairs = zip(keys, objects, strict=True)
+    keys = [key if key is not None else payload[column] for key, payload in pairs]
+    if set(map(type, keys)) != {str} or "" in keys:
+        return None
+    return keys

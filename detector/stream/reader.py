@@ -9,10 +9,10 @@ partition's snapshot and backlog with it, the trainer a whole topic for retraini
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from functools import partial
 from itertools import repeat
 from operator import attrgetter
 from typing import Any
@@ -37,7 +37,6 @@ __all__ = [
 IDLE_TIMEOUT_S = 30.0
 POLL_MS = 500
 _VALUE, _KEY, _OFFSET = attrgetter("value"), attrgetter("key"), attrgetter("offset")
-_DECODE = partial(bytes.decode, errors="replace")
 
 
 class ReadError(RuntimeError):
@@ -107,9 +106,10 @@ def polled_records(
 
 def _texts(keys: list[bytes | None]) -> list[str | None]:
     """The message keys as text; a missing or empty key is None (the record's field is read)."""
-    if None in keys or b"" in keys:
-        return [key.decode(errors="replace") if key else None for key in keys]
-    return list(map(_DECODE, keys))
+    if None not in keys and b"" not in keys:
+        with contextlib.suppress(UnicodeDecodeError):  # else record by record, replacing
+            return list(map(bytes.decode, keys))
+    return [key.decode(errors="replace") if key else None for key in keys]
 
 
 @dataclass(frozen=True, slots=True)
