@@ -12,7 +12,8 @@ fresh consumer group per measurement, through three stages of the same path:
 - `decoded`: and the engine's bulk decoder on each poll (`decode_plain`: JSON to the raw
   feature matrix, keys to ids), as `Engine.process` starts.
 
-CPU time is the process's, so librdkafka's own threads count. The rounds are interleaved
+CPU time is the process's, so librdkafka's own threads count; the collector is settled as
+the daemon settles it (`detector.ops.heap`). The rounds are interleaved
 (client by client, stage by stage) and the median of each is reported, so a change of load
 on the machine falls on every figure alike.
 """
@@ -37,6 +38,7 @@ from detector.config import Settings, load_settings
 from detector.contract.bulk_decode import decode_plain
 from detector.contract.features import FeatureCodec
 from detector.engine.records import PolledRecord
+from detector.ops import heap
 from detector.stream.source import GroupConsumer, RebalanceListener
 
 PARTITIONS = 4
@@ -145,6 +147,7 @@ def run(bootstrap: str, args: argparse.Namespace) -> dict[str, dict[str, dict[st
         data = make_events(args.events, args.keys, seed=0)
         cluster.produce(topic, data.values, data.keys)
         codec = FeatureCodec(bench_manifest("stateful"))
+        heap.settle()  # as `detector run` does once it has loaded
         samples: dict[tuple[str, str], list[tuple[float, float]]] = {}
         for round_number in range(args.rounds):
             for client in CLIENTS:
