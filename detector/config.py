@@ -85,8 +85,8 @@ class KafkaSettings(_Section):
     """`host:port`, or several separated by commas."""
     client: Literal["kafka-python", "confluent"] = "kafka-python"
     """The Kafka client library of the daemon: kafka-python (pure Python), or confluent,
-    librdkafka through confluent-kafka (`pip install 'seqsentinel[confluent]'`), which costs a
-    fifth of the CPU per record consumed. Same guarantees and settings either way."""
+    librdkafka through confluent-kafka (`pip install 'seqsentinel[confluent]'`), with which
+    the daemon spends about 40% less CPU per event. Same guarantees and settings either way."""
     group_id: NonEmptyStr = "seqsentinel-detector"
     """Consumer group of the detectors that share the input's partitions; also names the state
     topic and the transactional id unless they are set."""
