@@ -94,8 +94,19 @@ def translated(error: confluent_kafka.KafkaError) -> KafkaError:
 def _translating() -> Iterator[None]:
     try:
         yield
-    except confluent_kafka.KafkaException as exception:
-        raise translated(exception.args[0]) from None
+    except (confluent_kafka.KafkaException, SystemError) as exception:
+        raise translated(_raised(exception)) from None
+
+
+def _raised(exception: Exception) -> confluent_kafka.KafkaError:
+    """The librdkafka error behind `exception`. confluent-kafka raises a fatal error by
+    setting it pending, and a delivery report served in the same call then fails with a
+    `SystemError` caused by it."""
+    if isinstance(exception, SystemError):
+        if not isinstance(exception.__cause__, confluent_kafka.KafkaException):
+            raise exception
+        exception = exception.__cause__
+    return exception.args[0]
 
 
 def _ours(partition: TopicPartition, offset: int = confluent_kafka.OFFSET_INVALID) -> Any:
@@ -311,8 +322,8 @@ class ConfluentOutputs:
         while not self._closing.is_set():
             try:
                 self.producer.poll(SERVE_INTERVAL_S)
-            except confluent_kafka.KafkaException as exception:
-                error = exception.args[0]
+            except (confluent_kafka.KafkaException, SystemError) as exception:
+                error = _raised(exception)
                 if error.fatal():  # every send fails from now on; the loop hears it at flush
                     self._fatal = error
                     return
@@ -373,8 +384,8 @@ class ConfluentOutputs:
     def close(self, timeout: float) -> None:
         self._closing.set()
         self._server.join()
-        with contextlib.suppress(confluent_kafka.KafkaException):  # ended: nothing to wait for
-            self.producer.flush(timeout)
+        with contextlib.suppress(KafkaError):  # ended: nothing to wait for
+            self.flush(timeout)
 
 
 def producer_config(settings: Settings) -> dict[str, Any]:

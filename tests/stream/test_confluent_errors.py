@@ -7,7 +7,7 @@ import confluent_kafka
 import pytest
 from kafka.errors import CommitFailedError, KafkaError, ProducerFencedError
 
-from detector.stream.confluent import translated
+from detector.stream.confluent import _translating, translated
 
 Error = confluent_kafka.KafkaError
 
@@ -28,3 +28,13 @@ def test_errors_map_to_what_the_delivery_and_the_source_handle(error, expected) 
     mapped = translated(error)
     assert type(mapped) is expected
     assert str(error) in str(mapped)
+
+
+def test_a_fatal_error_pending_under_a_delivery_report_is_read_from_its_cause() -> None:
+    fenced = Error(Error._FENCED, fatal=True)
+    failure = SystemError("<method 'code'> returned a result with an exception set")
+    failure.__cause__ = confluent_kafka.KafkaException(fenced)
+    with pytest.raises(ProducerFencedError), _translating():
+        raise failure
+    with pytest.raises(SystemError), _translating():
+        raise SystemError("not librdkafka's")
