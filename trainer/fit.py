@@ -83,6 +83,9 @@ def distributed_context(device: torch.device) -> Iterator[Distributed]:
     dist.init_process_group(backend=backend)
     try:
         yield Distributed(dist.get_rank(), dist.get_world_size())
+        # Leave together: rank 0 still exports while the others are done, and a rank that
+        # tore its gloo group down meanwhile was seen to abort on a loaded machine.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
