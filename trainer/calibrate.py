@@ -168,7 +168,8 @@ def dynamic_threshold(
 def smooth_per_key(scores: np.ndarray, keys: np.ndarray, alpha: float) -> np.ndarray:
     """EWMA of successive scores within each key, as the detector smooths them.
 
-    `scores` must be in event order within each key; each key starts from its first score.
+    `scores` must be in event order within each key; each key starts from zero
+    (`detector.engine.alerts.smooth`).
     """
     scores = np.asarray(scores, np.float64)
     if alpha >= 1.0 or not scores.size:
@@ -178,7 +179,7 @@ def smooth_per_key(scores: np.ndarray, keys: np.ndarray, alpha: float) -> np.nda
     starts = np.r_[True, keys[1:] != keys[:-1]]
     previous = 0.0
     for i, (score, first) in enumerate(zip(scores.tolist(), starts.tolist(), strict=True)):
-        previous = score if first else alpha * score + (1 - alpha) * previous
+        previous = alpha * score + (1 - alpha) * (0.0 if first else previous)
         smoothed[i] = previous
     return smoothed
 

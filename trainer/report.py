@@ -206,11 +206,16 @@ def _adaptive_lines(manifest: Manifest) -> list[str]:
         if adaptive.young_prune is None
         else f"; {adaptive.young_prune:g} while fewer than {adaptive.history} are in hand"
     )
+    warming = (
+        f"a key may alert once {adaptive.warm_up} of its events are scored"
+        if adaptive.warm_up_floor is None
+        else f"until {adaptive.warm_up} of a key's events are scored, its threshold is at "
+        f"least {adaptive.warm_up_floor:g} times the calibrated one"
+    )
     return [
         f"Each key's threshold is re-chosen every {adaptive.refresh} scored events from its "
         f"last {adaptive.history} smoothed scores (dynamic threshold, pruning margin "
-        f"{adaptive.prune:g}{young}), {floor}; a key may alert once "
-        f"{adaptive.warm_up} of its events are scored.",
+        f"{adaptive.prune:g}{young}), {floor}; {warming}.",
     ]
 
 

@@ -39,7 +39,8 @@ def overview(manifest: Manifest, providers: list[str]) -> Table:
         else f"per key, every {scoring.adaptive.refresh} events from the last "
         f"{scoring.adaptive.history} (prune {scoring.adaptive.prune:g}"
         f"{_young_prune(scoring.adaptive)}, floor "
-        f"{scoring.adaptive.floor}, warm-up {scoring.adaptive.warm_up})",
+        f"{scoring.adaptive.floor}, warm-up {scoring.adaptive.warm_up}"
+        f"{_warm_up_floor(scoring.adaptive)})",
         "per-key statistics": f"{len(manifest.per_key_statistics or {})} keys",
         "per-key thresholds": _per_key_thresholds(manifest),
         "trained on": f"{training.rows:,} rows, {training.keys:,} keys",
@@ -61,6 +62,12 @@ def _young_prune(adaptive: AdaptiveThreshold) -> str:
     if adaptive.young_prune is None:
         return ""
     return f", {adaptive.young_prune:g} until the history is full"
+
+
+def _warm_up_floor(adaptive: AdaptiveThreshold) -> str:
+    if adaptive.warm_up_floor is None:
+        return ", no alerts before"
+    return f", {adaptive.warm_up_floor:g} x the threshold above before"
 
 
 def _per_key_thresholds(manifest: Manifest) -> str:

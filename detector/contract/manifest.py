@@ -119,8 +119,9 @@ class AdaptiveThreshold(_Strict):
     Every `refresh` scored events of a key, the dynamic threshold (`detector.engine.thresholds`)
     of its last `history` smoothed scores becomes its threshold, by default never below the
     static one (the key's calibrated threshold, or `Scoring.threshold`: the floor that keeps
-    quiet keys from alerting on tiny errors); a key alerts only from its `warm_up`-th scored
-    event on.
+    quiet keys from alerting on tiny errors); while a key has fewer than `warm_up` scored
+    events, its threshold is also at least `warm_up_floor` times the static one (or it does
+    not alert at all).
     It follows keys whose live errors differ from the training data's (new operating modes,
     level shifts), as the rolling windows of telemanom do. Costs `history` × 4 bytes per key.
     """
@@ -140,10 +141,15 @@ class AdaptiveThreshold(_Strict):
     #: threshold is its own alone once chosen (a model shared by unlike keys whose pooled
     #: calibration suits none of them, and which has no per-key thresholds).
     floor: Literal["calibrated", "none"] = "calibrated"
-    #: Scored events of a key before it may alert: until then its threshold is infinite, since
-    #: a handful of its own scores cannot say what is unusual for it (telemanom judges its
-    #: first window with all of it in hand; a stream cannot look ahead, so it waits).
+    #: Scored events of a key before its own history alone sets its threshold: a handful of
+    #: its own scores cannot say what is unusual for it (telemanom judges its first window
+    #: with all of it in hand; a stream cannot look ahead).
     warm_up: int = Field(default=2100, ge=0, le=1_000_000)
+    #: A warming key's threshold is at least this multiple of its static threshold (what
+    #: training learned of the key, or of the fleet for a key it never saw), so a new key
+    #: alerts from its first events on errors far beyond what training saw; None: a warming
+    #: key never alerts.
+    warm_up_floor: float | None = Field(default=None, ge=1, lt=1000)
 
     @model_validator(mode="after")
     def _refresh_within_history(self) -> AdaptiveThreshold:

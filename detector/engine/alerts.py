@@ -92,8 +92,12 @@ def alert_id(model_version: str, key: str, event_time: float, sequence: int) -> 
 
 
 def smooth(arena: KeyArena, slots: np.ndarray, scores: np.ndarray, alpha: float) -> np.ndarray:
-    """EWMA of each key's scores (its first score as is); stores and returns the new values.
+    """EWMA of each key's scores, started from zero (no error); stores and returns the new
+    values.
 
+    A new key's first score weighs `alpha` like any other: the large errors of its first
+    events, while its model's window still fills, cannot hold the smoothed score up for the
+    next 1 / alpha events, whereas an error that lasts reaches its level within a few of them.
     With alpha 1 (no smoothing) the scores are stored as they are, so an infinite score
     never meets a zero weight (inf * 0 is NaN).
     """
@@ -101,7 +105,8 @@ def smooth(arena: KeyArena, slots: np.ndarray, scores: np.ndarray, alpha: float)
         smoothed = np.asarray(scores, dtype=arena.smoothed.dtype)
     else:
         previous = arena.smoothed[slots]
-        smoothed = np.where(np.isnan(previous), scores, alpha * scores + (1.0 - alpha) * previous)
+        previous = np.where(np.isnan(previous), 0.0, previous)
+        smoothed = alpha * scores + (1.0 - alpha) * previous
     arena.smoothed[slots] = smoothed
     return smoothed
 

@@ -620,8 +620,9 @@ class _Batch:
         """Each slot's threshold for its new smoothed score: the static one (its key's own
         calibrated one, or the model's), or with adaptive thresholds the key's latest
         re-chosen one (at least the static one unless the floor is "none"; the static one
-        before the first choice; infinite while the key warms up; chosen with the young
-        margin while its history is not yet full); never below
+        before the first choice; while the key warms up, at least `warm_up_floor` times the
+        static one, or infinite; chosen with the young margin while its history is not yet
+        full); never below
         `Engine.min_score`, which the static ones already respect."""
         arena = self.arena
         static = self.engine.static_thresholds[arena.stats_row[slots]]
@@ -635,11 +636,12 @@ class _Batch:
             arena.level[due] = choose_levels(*arena.recent_scores(due), prune=margins)[0]
         level = arena.level[slots]
         bound = static if adaptive.floor == "calibrated" else self.engine.min_score
-        return np.where(
-            scored < adaptive.warm_up,
-            np.inf,
-            np.where(np.isnan(level), static, np.fmax(level, bound)),
-        )
+        threshold = np.where(np.isnan(level), static, np.fmax(level, bound))
+        if adaptive.warm_up_floor is None:
+            warming = np.inf
+        else:
+            warming = np.fmax(threshold, adaptive.warm_up_floor * static)
+        return np.where(scored < adaptive.warm_up, warming, threshold)
 
     def _alerts(
         self,

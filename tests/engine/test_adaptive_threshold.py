@@ -29,6 +29,7 @@ def adaptive_manifest(
     refresh: int = REFRESH,
     floor: str = "calibrated",
     young_prune: float | None = None,
+    warm_up_floor: float | None = None,
     **changes,
 ) -> Manifest:
     manifest = make_manifest("forecast", "stateful", window=4, **changes)
@@ -38,6 +39,7 @@ def adaptive_manifest(
         prune=0.1,
         young_prune=young_prune,
         warm_up=WARM_UP,
+        warm_up_floor=warm_up_floor,
         floor=floor,
     )
     scoring = manifest.scoring.model_copy(update={"adaptive": adaptive})
@@ -90,11 +92,12 @@ def expected_thresholds(
     static: float,
     floor: bool = True,
     young_prune: float = 0.1,
+    warm_up_floor: float | None = None,
 ) -> np.ndarray:
     """Per key: every REFRESH-th scored event, the dynamic threshold of its last HISTORY
     scores (as float32, as the arena keeps them; margin `young_prune` while they are fewer)
     becomes the key's, floored by `static` if `floor` (`static` before the first one);
-    infinite before the key's WARM_UP-th event."""
+    before the key's WARM_UP-th event at least `warm_up_floor` × `static`, or infinite."""
     thresholds = np.full(scores.size, np.nan)
     for key in np.unique(keys.astype(str)):
         events = np.flatnonzero((keys == key) & (statuses == Status.SCORED))
@@ -105,7 +108,12 @@ def expected_thresholds(
                 margin = young_prune if n < HISTORY else 0.1
                 level = choose_levels(recent, np.ones(recent.shape, bool), prune=margin)[0][0]
             chosen = static if np.isnan(level) else max(level, static) if floor else level
-            thresholds[event_index] = np.inf if n < WARM_UP else chosen
+            if n >= WARM_UP:
+                thresholds[event_index] = chosen
+            elif warm_up_floor is None:
+                thresholds[event_index] = np.inf
+            else:
+                thresholds[event_index] = max(chosen, warm_up_floor * static)
     return thresholds
 
 
@@ -201,6 +209,31 @@ def test_a_young_history_is_pruned_with_its_own_margin(fixed: Scorer, folder: Pa
     for key in ("k0", "k1", "k2"):  # the usual ones from the key's HISTORY-th score on
         assert not differs[np.flatnonzero(scored & (keys == key))[HISTORY - 1 :]].any()
     np.testing.assert_allclose(run(young, records, 5)[2], want, rtol=1e-6)
+
+
+def test_a_warming_key_alerts_above_a_multiple_of_its_static_threshold(
+    fixed: Scorer, folder: Path
+) -> None:
+    """With `warm_up_floor`, a key's first WARM_UP - 1 scores meet a finite threshold: at
+    least that multiple of the static one; from then on the usual one."""
+    records = noisy_stream()
+    keys, scores, _, statuses = run(fixed, records, len(records))
+    static = float(np.median(scores[statuses == Status.SCORED]))
+    manifest = adaptive_manifest(warm_up_floor=3.0, threshold=static)
+    warming = load_random(folder / "warming.onnx", manifest, seed=3)
+    want = expected_thresholds(keys, scores, statuses, static, warm_up_floor=3.0)
+    usual = expected_thresholds(keys, scores, statuses, static)
+    scored = statuses == Status.SCORED
+    young = scored & np.isinf(usual)
+    assert young.sum() == 3 * (WARM_UP - 1)
+    assert (want[young] >= 3.0 * static).all() and np.isfinite(want[young]).all()
+    np.testing.assert_array_equal(want[scored & ~young], usual[scored & ~young])
+    np.testing.assert_allclose(run(warming, records, 5)[2], want, rtol=1e-6)
+    engine = Engine(warming, EngineOptions())
+    first = engine.process([InputRecord(orjson.dumps(event("new", T0, 1e5, items=0)))])
+    second = engine.process([InputRecord(orjson.dumps(event("new", T0 + 60, 1e5, items=0)))])
+    assert second.scores[0] >= second.thresholds[0] == pytest.approx(3.0 * static)
+    assert [a.key for a in second.alerts] == ["new"] and not first.alerts
 
 
 def test_no_threshold_is_below_the_models_min_score(fixed: Scorer, folder: Path) -> None:

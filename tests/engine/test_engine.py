@@ -278,14 +278,15 @@ def test_an_episode_opens_only_after_confirm_scores_above(classify: Scorer, fold
     assert not hasattr(Engine(classify).arena, "above")
 
 
-def test_smoothing_is_an_ewma_of_each_keys_raw_scores(folder: Path) -> None:
+def test_smoothing_is_an_ewma_of_each_keys_raw_scores_from_zero(folder: Path) -> None:
     events = stream("aabab")
     raw = Engine(load_random(folder / "raw.onnx", make_manifest(), seed=4)).process(events)
     smooth_manifest = make_manifest(smoothing=0.25)
     smoothed = Engine(load_random(folder / "ewma.onnx", smooth_manifest, seed=4)).process(events)
     a0, a1, b0, a2, b1 = raw.scores
-    want = [a0, 0.25 * a1 + 0.75 * a0, b0, 0.25 * a2 + 0.75 * (0.25 * a1 + 0.75 * a0)]
-    want.append(0.25 * b1 + 0.75 * b0)
+    a = [0.25 * a0]
+    a += [0.25 * a1 + 0.75 * a[0], 0.25 * a2 + 0.75 * (0.25 * a1 + 0.75 * a[0])]
+    want = [a[0], a[1], 0.25 * b0, a[2], 0.25 * b1 + 0.75 * 0.25 * b0]
     np.testing.assert_allclose(smoothed.scores, want, rtol=1e-6)
 
 

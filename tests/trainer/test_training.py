@@ -500,11 +500,11 @@ def test_calibrate_dispatches_and_refuses_what_it_cannot_do() -> None:
         calibrate(np.zeros(0), np.zeros(0), "quantile", 0.99)
 
 
-def test_smoothing_is_an_ewma_restarted_per_key() -> None:
+def test_smoothing_is_an_ewma_restarted_from_zero_per_key() -> None:
     smoothed = smooth_per_key(
         np.array([1.0, 0.0, 0.0, 4.0, 2.0]), np.array(["a", "a", "a", "b", "b"]), 0.5
     )
-    np.testing.assert_allclose(smoothed, [1.0, 0.5, 0.25, 4.0, 3.0])
+    np.testing.assert_allclose(smoothed, [0.5, 0.25, 0.125, 2.0, 2.0])
     raw = np.array([0.3, 0.9])
     np.testing.assert_array_equal(smooth_per_key(raw, np.array(["a", "a"]), 1.0), raw)
 
