@@ -1,13 +1,14 @@
-"""Issue 20's evaluation protocol: one recipe across SMAP in full, SMAP-early and the
-synthetic series, in one table of sequence precision, recall and F1 and their mean.
+"""Issue 20's evaluation protocol: one recipe across SMAP in full, SMAP-early, SMAP-new and
+the synthetic series, in one table of sequence precision, recall and F1 and their mean.
 
     python bench/protocol.py [--seeds 0,1,2,3,4] [--jobs 2] [--json OUT] [--plots DIR]
                              [--scores PREFIX.npz] [--channels P-1,S-1] [--series ...]
 
-SMAP runs its per-channel models (`bench/configs/smap.toml`), SMAP-early the same with each
-test stream starting 1,000 events before the channel's first label (`quality_smap --early`),
-and the synthetic set its per-series models (`bench/configs/synthetic.toml`: the data's
-shape only). A data set's row is the mean over `--seeds` when several are given (the
+SMAP runs its per-channel models (`bench/configs/smap.toml`), SMAP-early the same models with
+each test stream starting 1,000 events before the channel's first label (`quality_smap
+--early`), SMAP-new with it starting 250 events before (a fault in a new device's first few
+hundred events), and the synthetic set its per-series models (`bench/configs/synthetic.toml`:
+the data's shape only). A data set's row is the mean over `--seeds` when several are given (the
 synthetic set's: the mean of its five kinds), else the one run's; the last row is the mean
 of the data sets, each weighing alike. `--channels`, `--series` and `--epochs` make a small
 trial of the protocol, not its result. `--scores PREFIX.npz` writes each data set's score
@@ -29,8 +30,8 @@ from quality_report import (
     write_json,
 )
 
-#: SMAP-early's events before each channel's first labeled sequence (issue 20).
-EARLY = 1000
+#: SMAP-early's and SMAP-new's events before each channel's first labeled sequence.
+EARLY, NEW = 1000, 250
 
 
 def main() -> None:
@@ -45,10 +46,13 @@ def main() -> None:
     smap_full = quality_smap.run(_named(smap, args, "smap"))["per_channel"]
     early = [*smap, "--early", str(EARLY)]
     smap_early = quality_smap.run(_named(early, args, "smap_early"))["per_channel"]
+    new = [*smap, "--early", str(NEW)]
+    smap_new = quality_smap.run(_named(new, args, "smap_new"))["per_channel"]
     series = quality_synthetic.run(_named(synthetic, args, "synthetic"))
     rows = {
         "SMAP": _row(smap_full, "total"),
         "SMAP-early": _row(smap_early, "total"),
+        "SMAP-new": _row(smap_new, "total"),
         "synthetic": _row(series, "mean"),
     }
     #: Keys in alert for most of their normal events (first seed): their labels are all
@@ -56,6 +60,7 @@ def main() -> None:
     in_alert = {
         "SMAP": smap_full["total"]["channels_mostly_in_alert"],
         "SMAP-early": smap_early["total"]["channels_mostly_in_alert"],
+        "SMAP-new": smap_new["total"]["channels_mostly_in_alert"],
         "synthetic": len(series["series_mostly_in_alert"]),
     }
     mean = field_means(list(rows.values()))

@@ -373,21 +373,20 @@ def _train_and_replay(task: Task) -> Outcome:
     train_path, test_path = _write(task.root, task.events, name, group, task.labels, test)
     run = task.mode if task.early is None else f"{task.mode}-early-{task.early}"
     run = run if task.seed is None else f"{run}-seed-{task.seed}"
-    model = task.work / "models" / run / name / "model.onnx"
-    console.print(f"[bold]{run}[/] {name}: training")
     commands = [c for c in pq.read_schema(train_path).names if c.startswith("cmd_")]
     config = _shaped(load_train_config(task.config), commands)
     if task.seed is not None:
         config = config.model_copy(
             update={"training": config.training.model_copy(update={"seed": task.seed})}
         )
+    # The model depends on the training file and configuration alone: the test streams of
+    # SMAP, SMAP-early and SMAP-new are scored by the same one, trained once.
+    trained = f"{task.mode}-{_digest(config.model_dump_json(), str(task.epochs))}"
+    model = task.work / "models" / trained / name / "model.onnx"
+    console.print(f"[bold]{run}[/] {name}: training")
     clock = time.perf_counter()
-    train(
-        config,
-        [train_path],
-        model,
-        epochs=task.epochs,
-        progress=False,
+    cached(
+        model, lambda path: train(config, [train_path], path, epochs=task.epochs, progress=False)
     )
     train_seconds = time.perf_counter() - clock
     evaluation = evaluate(model, test_path, options=task.options)
@@ -413,7 +412,11 @@ def _train_and_replay(task: Task) -> Outcome:
 
 def _shared_name(group: list[str]) -> str:
     """The shared model's name: its channels', so that two sets never share event files."""
-    return f"shared-{len(group)}-{hashlib.sha256(','.join(group).encode()).hexdigest()[:8]}"
+    return f"shared-{len(group)}-{_digest(*group)}"
+
+
+def _digest(*parts: str) -> str:
+    return hashlib.sha256(",".join(parts).encode()).hexdigest()[:8]
 
 
 def _channel_result(evaluation: Evaluation, label: Label, cooldown: int) -> ChannelResult:

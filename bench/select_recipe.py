@@ -8,21 +8,23 @@ The score dumps come from `bench/protocol.py --scores PREFIX.npz` (or the two be
 `--scores`): each key's smoothed scores, in time order, as one model per key scored them.
 Alerting does not change the scores, so every candidate setting is replayed offline here
 with the engine's own rules (`detector.engine.thresholds.choose_levels` every `refresh` scores over
-the last `history`, the warm-up, the young margin, the floor, confirmation and cooldown, as
-`detector.engine.core` applies them), and judged per labeled sequence as the benchmarks judge.
+the last `history`, the warm-up and its floor, the young margin, the floor, confirmation and
+cooldown, as `detector.engine.core` applies them), and judged per labeled sequence as the
+benchmarks judge.
 The replay is checked against the engine first: with the settings the dumps were made with,
 it must give the dumped thresholds, or the script stops.
 
-Three data sets are judged: SMAP, SMAP-early (each channel's stream from 1,000 events before
-its first label: the new-device case) and the synthetic series. A setting's objective is the
-mean of their sequence F1s (each pooled over keys and averaged over seeds).
+Four data sets are judged: SMAP, SMAP-early (each channel's stream from 1,000 events before
+its first label), SMAP-new (from 250 events before it: a fault in a new device's first few
+hundred events, which the other two never have) and the synthetic series. A setting's
+objective is the mean of their sequence F1s (each pooled over keys and averaged over seeds).
 
 - **Channel and series halves:** `--splits` times, the SMAP channels and the synthetic
   series are halved at random (a channel's full and early streams stay on one side). The
   best setting on one half is scored on the other, and the other way round. The mean of
   those held-out F1s is the honest estimate of the selection.
-- **Leave one data set out:** the best setting on SMAP and SMAP-early is scored on the
-  synthetic series, and the best on the synthetic series is scored on SMAP and SMAP-early.
+- **Leave one data set out:** the best setting on the three SMAP sets is scored on the
+  synthetic series, and the best on the synthetic series is scored on the SMAP sets.
 
 The setting chosen most often across the halvings is the recipe's (`trainer/recipe.py`).
 """
@@ -41,17 +43,20 @@ from quality_report import console, table, write_json
 from detector.engine.thresholds import choose_levels
 from trainer.metrics import episode_flags, range_counts
 
-#: Events of each SMAP channel's stream kept before its first label in SMAP-early.
-EARLY = 1000
+#: Events of each SMAP channel's stream kept before its first label: SMAP-early, SMAP-new.
+EARLY, NEW = 1000, 250
 #: The engine's re-choice schedule and cooldown, as the recipe and the benchmarks use them.
 HISTORY, REFRESH, COOLDOWN = 2100, 70, 100
-#: The candidates: telemanom's margin and wider ones; alerting from the first score, or after
-#: a sixth, a third or two thirds of the history; young margins from none (the margin) up.
+#: The candidates: telemanom's margin and wider ones; a key's own history deciding from its
+#: first score, or after a sixth or a third of the history, and until then no alerts or only
+#: above 2, 3 or 5 times its calibrated threshold. (The young margin, a wider pruning margin
+#: while the history fills, is left at none: the warm-up floor does its work.)
 GRID = {
     "smoothing": (0.02, 0.1),
     "prune": (0.13, 0.2, 0.3),
     "warm_up": (0, 350, 700),
-    "young_prune": (None, 0.5, 1.0),
+    "warm_up_floor": (None, 2.0, 3.0, 5.0),
+    "young_prune": (None,),
     "confirm": (1, 5, 10),
     "min_scaled_error": (0.05, 0.1, 0.2),
 }
@@ -62,6 +67,7 @@ class Setting:
     smoothing: float
     prune: float
     warm_up: int
+    warm_up_floor: float | None
     young_prune: float | None
     confirm: int
     min_scaled_error: float
@@ -92,16 +98,24 @@ def main() -> None:
     parser.add_argument("--splits", type=int, default=100, help="random halvings (default 100)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the halvings")
     parser.add_argument(
-        "--check", nargs=6, metavar=tuple(GRID), help="the dumps' own setting: checks the replay"
+        "--check",
+        nargs=len(GRID),
+        metavar=tuple(GRID),
+        help="the dumps' own setting: checks the replay",
     )
     parser.add_argument("--json", type=Path, help="write the results as JSON here")
     args = parser.parse_args()
 
     smap = _streams(args.smap, "SMAP")
-    streams = smap + [_early(stream) for stream in smap]
+    streams = smap + [_early(s, EARLY, "SMAP-early") for s in smap]
+    streams += [_early(s, NEW, "SMAP-new") for s in smap]
     if args.synthetic:
         streams += _streams(args.synthetic, "synthetic")
-    settings = [Setting(*values) for values in itertools.product(*GRID.values())]
+    settings = [
+        setting
+        for setting in (Setting(*values) for values in itertools.product(*GRID.values()))
+        if setting.warm_up or setting.warm_up_floor is None  # a floor of no warm-up: a twin
+    ]
     console.print(f"{len(streams)} streams; replaying {len(settings)} settings")
     _prepare_levels(streams)
     if args.check:
@@ -133,11 +147,10 @@ def _streams(path: Path, data_set: str) -> list[Stream]:
 
 
 def _unsmoothed(smoothed: np.ndarray, alpha: float) -> np.ndarray:
-    """The scores an EWMA of weight `alpha` (started at the first score) turned into
-    `smoothed`: s[t] = α r[t] + (1 - α) s[t-1] solved for r[t]."""
-    raw = smoothed.copy()
-    raw[1:] = (smoothed[1:] - (1 - alpha) * smoothed[:-1]) / alpha
-    return raw
+    """The scores an EWMA of weight `alpha` (started from zero) turned into `smoothed`:
+    s[t] = α r[t] + (1 - α) s[t-1] solved for r[t]."""
+    previous = np.concatenate([[0.0], smoothed[:-1]])
+    return (smoothed - (1 - alpha) * previous) / alpha
 
 
 def _smoothed(raw: np.ndarray, alpha: float) -> np.ndarray:
@@ -145,19 +158,19 @@ def _smoothed(raw: np.ndarray, alpha: float) -> np.ndarray:
     if alpha == 1.0:
         return raw.copy()
     out = np.empty_like(raw)
-    previous = raw[0]
+    previous = 0.0
     for index, value in enumerate(raw.tolist()):
-        previous = value if index == 0 else alpha * value + (1 - alpha) * previous
+        previous = alpha * value + (1 - alpha) * previous
         out[index] = previous
     return out
 
 
-def _early(stream: Stream) -> Stream:
-    """The stream from `EARLY` events before its first label (all of it when sooner)."""
+def _early(stream: Stream, before: int, data_set: str) -> Stream:
+    """The stream from `before` events before its first label (all of it when sooner)."""
     labeled = np.flatnonzero(stream.labels)
-    start = max(0, int(labeled[0]) - EARLY) if labeled.size else 0
+    start = max(0, int(labeled[0]) - before) if labeled.size else 0
     return Stream(
-        "SMAP-early",
+        data_set,
         stream.key,
         stream.seed,
         stream.raw[start:],
@@ -204,9 +217,10 @@ def _thresholds(stream: Stream, setting: Setting) -> np.ndarray:
     level = np.where(done > 0, levels[np.maximum(done - 1, 0)] if levels.size else np.nan, np.nan)
     floor = setting.min_scaled_error**2 * stream.unit if setting.min_scaled_error else 0.0
     static = max(stream.static, floor)
-    return np.where(
-        count < setting.warm_up, np.inf, np.where(np.isnan(level), static, np.fmax(level, floor))
-    )
+    threshold = np.where(np.isnan(level), static, np.fmax(level, floor))
+    factor = setting.warm_up_floor
+    warming = np.inf if factor is None else np.fmax(threshold, factor * static)
+    return np.where(count < setting.warm_up, warming, threshold)
 
 
 def _counts(stream: Stream, setting: Setting) -> np.ndarray:
@@ -312,8 +326,8 @@ def _halvings(table_: Table, splits: int, seed: int) -> dict:
 
 
 def _leave_one_out(table_: Table) -> dict:
-    """Choose on SMAP and SMAP-early, score on the synthetic series, and the other way."""
-    smap = {"SMAP", "SMAP-early"}
+    """Choose on the SMAP sets, score on the synthetic series, and the other way."""
+    smap = {"SMAP", "SMAP-early", "SMAP-new"}
     rows, document = [], {}
     f1s = table_.f1s()
     if "synthetic" not in table_.data_sets:
@@ -331,11 +345,12 @@ def _leave_one_out(table_: Table) -> dict:
 
 
 def _parse_setting(values: list[str]) -> Setting:
-    alpha, prune, warm_up, young, confirm, bound = values
+    alpha, prune, warm_up, factor, young, confirm, bound = values
     return Setting(
         float(alpha),
         float(prune),
         int(warm_up),
+        None if factor == "none" else float(factor),
         None if young == "none" else float(young),
         int(confirm),
         float(bound),

@@ -134,6 +134,6 @@ def test_msl_channels_train_with_all_their_commands(
     assert document["published"]["f1"] == 0.793
     assert list(document["channels"]) == ["M-1"]
     assert document["total"]["labeled_sequences"] == 2
-    (model,) = work.glob("models/per_channel/M-1/model.onnx")
+    (model,) = work.glob("models/per_channel-*/M-1/model.onnx")
     names = [feature.name for feature in Scorer.load(model).manifest.features]
     assert names == ["value", *(f"cmd_{i}" for i in range(1, 55))]

@@ -22,9 +22,16 @@ HISTORY, REFRESH = 12, 4
 T0 = 1_700_000_000.0
 
 
-@pytest.mark.parametrize(("warm_up", "young_prune"), [(0, None), (6, 0.5), (10, None)])
+@pytest.mark.parametrize(
+    ("warm_up", "warm_up_floor", "young_prune"),
+    [(0, None, None), (6, None, 0.5), (10, None, None), (10, 3.0, None)],
+)
 def test_the_replayed_thresholds_are_the_engines(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, warm_up: int, young_prune: float | None
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    warm_up: int,
+    warm_up_floor: float | None,
+    young_prune: float | None,
 ) -> None:
     alpha, prune, floor = 0.3, 0.1, 0.02
     manifest = make_manifest("forecast", "stateful", window=4, threshold=0.05)
@@ -38,6 +45,7 @@ def test_the_replayed_thresholds_are_the_engines(
                 prune=prune,
                 young_prune=young_prune,
                 warm_up=warm_up,
+                warm_up_floor=warm_up_floor,
                 floor="none",
             ),
         }
@@ -69,10 +77,14 @@ def test_the_replayed_thresholds_are_the_engines(
         "SMAP", "k", "0", raw, np.zeros(raw.size, bool), 0.05, floor / 0.1**2
     )
     select_recipe._prepare_levels([stream])
-    setting = select_recipe.Setting(alpha, prune, warm_up, young_prune, 1, 0.1)
+    setting = select_recipe.Setting(alpha, prune, warm_up, warm_up_floor, young_prune, 1, 0.1)
 
     np.testing.assert_allclose(stream.smoothed[alpha], result.scores[scored], rtol=1e-12)
     np.testing.assert_allclose(
         select_recipe._thresholds(stream, setting), result.thresholds[scored], rtol=1e-9
     )
-    assert np.isinf(result.thresholds[scored][: max(warm_up - 1, 0)]).all()
+    warming = result.thresholds[scored][: max(warm_up - 1, 0)]
+    if warm_up_floor is None:
+        assert np.isinf(warming).all()
+    else:
+        assert (warming >= warm_up_floor * 0.05).all() and np.isfinite(warming).all()
