@@ -27,15 +27,19 @@ FORECAST_RECIPE: dict[str, dict[str, Any]] = {
     },
     "threshold": {
         "method": "dynamic",
-        # telemanom's smoothing of errors (EWMA over about 100 events).
-        "smoothing": 0.02,
-        "confirm": 10,
-        "min_scaled_error": 0.1,
+        # EWMA of errors over about 10 events.
+        "smoothing": 0.1,
+        "confirm": 5,
+        "min_scaled_error": 0.2,
         "adaptive": {
+            # telemanom's window of errors and re-choice schedule.
             "history": 2100,
             "refresh": 70,
             "prune": 0.13,
+            # A key's own history decides from its 700th score on; before that, it alerts
+            # above three times what training calibrated for it.
             "warm_up": 700,
+            "warm_up_floor": 3.0,
             "floor": "none",
         },
     },
