@@ -168,7 +168,7 @@ def run(argv: list[str] | None = None) -> dict:
     options = EngineOptions(cooldown_events=args.cooldown)
     modes = ["per_channel", "shared"] if args.mode == "both" else [args.mode]
 
-    title = args.spacecraft if args.early is None else f"{args.spacecraft}-early"
+    title = args.spacecraft if args.early is None else f"{args.spacecraft}-early-{args.early}"
     document: dict = {
         "spacecraft": args.spacecraft,
         "published": PUBLISHED[args.spacecraft],

@@ -31,7 +31,7 @@ from detector.state.snapshots import (
 
 T0 = 1_700_000_000.0
 PARTITIONS = 3
-OPTIONS = EngineOptions(max_batch=64, cooldown_events=2, threshold=0.5)
+OPTIONS = EngineOptions(max_batch=64, cooldown_events=2, threshold=0.45)
 
 
 @pytest.fixture(scope="module", params=["window-forecast", "stateful-classify", "window-bi"])
