@@ -386,7 +386,10 @@ def _train_and_replay(task: Task) -> Outcome:
     console.print(f"[bold]{run}[/] {name}: training")
     clock = time.perf_counter()
     cached(
-        model, lambda path: train(config, [train_path], path, epochs=task.epochs, progress=False)
+        model.parent,
+        lambda folder: train(
+            config, [train_path], folder / model.name, epochs=task.epochs, progress=False
+        ),
     )
     train_seconds = time.perf_counter() - clock
     evaluation = evaluate(model, test_path, options=task.options)
