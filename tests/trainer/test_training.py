@@ -294,7 +294,7 @@ def test_every_event_targets_need_a_unidirectional_forecast_model(tmp_path) -> N
     both_ways = FORECAST.replace('export_mode = "stateful"', "bidirectional = true")
     with pytest.raises(ValueError, match="needs a unidirectional forecast model"):
         load_train_config(write_config(tmp_path, both_ways.replace('"last"', '"every"')))
-    # The recipe learns from every event only where the network can.
+    # The recipe's targets suit a bidirectional network too.
     recipe = load_train_config(write_config(tmp_path, both_ways.replace(LAST_TARGETS, "")))
     assert recipe.training.forecast_targets == "last"
 
