@@ -20,7 +20,7 @@ hundred events, which the other two never have) and the synthetic series. A sett
 objective is the mean of their sequence F1s (each pooled over keys and averaged over seeds).
 
 - **Channel and series halves:** `--splits` times, the SMAP channels and the synthetic
-  series are halved at random (a channel's full and early streams stay on one side). The
+  series are halved at random (a channel's three streams stay on one side). The
   best setting on one half is scored on the other, and the other way round. The mean of
   those held-out F1s is the honest estimate of the selection.
 - **Leave one data set out:** the best setting on the three SMAP sets is scored on the
@@ -38,13 +38,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from protocol import EARLY, NEW
 from quality_report import console, table, write_json
 
 from detector.engine.thresholds import choose_levels
 from trainer.metrics import episode_flags, range_counts
 
-#: Events of each SMAP channel's stream kept before its first label: SMAP-early, SMAP-new.
-EARLY, NEW = 1000, 250
 #: The engine's re-choice schedule and cooldown, as the recipe and the benchmarks use them.
 HISTORY, REFRESH, COOLDOWN = 2100, 70, 100
 #: The candidates: telemanom's margin and wider ones; a key's own history deciding from its
