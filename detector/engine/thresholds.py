@@ -85,6 +85,13 @@ def _choose(
     levels = np.where(
         np.isfinite(below),
         np.maximum(chosen, (1 + margins) * below),
-        np.nextafter(top, np.inf),  # equal scores: alert only above all of them (`>=`)
+        _next_float32(top),  # equal scores: alert only above all of them (`>=`)
     )
     return np.where(count > 0, levels, np.nan), CANDIDATE_Z[best]
+
+
+def _next_float32(values: np.ndarray) -> np.ndarray:
+    """The next float32 above each value, in float64: above every score that the arena's
+    float32 ring keeps as that value, so that a key whose smoothed score holds still (an
+    EWMA settled on a constant error) does not alert on the last bits of its float64 form."""
+    return np.nextafter(values.astype(np.float32), np.float32(np.inf)).astype(np.float64)

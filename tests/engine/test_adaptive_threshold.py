@@ -133,10 +133,22 @@ def test_levels_of_rows_are_those_of_each_row_alone_and_of_the_calibration() -> 
                 dynamic_threshold(values[row, : lengths[row]], None)[0]
             )
     assert np.isnan(levels[0])  # no scores
-    assert levels[2] == np.nextafter(values[2, 0], np.inf)  # one score: just above it
+    # One score: just above it, at the ring's precision.
+    assert levels[2] == np.nextafter(np.float32(values[2, 0]), np.float32(np.inf))
     full = values[1]
     assert full[:150].max() < levels[1] <= full[150:156].min()
     assert set(z.tolist()) <= set(CANDIDATE_Z.tolist())
+
+
+def test_a_score_that_holds_still_stays_below_the_threshold_of_its_own_history() -> None:
+    """An EWMA settled on a constant error (a SMAP channel stuck for hundreds of events): the
+    ring keeps its scores as float32, the engine compares the float64 score, whose last bits
+    must not open an alert."""
+    score = 17573.267578125025  # float32 rounds it down
+    ring = np.full((1, 50), np.float32(score))
+    assert np.float64(ring[0, 0]) < score
+    level = choose_levels(ring, np.ones(ring.shape, bool))[0][0]
+    assert score < level == np.nextafter(np.float32(score), np.float32(np.inf))
 
 
 def test_each_row_may_have_its_own_pruning_margin() -> None:
