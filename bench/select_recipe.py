@@ -8,7 +8,7 @@ The score dumps come from `bench/protocol.py --scores PREFIX.npz` (or the two be
 `--scores`): each key's smoothed scores, in time order, as one model per key scored them.
 Alerting does not change the scores, so every candidate setting is replayed offline here
 with the engine's own rules (`detector.engine.thresholds.choose_levels` every `refresh` scores over
-the last `history`, the warm-up and its floor, the young margin, the floor, confirmation and
+the last `history`, the warm-up and its floor, the floor, confirmation and
 cooldown, as `detector.engine.core` applies them), and judged per labeled sequence as the
 benchmarks judge.
 The replay is checked against the engine first: with the settings the dumps were made with,
@@ -48,14 +48,12 @@ from trainer.metrics import episode_flags, range_counts
 HISTORY, REFRESH, COOLDOWN = 2100, 70, 100
 #: The candidates: telemanom's margin and wider ones; a key's own history deciding from its
 #: first score, or after a sixth or a third of the history, and until then no alerts or only
-#: above 2, 3 or 5 times its calibrated threshold. (The young margin, a wider pruning margin
-#: while the history fills, is left at none: the warm-up floor does its work.)
+#: above 2, 3 or 5 times its calibrated threshold.
 GRID = {
     "smoothing": (0.02, 0.1),
     "prune": (0.13, 0.2, 0.3),
     "warm_up": (0, 350, 700),
     "warm_up_floor": (None, 2.0, 3.0, 5.0),
-    "young_prune": (None,),
     "confirm": (1, 5, 10),
     "min_scaled_error": (0.05, 0.1, 0.2),
 }
@@ -67,7 +65,6 @@ class Setting:
     prune: float
     warm_up: int
     warm_up_floor: float | None
-    young_prune: float | None
     confirm: int
     min_scaled_error: float
 
@@ -86,8 +83,8 @@ class Stream:
     unit: float
     #: The scores smoothed with each candidate α.
     smoothed: dict[float, np.ndarray] = field(default_factory=dict)
-    #: Each re-choice's level for each (α, prune, young_prune) [choices].
-    levels: dict[tuple[float, float, float | None], np.ndarray] = field(default_factory=dict)
+    #: Each re-choice's level for each (α, prune) [choices].
+    levels: dict[tuple[float, float], np.ndarray] = field(default_factory=dict)
 
 
 def main() -> None:
@@ -180,25 +177,22 @@ def _early(stream: Stream, before: int, data_set: str) -> Stream:
 
 
 def _prepare_levels(streams: list[Stream]) -> None:
-    """Every stream smoothed with each α, and every re-choice's level for each (α, margin,
-    young margin), all streams at once per re-choice (`choose_levels` is vectorised)."""
+    """Every stream smoothed with each α, and every re-choice's level for each (α, margin), all
+    streams at once per re-choice (`choose_levels` is vectorised)."""
     for stream in streams:
         stream.smoothed = {alpha: _smoothed(stream.raw, alpha) for alpha in GRID["smoothing"]}
     longest = max(stream.raw.size for stream in streams)
-    for alpha, prune, young in itertools.product(
-        GRID["smoothing"], GRID["prune"], GRID["young_prune"]
-    ):
+    for alpha, prune in itertools.product(GRID["smoothing"], GRID["prune"]):
         per_stream: list[list[float]] = [[] for _ in streams]
         for count in range(REFRESH, longest + 1, REFRESH):
             rows = [i for i, s in enumerate(streams) if s.raw.size >= count]
             recent = np.stack([_recent(streams[i].smoothed[alpha], count) for i in rows])
             valid = np.arange(HISTORY) < min(count, HISTORY)
-            margin = young if young is not None and count < HISTORY else prune
-            levels = choose_levels(recent, np.broadcast_to(valid, recent.shape), prune=margin)[0]
+            levels = choose_levels(recent, np.broadcast_to(valid, recent.shape), prune=prune)[0]
             for row, level in zip(rows, levels.tolist(), strict=True):
                 per_stream[row].append(level)
         for stream, levels in zip(streams, per_stream, strict=True):
-            stream.levels[alpha, prune, young] = np.asarray(levels)
+            stream.levels[alpha, prune] = np.asarray(levels)
 
 
 def _recent(scores: np.ndarray, count: int) -> np.ndarray:
@@ -211,7 +205,7 @@ def _recent(scores: np.ndarray, count: int) -> np.ndarray:
 def _thresholds(stream: Stream, setting: Setting) -> np.ndarray:
     """Each score's threshold as `detector.engine.core` sets it under `setting`."""
     count = np.arange(1, stream.raw.size + 1)
-    levels = stream.levels[setting.smoothing, setting.prune, setting.young_prune]
+    levels = stream.levels[setting.smoothing, setting.prune]
     done = count // REFRESH
     level = np.where(done > 0, levels[np.maximum(done - 1, 0)] if levels.size else np.nan, np.nan)
     floor = setting.min_scaled_error**2 * stream.unit if setting.min_scaled_error else 0.0
@@ -344,13 +338,12 @@ def _leave_one_out(table_: Table) -> dict:
 
 
 def _parse_setting(values: list[str]) -> Setting:
-    alpha, prune, warm_up, factor, young, confirm, bound = values
+    alpha, prune, warm_up, factor, confirm, bound = values
     return Setting(
         float(alpha),
         float(prune),
         int(warm_up),
         None if factor == "none" else float(factor),
-        None if young == "none" else float(young),
         int(confirm),
         float(bound),
     )

@@ -201,11 +201,6 @@ def _adaptive_lines(manifest: Manifest) -> list[str]:
     floor = (
         "never below the calibrated one" if adaptive.floor == "calibrated" else "without a floor"
     )
-    young = (
-        ""
-        if adaptive.young_prune is None
-        else f"; {adaptive.young_prune:g} while fewer than {adaptive.history} are in hand"
-    )
     warming = (
         f"a key may alert once {adaptive.warm_up} of its events are scored"
         if adaptive.warm_up_floor is None
@@ -215,7 +210,7 @@ def _adaptive_lines(manifest: Manifest) -> list[str]:
     return [
         f"Each key's threshold is re-chosen every {adaptive.refresh} scored events from its "
         f"last {adaptive.history} smoothed scores (dynamic threshold, pruning margin "
-        f"{adaptive.prune:g}{young}), {floor}; {warming}.",
+        f"{adaptive.prune:g}), {floor}; {warming}.",
     ]
 
 

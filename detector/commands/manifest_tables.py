@@ -37,8 +37,7 @@ def overview(manifest: Manifest, providers: list[str]) -> Table:
         "adaptive threshold": "-"
         if scoring.adaptive is None
         else f"per key, every {scoring.adaptive.refresh} events from the last "
-        f"{scoring.adaptive.history} (prune {scoring.adaptive.prune:g}"
-        f"{_young_prune(scoring.adaptive)}, floor "
+        f"{scoring.adaptive.history} (prune {scoring.adaptive.prune:g}, floor "
         f"{scoring.adaptive.floor}, warm-up {scoring.adaptive.warm_up}"
         f"{_warm_up_floor(scoring.adaptive)})",
         "per-key statistics": f"{len(manifest.per_key_statistics or {})} keys",
@@ -56,12 +55,6 @@ def overview(manifest: Manifest, providers: list[str]) -> Table:
     for name, value in rows.items():
         table.add_row(name, value)
     return table
-
-
-def _young_prune(adaptive: AdaptiveThreshold) -> str:
-    if adaptive.young_prune is None:
-        return ""
-    return f", {adaptive.young_prune:g} until the history is full"
 
 
 def _warm_up_floor(adaptive: AdaptiveThreshold) -> str:

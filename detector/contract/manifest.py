@@ -132,10 +132,6 @@ class AdaptiveThreshold(_Strict):
     refresh: int = Field(default=70, ge=1, le=100_000)
     #: Pruning margin: a peak must exceed the largest score below the threshold by this share.
     prune: float = Field(default=0.13, ge=0, lt=10)
-    #: The margin while a key's history is not yet full (fewer than `history` scores; None:
-    #: `prune`). A short history has seen few of the key's normal peaks, so a wider margin
-    #: lets a key alert early (`warm_up` below `history`) on what stands far above them only.
-    young_prune: float | None = Field(default=None, ge=0, lt=10)
     #: calibrated: the static threshold (the key's own calibrated one where the manifest has
     #: it, else `Scoring.threshold`) bounds every key's threshold from below; none: a key's
     #: threshold is its own alone once chosen (a model shared by unlike keys whose pooled

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -176,6 +177,7 @@ def parse_manifest(path: Path | str, model: onnx.ModelProto) -> Manifest:
             f"manifest schema_version {version!r} is not supported "
             f"(this detector reads version {SCHEMA_VERSION})",
         )
+    _drop_retired(path, document)
     try:
         return Manifest.model_validate(document)
     except ValidationError as error:
@@ -184,6 +186,23 @@ def parse_manifest(path: Path | str, model: onnx.ModelProto) -> Manifest:
             for item in error.errors()
         )
         raise ModelContractError(path, f"invalid manifest: {problems}") from None
+
+
+def _drop_retired(path: Path | str, document: dict[str, Any]) -> None:
+    """Remove what earlier trainers wrote of a retired setting where it changed nothing, and
+    refuse a model whose scoring depended on it: an adaptive threshold's `young_prune`, whose
+    work `warm_up_floor` does."""
+    scoring = document.get("scoring")
+    adaptive = scoring.get("adaptive") if isinstance(scoring, dict) else None
+    if not isinstance(adaptive, dict) or "young_prune" not in adaptive:
+        return
+    if adaptive["young_prune"] is not None:
+        raise ModelContractError(
+            path,
+            "scoring.adaptive.young_prune is retired (warm_up_floor does its work): "
+            "train the model again",
+        )
+    del adaptive["young_prune"]
 
 
 def expected_signature(manifest: Manifest) -> tuple[dict[str, list], dict[str, list]]:

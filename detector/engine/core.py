@@ -28,7 +28,7 @@ import structlog
 
 from detector.contract.bulk_decode import decode_plain
 from detector.contract.features import RecordError, parse_json_record
-from detector.contract.manifest import AdaptiveThreshold, Manifest
+from detector.contract.manifest import Manifest
 from detector.engine.alerts import (
     Alert,
     advance_episodes,
@@ -621,9 +621,8 @@ class _Batch:
         calibrated one, or the model's), or with adaptive thresholds the key's latest
         re-chosen one (at least the static one unless the floor is "none"; the static one
         before the first choice; while the key warms up, at least `warm_up_floor` times the
-        static one, or infinite; chosen with the young margin while its history is not yet
-        full); never below
-        `Engine.min_score`, which the static ones already respect."""
+        static one, or infinite); never below `Engine.min_score`, which the static ones
+        already respect."""
         arena = self.arena
         static = self.engine.static_thresholds[arena.stats_row[slots]]
         adaptive = self.manifest.scoring.adaptive
@@ -632,8 +631,8 @@ class _Batch:
         scored = arena.remember_scores(slots, scores)
         refreshed = scored % adaptive.refresh == 0
         if refreshed.any():
-            due, margins = slots[refreshed], _pruning_margins(adaptive, scored[refreshed])
-            arena.level[due] = choose_levels(*arena.recent_scores(due), prune=margins)[0]
+            due = slots[refreshed]
+            arena.level[due] = choose_levels(*arena.recent_scores(due), prune=adaptive.prune)[0]
         level = arena.level[slots]
         bound = static if adaptive.floor == "calibrated" else self.engine.min_score
         threshold = np.where(np.isnan(level), static, np.fmax(level, bound))
@@ -765,14 +764,6 @@ def _latest_per_partition(partitions: np.ndarray, times: np.ndarray) -> tuple[np
     latest = np.full(numbers.size, -np.inf)
     np.maximum.at(latest, inverse, times)
     return numbers, latest
-
-
-def _pruning_margins(adaptive: AdaptiveThreshold, scored: np.ndarray) -> float | np.ndarray:
-    """The pruning margin of keys re-choosing with `scored` scores: the young one until their
-    history is full."""
-    if adaptive.young_prune is None:
-        return adaptive.prune
-    return np.where(scored < adaptive.history, adaptive.young_prune, adaptive.prune)
 
 
 def _episode_peaks(

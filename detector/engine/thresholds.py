@@ -20,7 +20,7 @@ def choose_levels(
     values: np.ndarray,
     valid: np.ndarray,
     breaks: np.ndarray | None = None,
-    prune: float | np.ndarray = 0.13,
+    prune: float = 0.13,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Each row's threshold and chosen z, from its `valid` scores [rows, n].
 
@@ -29,7 +29,6 @@ def choose_levels(
     sequence (squared): (Δmean/mean + Δstd/std) / (#flagged + #sequences²). Their pruning
     keeps an anomalous sequence only when its peak exceeds the largest score below ε by the
     fraction `prune`; as a threshold that is a floor of (1 + prune) · max(scores below ε).
-    `prune` is one margin for all rows or one per row.
     `breaks` marks positions where a new sequence starts regardless (another key's scores).
     A row of equal scores gets a threshold just above them; a row without scores, NaN.
     """
@@ -37,13 +36,12 @@ def choose_levels(
     valid = np.asarray(valid, bool)
     if breaks is None:
         breaks = np.zeros(valid.shape, bool)
-    margins = np.broadcast_to(np.asarray(prune, np.float64), values.shape[:1])
     parts = [
         _choose(
             values[i : i + _CHUNK_ROWS],
             valid[i : i + _CHUNK_ROWS],
             breaks[i : i + _CHUNK_ROWS],
-            margins[i : i + _CHUNK_ROWS],
+            prune,
         )
         for i in range(0, values.shape[0], _CHUNK_ROWS)
     ]
@@ -54,7 +52,7 @@ def choose_levels(
 
 
 def _choose(
-    values: np.ndarray, valid: np.ndarray, breaks: np.ndarray, margins: np.ndarray
+    values: np.ndarray, valid: np.ndarray, breaks: np.ndarray, prune: float
 ) -> tuple[np.ndarray, np.ndarray]:
     values = np.where(valid, values, 0.0)
     count = valid.sum(axis=1)
@@ -84,7 +82,7 @@ def _choose(
     top = np.where(valid, values, -np.inf).max(axis=1, initial=-np.inf)
     levels = np.where(
         np.isfinite(below),
-        np.maximum(chosen, (1 + margins) * below),
+        np.maximum(chosen, (1 + prune) * below),
         _next_float32(top),  # equal scores: alert only above all of them (`>=`)
     )
     return np.where(count > 0, levels, np.nan), CANDIDATE_Z[best]

@@ -23,15 +23,13 @@ T0 = 1_700_000_000.0
 
 
 @pytest.mark.parametrize(
-    ("warm_up", "warm_up_floor", "young_prune"),
-    [(0, None, None), (6, None, 0.5), (10, None, None), (10, 3.0, None)],
+    ("warm_up", "warm_up_floor"), [(0, None), (6, None), (10, None), (10, 3.0)]
 )
 def test_the_replayed_thresholds_are_the_engines(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     warm_up: int,
     warm_up_floor: float | None,
-    young_prune: float | None,
 ) -> None:
     alpha, prune, floor = 0.3, 0.1, 0.02
     manifest = make_manifest("forecast", "stateful", window=4, threshold=0.05)
@@ -43,7 +41,6 @@ def test_the_replayed_thresholds_are_the_engines(
                 history=HISTORY,
                 refresh=REFRESH,
                 prune=prune,
-                young_prune=young_prune,
                 warm_up=warm_up,
                 warm_up_floor=warm_up_floor,
                 floor="none",
@@ -65,19 +62,14 @@ def test_the_replayed_thresholds_are_the_engines(
     monkeypatch.setattr(
         select_recipe,
         "GRID",
-        {
-            **select_recipe.GRID,
-            "smoothing": (alpha,),
-            "prune": (prune,),
-            "young_prune": (young_prune,),
-        },
+        {**select_recipe.GRID, "smoothing": (alpha,), "prune": (prune,)},
     )
     raw = select_recipe._unsmoothed(result.scores[scored], alpha)
     stream = select_recipe.Stream(
         "SMAP", "k", "0", raw, np.zeros(raw.size, bool), 0.05, floor / 0.1**2
     )
     select_recipe._prepare_levels([stream])
-    setting = select_recipe.Setting(alpha, prune, warm_up, warm_up_floor, young_prune, 1, 0.1)
+    setting = select_recipe.Setting(alpha, prune, warm_up, warm_up_floor, 1, 0.1)
 
     np.testing.assert_allclose(stream.smoothed[alpha], result.scores[scored], rtol=1e-12)
     np.testing.assert_allclose(

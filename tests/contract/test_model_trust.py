@@ -88,6 +88,24 @@ def test_absurd_or_inconsistent_manifests_are_refused(
     refused(with_manifest(good, tmp_path / "absurd.onnx", **changes), match)
 
 
+def test_a_retired_setting_is_dropped_where_unset_and_refused_where_set(
+    good: Path, tmp_path: Path
+) -> None:
+    """Earlier trainers wrote `young_prune` into every adaptive manifest, mostly unset."""
+    document = json.loads(
+        next(p.value for p in onnx.load(good).metadata_props if p.key == METADATA_KEY)
+    )
+    adaptive = {"history": 40, "refresh": 8, "prune": 0.13, "floor": "calibrated", "warm_up": 20}
+    scoring = document["scoring"] | {"adaptive": adaptive | {"young_prune": None}}
+    loaded = load_model_file(with_manifest(good, tmp_path / "unset.onnx", scoring=scoring))[0]
+    assert loaded.scoring.adaptive is not None and loaded.scoring.adaptive.warm_up == 20
+    scoring["adaptive"]["young_prune"] = 1.0
+    refused(
+        with_manifest(good, tmp_path / "set.onnx", scoring=scoring),
+        "scoring.adaptive.young_prune is retired .*train the model again",
+    )
+
+
 def restamped(good: Path, path: Path, edit, **manifest_changes: object) -> Path:
     """The good model with its graph edited by `edit` and the manifest stamped again, as a
     careless or hostile exporter would write it: the hash matches, the contract does not."""

@@ -28,7 +28,6 @@ def adaptive_manifest(
     history: int = HISTORY,
     refresh: int = REFRESH,
     floor: str = "calibrated",
-    young_prune: float | None = None,
     warm_up_floor: float | None = None,
     **changes,
 ) -> Manifest:
@@ -37,7 +36,6 @@ def adaptive_manifest(
         history=history,
         refresh=refresh,
         prune=0.1,
-        young_prune=young_prune,
         warm_up=WARM_UP,
         warm_up_floor=warm_up_floor,
         floor=floor,
@@ -91,13 +89,12 @@ def expected_thresholds(
     statuses: np.ndarray,
     static: float,
     floor: bool = True,
-    young_prune: float = 0.1,
     warm_up_floor: float | None = None,
 ) -> np.ndarray:
     """Per key: every REFRESH-th scored event, the dynamic threshold of its last HISTORY
-    scores (as float32, as the arena keeps them; margin `young_prune` while they are fewer)
-    becomes the key's, floored by `static` if `floor` (`static` before the first one);
-    before the key's WARM_UP-th event at least `warm_up_floor` × `static`, or infinite."""
+    scores (as float32, as the arena keeps them) becomes the key's, floored by `static` if
+    `floor` (`static` before the first one); before the key's WARM_UP-th event at least
+    `warm_up_floor` × `static`, or infinite."""
     thresholds = np.full(scores.size, np.nan)
     for key in np.unique(keys.astype(str)):
         events = np.flatnonzero((keys == key) & (statuses == Status.SCORED))
@@ -105,8 +102,7 @@ def expected_thresholds(
         for n, event_index in enumerate(events.tolist(), start=1):
             if n % REFRESH == 0:
                 recent = scores[events[max(0, n - HISTORY) : n]].astype(np.float32)[None]
-                margin = young_prune if n < HISTORY else 0.1
-                level = choose_levels(recent, np.ones(recent.shape, bool), prune=margin)[0][0]
+                level = choose_levels(recent, np.ones(recent.shape, bool), prune=0.1)[0][0]
             chosen = static if np.isnan(level) else max(level, static) if floor else level
             if n >= WARM_UP:
                 thresholds[event_index] = chosen
@@ -151,20 +147,14 @@ def test_a_score_that_holds_still_stays_below_the_threshold_of_its_own_history()
     assert score < level == np.nextafter(np.float32(score), np.float32(np.inf))
 
 
-def test_each_row_may_have_its_own_pruning_margin() -> None:
+def test_a_wider_pruning_margin_keeps_fewer_peaks() -> None:
     rng = np.random.default_rng(5)
     values = np.abs(rng.normal(1.0, 0.2, (100, 200)))
     values[:, 90:95] += rng.uniform(0.5, 3, (100, 1))  # bursts from barely to far above
     valid = np.ones(values.shape, bool)
-    margins = rng.choice([0.0, 0.2, 1.0], 100)  # 100 rows: more than one chunk
-    levels = choose_levels(values, valid, prune=margins)[0]
-    for margin in np.unique(margins):
-        rows = margins == margin
-        np.testing.assert_array_equal(
-            levels[rows], choose_levels(values[rows], valid[rows], prune=margin)[0]
-        )
+    narrow = choose_levels(values, valid, prune=0.0)[0]
     wide = choose_levels(values, valid, prune=1.0)[0]
-    assert (wide > choose_levels(values, valid, prune=0.0)[0]).sum() > 10  # margins matter
+    assert (wide >= narrow).all() and (wide > narrow).sum() > 10
 
 
 def test_a_break_starts_a_new_sequence() -> None:
@@ -204,23 +194,6 @@ def test_without_a_floor_a_keys_threshold_is_its_own_alone(fixed: Scorer, folder
     want = expected_thresholds(keys, scores, statuses, 1e6, floor=False)
     assert (want < 1e6).sum() > 20
     np.testing.assert_allclose(run(unfloored, records, 5)[2], want, rtol=1e-6)
-
-
-def test_a_young_history_is_pruned_with_its_own_margin(fixed: Scorer, folder: Path) -> None:
-    """Until a key's history is full, its levels are chosen with `young_prune`, after that
-    with `prune`."""
-    manifest = adaptive_manifest(young_prune=1.5, threshold=0.05)
-    young = load_random(folder / "young.onnx", manifest, seed=3)
-    records = noisy_stream()
-    keys, scores, _, statuses = run(fixed, records, len(records))
-    want = expected_thresholds(keys, scores, statuses, 0.05, young_prune=1.5)
-    usual = expected_thresholds(keys, scores, statuses, 0.05)
-    scored = statuses == Status.SCORED
-    differs = scored & (want != usual)
-    assert differs.sum() > 3 and (want[differs] > usual[differs]).all()
-    for key in ("k0", "k1", "k2"):  # the usual ones from the key's HISTORY-th score on
-        assert not differs[np.flatnonzero(scored & (keys == key))[HISTORY - 1 :]].any()
-    np.testing.assert_allclose(run(young, records, 5)[2], want, rtol=1e-6)
 
 
 def test_a_warming_key_alerts_above_a_multiple_of_its_static_threshold(

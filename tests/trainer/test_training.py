@@ -181,22 +181,22 @@ def test_an_adaptive_threshold_goes_from_the_config_through_the_manifest_to_the_
     tmp_path, capsys
 ) -> None:
     adaptive = (
-        "\n[threshold.adaptive]\nhistory = 40\nrefresh = 8\nwarm_up = 20\nyoung_prune = 0.5\n"
+        "\n[threshold.adaptive]\nhistory = 40\nrefresh = 8\nwarm_up = 20\n"
     )
     config, data = write(tmp_path, FORECAST + adaptive, sensor_rows())
     result = train(config, [data], tmp_path / "sensors.onnx", epochs=2, progress=False)
 
     manifest, _ = load_model_file(result.model_path)
     assert manifest.scoring.adaptive == AdaptiveThreshold(
-        history=40, refresh=8, warm_up=20, young_prune=0.5
+        history=40, refresh=8, warm_up=20
     )
     capsys.readouterr()
     assert trainer_main(["inspect", str(result.model_path)]) == 0
     shown = " ".join(capsys.readouterr().out.replace("│", " ").split())  # cells wrap
-    assert "every 8 events from the last 40 (prune 0.13, 0.5 until the history is full" in shown
+    assert "every 8 events from the last 40 (prune 0.13, floor calibrated, warm-up 20" in shown
     write_training_report(result, tmp_path / "report")
     card = (tmp_path / "report" / "MODEL_CARD.md").read_text()
-    assert "pruning margin 0.13; 0.5 while fewer than 40 are in hand" in card
+    assert "pruning margin 0.13), never below the calibrated one" in card
     assert "a key may alert once 20 of its events are scored" in card
     evaluation = evaluate(result.model_path, data)
     replay, static = evaluation.replay, manifest.scoring.threshold
