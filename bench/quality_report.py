@@ -333,7 +333,7 @@ def score_dump(
         scoring = test.manifest.scoring
         arrays[f"{prefix}/smoothing"] = np.float64(scoring.smoothing)
         arrays[f"{prefix}/static_threshold"] = np.float64(scoring.threshold)
-        bound = config.threshold.min_scaled_error
+        bound = config.threshold.advanced.min_scaled_error
         arrays[f"{prefix}/unit_score"] = np.float64(
             scoring.min_score / bound**2 if bound else np.nan
         )

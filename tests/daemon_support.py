@@ -83,7 +83,13 @@ def train_model(
 ) -> Path:
     """A small forecast model trained for real on clean sensor data; cached in `folder`."""
     # Imported here: only the tests that train need torch.
-    from trainer.config import DataConfig, ModelConfig, ThresholdConfig, TrainConfig
+    from trainer.config import (
+        AlertingConfig,
+        DataConfig,
+        ModelConfig,
+        ThresholdConfig,
+        TrainConfig,
+    )
     from trainer.config import TrainingConfig as Training
     from trainer.pipeline import train
 
@@ -109,7 +115,7 @@ def train_model(
             export_mode=export_mode,
         ),
         training=Training(epochs=4, batch_size=64, learning_rate=0.01, seed=seed, device="cpu"),
-        threshold=ThresholdConfig(method="quantile", target=0.995),
+        threshold=ThresholdConfig(method="quantile", target=0.995, advanced=AlertingConfig()),
     )
     train(config, [data], model, int8=int8, progress=False)
     return model

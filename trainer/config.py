@@ -26,7 +26,7 @@ from detector.contract.manifest import (
     TimeDeltaFeature,
     TrainingSummary,
 )
-from trainer.recipe import with_forecast_recipe
+from trainer.recipe import FORECAST_RECIPE, with_forecast_recipe
 
 #: Default target of each threshold method, when `[threshold] target` is not given.
 DEFAULT_TARGETS = {
@@ -188,35 +188,65 @@ class TrainingConfig(_Section):
     forecast_targets: Literal["last", "every"] = "last"
 
 
-class ThresholdConfig(_Section):
-    #: dynamic: the nonparametric threshold of Hundman et al. (2018) on normal scores.
-    method: Literal["max_f1", "precision", "fpr", "quantile", "dynamic"] = "max_f1"
-    #: precision: minimum precision; fpr: maximum false-positive rate; quantile: of normal scores;
-    #: dynamic: the pruning margin over the largest normal score below the chosen threshold.
-    target: float | None = Field(default=None, gt=0, lt=1)
+class AlertingConfig(_Section):
+    """Advanced: how scores become alerts beyond the calibrated threshold. A forecast model
+    takes these from the recipe (`trainer/recipe.py`), chosen by cross-validation across data
+    sets; a `[threshold.advanced]` table, even an empty one, replaces them all, and the
+    benchmarks' figures (docs/quality.md) no longer describe the model."""
+
     #: EWMA alpha the detector applies to successive scores of a key (1.0: none).
     smoothing: float = Field(default=1.0, gt=0, le=1)
-    #: Per-key thresholds the detector re-chooses from each key's live scores, with the
-    #: calibrated one as their floor (`[threshold.adaptive]`; absent: one fixed threshold).
+    #: Per-key thresholds the detector re-chooses from each key's live scores
+    #: (`[threshold.advanced.adaptive]`; absent: one fixed threshold).
     adaptive: AdaptiveThreshold | None = None
-    #: Also calibrate each key's own threshold on its validation scores alone (the model's
-    #: stays for keys seen later): one model shared by unlike keys then holds each to its own
-    #: normal error level. Needs `model.per_key_normalisation` and an unsupervised method.
-    per_key: bool = False
     #: Consecutive scored events at or above the threshold before an alert episode opens
     #: (`Scoring.confirm`; 1: at once).
     confirm: int = Field(default=1, ge=1, le=100_000)
     #: Forecast models: an error smaller than this in every forecast feature, in the
     #: features' own units, never alerts however unusual it is for its key (telemanom's 0.05
     #: on values scaled to [-1, 1]); stored as the score of such an error
-    #: (`Scoring.min_score`). 0: no such bound. Advanced: it holds only where every key's
-    #: units are alike; `min_scaled_error` is the scale-free form.
+    #: (`Scoring.min_score`). 0: no such bound. It holds only where every key's units are
+    #: alike; `min_scaled_error` is the scale-free form.
     min_error: float = Field(default=0.0, ge=0, allow_inf_nan=False)
     #: Forecast models: an error smaller than this share of the feature's training spread
     #: (its std, or IQR / 1.349 with robust scaling; per key with per-key normalisation) in
     #: every forecast feature never alerts: whatever its key's recent errors, a deviation that
     #: small is not a fault. 0: no such bound.
     min_scaled_error: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+
+    @model_validator(mode="after")
+    def _one_bound(self) -> AlertingConfig:
+        if self.min_error and self.min_scaled_error:
+            raise ValueError("set min_error or min_scaled_error, not both")
+        return self
+
+
+class ThresholdConfig(_Section):
+    """How the threshold is calibrated on the validation split; `advanced` holds the rest of
+    the alerting."""
+
+    #: dynamic: the nonparametric threshold of Hundman et al. (2018) on normal scores.
+    method: Literal["max_f1", "precision", "fpr", "quantile", "dynamic"] = "max_f1"
+    #: precision: minimum precision; fpr: maximum false-positive rate; quantile: of normal scores;
+    #: dynamic: the pruning margin over the largest normal score below the chosen threshold.
+    target: float | None = Field(default=None, gt=0, lt=1)
+    #: Also calibrate each key's own threshold on its validation scores alone (the model's
+    #: stays for keys seen later): one model shared by unlike keys then holds each to its own
+    #: normal error level. Needs `model.per_key_normalisation` and an unsupervised method.
+    per_key: bool = False
+    advanced: AlertingConfig = AlertingConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _advanced_settings_in_their_table(cls, document: Any) -> Any:
+        if isinstance(document, dict):
+            misplaced = [name for name in AlertingConfig.model_fields if name in document]
+            if misplaced:
+                raise ValueError(
+                    f"{', '.join(misplaced)} belong in [threshold.advanced], which replaces the "
+                    "forecast recipe's alerting as a whole"
+                )
+        return document
 
     @property
     def resolved_target(self) -> float | None:
@@ -255,12 +285,11 @@ class TrainConfig(_Section):
             raise ValueError(
                 'training.forecast_targets = "every" needs a unidirectional forecast model'
             )
-        if self.threshold.min_error:
+        alerting = self.threshold.advanced
+        if alerting.min_error:
             self._check_min_error()
-            if self.threshold.min_scaled_error:
-                raise ValueError("set threshold.min_error or min_scaled_error, not both")
-        if self.threshold.min_scaled_error and self.model.task != "forecast":
-            raise ValueError("threshold.min_scaled_error needs a forecast model")
+        if alerting.min_scaled_error and self.model.task != "forecast":
+            raise ValueError("threshold.advanced.min_scaled_error needs a forecast model")
         if self.threshold.per_key:
             if not self.model.per_key_normalisation:
                 raise ValueError("threshold.per_key needs model.per_key_normalisation = true")
@@ -271,15 +300,23 @@ class TrainConfig(_Section):
                 )
         return self
 
+    @property
+    def alerts_as_the_recipe(self) -> bool:
+        """Whether a forecast model's alerting is the recipe's, which docs/quality.md measures."""
+        recipe = AlertingConfig.model_validate(FORECAST_RECIPE["threshold"]["advanced"])
+        return self.model.task == "forecast" and self.threshold.advanced == recipe
+
     def _check_min_error(self) -> None:
         if self.model.task != "forecast":
-            raise ValueError("threshold.min_error needs a forecast model (errors in feature units)")
+            raise ValueError(
+                "threshold.advanced.min_error needs a forecast model (errors in feature units)"
+            )
         if self.model.per_key_normalisation and any(
             isinstance(f, NumericFeatureConfig) and f.forecast and f.scale != "none"
             for f in self.data.features
         ):
             raise ValueError(
-                "threshold.min_error needs forecast features scaled alike for every key: "
+                "threshold.advanced.min_error needs forecast features scaled alike for every key: "
                 'scale = "none" or model.per_key_normalisation = false'
             )
 
@@ -331,8 +368,8 @@ class TrainConfig(_Section):
                 semantics="probability" if model.task == "classify" else "forecast_error",
                 threshold=0.5 if model.task == "classify" else 1.0,
                 calibration="uncalibrated",
-                smoothing=self.threshold.smoothing,
-                adaptive=self.threshold.adaptive,
+                smoothing=self.threshold.advanced.smoothing,
+                adaptive=self.threshold.advanced.adaptive,
             ),
             training=TrainingSummary(rows=0, keys=0),
             trainer_version=__version__,

@@ -169,9 +169,9 @@ def train(
                 semantics=manifest.scoring.semantics,
                 threshold=threshold,
                 calibration=description,
-                smoothing=config.threshold.smoothing,
-                adaptive=config.threshold.adaptive,
-                confirm=config.threshold.confirm,
+                smoothing=config.threshold.advanced.smoothing,
+                adaptive=config.threshold.advanced.adaptive,
+                confirm=config.threshold.advanced.confirm,
                 min_score=min_score,
             ),
             "per_key_statistics": _with_thresholds(manifest.per_key_statistics, key_thresholds),
@@ -250,7 +250,7 @@ def _scored(
     windows: Windows, scores: np.ndarray, contrib: np.ndarray | None, config: TrainConfig
 ) -> SplitScores:
     keys = windows.keys
-    smoothed = smooth_per_key(scores, keys, config.threshold.smoothing)
+    smoothed = smooth_per_key(scores, keys, config.threshold.advanced.smoothing)
     return SplitScores(smoothed, windows.labels, keys, windows.times, contrib)
 
 
@@ -294,10 +294,11 @@ def _rescore(
 def _min_score(manifest: Manifest, net: SequenceNet, config: TrainConfig) -> float:
     """The score below which nothing alerts (`Scoring.min_score`), from either bound."""
     variance = net.residual_variance.cpu().numpy()
-    if config.threshold.min_error:
-        return min_error_score(manifest, variance, config.threshold.min_error)
-    if config.threshold.min_scaled_error:
-        return min_error_score(manifest, variance, config.threshold.min_scaled_error, scaled=True)
+    alerting = config.threshold.advanced
+    if alerting.min_error:
+        return min_error_score(manifest, variance, alerting.min_error)
+    if alerting.min_scaled_error:
+        return min_error_score(manifest, variance, alerting.min_scaled_error, scaled=True)
     return 0.0
 
 

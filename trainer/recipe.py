@@ -28,25 +28,28 @@ FORECAST_RECIPE: dict[str, dict[str, Any]] = {
     },
     "threshold": {
         "method": "dynamic",
-        # EWMA of errors over about 10 events.
-        "smoothing": 0.1,
-        "confirm": 5,
-        "min_scaled_error": 0.2,
-        "adaptive": {
-            # telemanom's window of errors and re-choice schedule.
-            "history": 2100,
-            "refresh": 70,
-            "prune": 0.13,
-            # A key's own history decides from its 700th score on; before that, it alerts
-            # above three times what training calibrated for it.
-            "warm_up": 700,
-            "warm_up_floor": 3.0,
-            "floor": "none",
+        "advanced": {
+            # EWMA of errors over about 10 events.
+            "smoothing": 0.1,
+            "confirm": 5,
+            "min_scaled_error": 0.2,
+            "adaptive": {
+                # telemanom's window of errors and re-choice schedule.
+                "history": 2100,
+                "refresh": 70,
+                "prune": 0.13,
+                # A key's own history decides from its 700th score on; before that, it alerts
+                # above three times what training calibrated for it.
+                "warm_up": 700,
+                "warm_up_floor": 3.0,
+                "floor": "none",
+            },
         },
     },
 }
-#: Sections taken whole where a configuration sets them.
-WHOLE_SECTIONS = ("threshold",)
+#: Tables taken whole where a configuration has them (even empty), by dotted path: the
+#: alerting settings were chosen together and work together.
+WHOLE_TABLES = ("threshold.advanced",)
 #: How a forecast configuration's numeric features are scaled unless they say: by median and
 #: IQR, which the spikes and faults of training data cannot inflate.
 FORECAST_SCALE = "robust"
@@ -54,20 +57,18 @@ FORECAST_SCALE = "robust"
 
 def with_forecast_recipe(document: dict[str, Any]) -> dict[str, Any]:
     """`document` (a training configuration as a mapping) with the recipe beneath it, when
-    it describes a forecast model; unchanged otherwise. Its own settings always win. The
-    model and training sections are completed setting by setting; alerting's settings work
-    together, so a `[threshold]` section it sets is taken whole, the recipe's only where it
-    has none (or an empty one)."""
+    it describes a forecast model; unchanged otherwise. Its own settings always win, setting
+    by setting, except in `WHOLE_TABLES`: a `[threshold.advanced]` table it has replaces the
+    recipe's alerting."""
     if _section(document, "model").get("task") != "forecast":
         return document
     completed = dict(document)
     for name, defaults in FORECAST_RECIPE.items():
-        if name not in WHOLE_SECTIONS or not _section(document, name):
-            completed[name] = _beneath(_section(document, name), defaults)
+        completed[name] = _beneath(_section(document, name), defaults, name)
     data = _section(document, "data")
     if "features" in data:
         features = [
-            _beneath(_plain(feature), {"scale": FORECAST_SCALE})
+            _beneath(_plain(feature), {"scale": FORECAST_SCALE}, "data.features")
             if _plain(feature).get("kind", "numeric") == "numeric"
             else feature
             for feature in data["features"]
@@ -87,11 +88,16 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _beneath(given: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+def _beneath(given: dict[str, Any], defaults: dict[str, Any], path: str) -> dict[str, Any]:
     merged = dict(given)
     for name, value in defaults.items():
+        inner = f"{path}.{name}"
         if name not in merged:
             merged[name] = value
-        elif isinstance(value, dict) and isinstance(_plain(merged[name]), dict):
-            merged[name] = _beneath(_plain(merged[name]), value)
+        elif (
+            inner not in WHOLE_TABLES
+            and isinstance(value, dict)
+            and isinstance(_plain(merged[name]), dict)
+        ):
+            merged[name] = _beneath(_plain(merged[name]), value, inner)
     return merged

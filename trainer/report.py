@@ -219,7 +219,7 @@ def _min_score_lines(manifest: Manifest) -> list[str]:
         return []
     return [
         f"No threshold is below {manifest.scoring.min_score:.6g}: smaller errors never alert "
-        "(`[threshold] min_error`)."
+        "(`[threshold.advanced] min_error` or `min_scaled_error`)."
     ]
 
 

@@ -236,7 +236,7 @@ def test_score_dump_holds_each_parts_scored_events_and_the_trainers_split() -> N
             "data": {"key": "k", "time": "t", "features": [{"name": "v", "kind": "numeric"}]},
             "split": {"train": 0.5, "validation": 0.25, "test": 0.25},
             "model": {"task": "forecast", "min_history": 2},
-            "threshold": {"method": "dynamic", "min_scaled_error": 0.2},
+            "threshold": {"method": "dynamic", "advanced": {"min_scaled_error": 0.2}},
         }
     )
     arrays = quality_report.score_dump(3, ["a"], evaluation, evaluation, config)

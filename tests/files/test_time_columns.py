@@ -127,7 +127,7 @@ CONFIG = {
     },
     "split": {"train": 0.5, "validation": 0.5, "test": 0.0},
     "model": {"window": 3, "min_history": 2, "task": "forecast"},
-    "threshold": {"method": "quantile"},
+    "threshold": {"method": "quantile", "advanced": {}},
 }
 
 

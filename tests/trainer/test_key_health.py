@@ -68,7 +68,9 @@ def test_a_validation_spike_dominates_and_training_spikes_or_flat_keys_look_brok
     assert named == ["s3", "s5", "s6"]
     assert "of the validation loss from 12.5% of its windows" in section
     assert "`temperature` constant in training" in section
-    warning = capsys.readouterr().err
+    printed = capsys.readouterr()
+    assert "alerting: the configuration's [threshold.advanced], not" in printed.out
+    warning = printed.err
     assert (
         "warning: keys dominating the validation loss or looking broken (3): s3, s5, s6 (see"
         in warning

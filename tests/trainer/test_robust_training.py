@@ -47,6 +47,8 @@ forecast_loss = "{loss}"
 [threshold]
 method = "quantile"
 target = 0.99
+
+[threshold.advanced]
 """
 
 

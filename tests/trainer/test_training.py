@@ -28,13 +28,14 @@ from trainer.calibrate import (
     smooth_per_key,
 )
 from trainer.cli import main as trainer_main
-from trainer.config import TrainConfig, load_train_config
+from trainer.config import AlertingConfig, ConfigError, TrainConfig, load_train_config
 from trainer.data import TRAIN, VALIDATION, Windows, load_events
 from trainer.evaluate import evaluate
 from trainer.fit import History, evaluate_loss, fit, make_loss, predict, seed_everything
 from trainer.metrics import average_precision, roc_auc
 from trainer.network import SequenceNet
 from trainer.pipeline import train
+from trainer.recipe import FORECAST_RECIPE
 from trainer.report import write_training_report
 
 START = 1_700_000_000
@@ -86,6 +87,8 @@ forecast_targets = "last"
 [threshold]
 method = "quantile"
 target = 0.99
+
+[threshold.advanced]
 """
 LAST_TARGETS = 'forecast_targets = "last"\n'
 
@@ -180,16 +183,12 @@ def test_forecaster_scores_injected_spikes_far_above_normal_points(tmp_path) -> 
 def test_an_adaptive_threshold_goes_from_the_config_through_the_manifest_to_the_engine(
     tmp_path, capsys
 ) -> None:
-    adaptive = (
-        "\n[threshold.adaptive]\nhistory = 40\nrefresh = 8\nwarm_up = 20\n"
-    )
+    adaptive = "\n[threshold.advanced.adaptive]\nhistory = 40\nrefresh = 8\nwarm_up = 20\n"
     config, data = write(tmp_path, FORECAST + adaptive, sensor_rows())
     result = train(config, [data], tmp_path / "sensors.onnx", epochs=2, progress=False)
 
     manifest, _ = load_model_file(result.model_path)
-    assert manifest.scoring.adaptive == AdaptiveThreshold(
-        history=40, refresh=8, warm_up=20
-    )
+    assert manifest.scoring.adaptive == AdaptiveThreshold(history=40, refresh=8, warm_up=20)
     capsys.readouterr()
     assert trainer_main(["inspect", str(result.model_path)]) == 0
     shown = " ".join(capsys.readouterr().out.replace("│", " ").split())  # cells wrap
@@ -223,7 +222,10 @@ def test_per_key_thresholds_go_from_the_config_through_the_manifest_to_the_engin
             row["temperature"] = round(row["temperature"] + float(noise.normal(0, 1.5)), 3)
     config_text = FORECAST.replace(
         "hidden = 16\n", "hidden = 16\nper_key_normalisation = true\n"
-    ).replace("target = 0.99\n", "target = 0.99\nper_key = true\nconfirm = 3\n")
+    ).replace("target = 0.99\n", "target = 0.99\nper_key = true\n")
+    config_text = config_text.replace(
+        "[threshold.advanced]\n", "[threshold.advanced]\nconfirm = 3\n"
+    )
     config, data = write(tmp_path, config_text, rows)
     result = train(config, [data], tmp_path / "sensors.onnx", epochs=2, progress=False)
 
@@ -313,13 +315,32 @@ def test_the_benchmark_configurations_are_valid_and_say_what_each_model_learns_f
         assert config.model.model_copy(update={"per_key_normalisation": False}) == (
             configs["smap"].model
         )
-    assert configs["smap"].threshold.adaptive is not None
+    assert configs["smap"].threshold.advanced.adaptive is not None
     assert configs["smap_shared"].model.per_key_normalisation
+
+
+def test_only_an_advanced_table_replaces_the_recipes_alerting(tmp_path) -> None:
+    plain = FORECAST.replace("\n[threshold.advanced]\n", "")
+    recipe = load_train_config(write_config(tmp_path, plain))
+    assert (recipe.threshold.method, recipe.threshold.target) == ("quantile", 0.99)
+    assert recipe.threshold.advanced == AlertingConfig.model_validate(
+        FORECAST_RECIPE["threshold"]["advanced"]
+    )
+    own = load_train_config(write_config(tmp_path, FORECAST + "confirm = 3\n"))
+    assert own.threshold.advanced == AlertingConfig(confirm=3)  # none of the recipe's
+    assert recipe.alerts_as_the_recipe and not own.alerts_as_the_recipe
+    with pytest.raises(ConfigError, match=r"confirm belong in \[threshold.advanced\]"):
+        load_train_config(write_config(tmp_path, plain + "confirm = 3\n"))
+    retired = FORECAST + "[threshold.advanced.adaptive]\nyoung_prune = 1.0\n"
+    with pytest.raises(ConfigError, match="young_prune"):
+        load_train_config(write_config(tmp_path, retired))
 
 
 def test_min_error_needs_a_forecast_in_units_alike_for_every_key(tmp_path) -> None:
     with pytest.raises(ValueError, match="needs a forecast model"):
-        load_train_config(write_config(tmp_path, CLASSIFY + "[threshold]\nmin_error = 0.1\n"))
+        load_train_config(
+            write_config(tmp_path, CLASSIFY + "[threshold.advanced]\nmin_error = 0.1\n")
+        )
     per_key_model = FORECAST.replace("hidden = 16\n", "hidden = 16\nper_key_normalisation = true\n")
     with pytest.raises(ValueError, match="scaled alike for every key"):
         load_train_config(write_config(tmp_path, per_key_model + "min_error = 0.1\n"))
@@ -343,18 +364,17 @@ def test_per_key_thresholds_are_each_keys_own_calibration() -> None:
 
 
 def test_per_key_thresholds_need_per_key_normalisation_and_no_labels(tmp_path) -> None:
+    per_key = FORECAST.replace("target = 0.99\n", "target = 0.99\nper_key = true\n")
     with pytest.raises(ValueError, match="per_key_normalisation"):
-        load_train_config(write_config(tmp_path, FORECAST + "per_key = true\n"))
-    per_key_model = FORECAST.replace("hidden = 16\n", "hidden = 16\nper_key_normalisation = true\n")
+        load_train_config(write_config(tmp_path, per_key))
+    per_key_model = per_key.replace("hidden = 16\n", "hidden = 16\nper_key_normalisation = true\n")
     with pytest.raises(ValueError, match="'quantile' or 'dynamic'"):
         load_train_config(
             write_config(
-                tmp_path,
-                per_key_model.replace('method = "quantile"', 'method = "max_f1"')
-                + "per_key = true\n",
+                tmp_path, per_key_model.replace('method = "quantile"', 'method = "max_f1"')
             )
         )
-    assert load_train_config(write_config(tmp_path, per_key_model + "per_key = true\n"))
+    assert load_train_config(write_config(tmp_path, per_key_model))
 
 
 def write_config(folder: Path, text: str) -> Path:

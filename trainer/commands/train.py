@@ -68,6 +68,12 @@ def run(args: argparse.Namespace) -> int:
     for path in write_training_report(result, result.model_path.parent):
         print(f"wrote {path}")
     print(f"threshold {manifest.scoring.threshold:.6g}: {manifest.scoring.calibration}")
+    if config.model.task == "forecast":
+        print(
+            "alerting: the forecast recipe's (trainer/recipe.py)"
+            if config.alerts_as_the_recipe
+            else "alerting: the configuration's [threshold.advanced], not the forecast recipe's"
+        )
     if manifest.scoring.min_score:
         print(f"no threshold below {manifest.scoring.min_score:.6g} (min_error)")
     for name, value in sorted(manifest.training.metrics.items()):
