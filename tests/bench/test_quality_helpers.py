@@ -79,7 +79,7 @@ def test_dynamic_threshold_counts_sequences_per_key() -> None:
 
 def test_dynamic_threshold_of_constant_scores_alerts_only_above_them() -> None:
     flat = np.full(100, 2.0)
-    assert dynamic_threshold(flat, None)[0] == np.nextafter(2.0, np.inf)
+    assert dynamic_threshold(flat, None)[0] == np.nextafter(np.float32(2.0), np.float32(np.inf))
     # A channel predicted perfectly in validation must not alert on every error of zero.
     assert dynamic_threshold(np.zeros(50), None)[0] > 0.0
     with pytest.raises(CalibrationError, match="no normal events"):
