@@ -8,7 +8,7 @@ The score dumps come from `bench/protocol.py --scores PREFIX.npz` (or the two be
 `--scores`): each key's smoothed scores, in time order, as one model per key scored them.
 Alerting does not change the scores, so every candidate setting is replayed offline here
 with the engine's own rules (`detector.engine.thresholds.choose_levels` every `refresh` scores over
-the last `history`, the warm-up and its floor, the floor, confirmation and
+the last `history`, the warm-up and its floor, the floor and ceiling, confirmation and
 cooldown, as `detector.engine.core` applies them), and judged per labeled sequence as the
 benchmarks judge.
 The replay is checked against the engine first: with the settings the dumps were made with,
@@ -34,26 +34,45 @@ from __future__ import annotations
 import argparse
 import itertools
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from protocol import EARLY, NEW
 from quality_report import console, table, write_json
 
 from detector.engine.thresholds import choose_levels
+from trainer.calibrate import dynamic_threshold
+from trainer.data import VALIDATION
 from trainer.metrics import episode_flags, range_counts
 
 #: The engine's re-choice schedule and cooldown, as the recipe and the benchmarks use them.
 HISTORY, REFRESH, COOLDOWN = 2100, 70, 100
+#: Each alerting setting at the value that switches it off: the recipe without it.
+WITHOUT: dict[str, dict[str, Any]] = {
+    "smoothing": {"smoothing": 1.0},
+    "adaptive threshold": {"adaptive": False},
+    "pruning margin": {"prune": 0.0},
+    "ceiling": {"ceiling": None},
+    "warm-up": {"warm_up": 0, "warm_up_floor": None},
+    "alerts while warming": {"warm_up_floor": None},
+    "confirmation": {"confirm": 1},
+    "smallest error": {"min_scaled_error": 0.0},
+}
+#: How far the replay's static thresholds may be from the trainer's (relative): the trainer
+#: calibrates on torch's scores of its validation windows, the replay on the engine's.
+STATIC_TOLERANCE = 0.01
 #: The candidates: telemanom's margin and wider ones; a key's own history deciding from its
 #: first score, or after a sixth or a third of the history, and until then no alerts or only
-#: above 2, 3 or 5 times its calibrated threshold.
+#: above 2, 3 or 5 times its calibrated threshold; the threshold without a bound above, or at
+#: most 3, 10 or 30 times the calibrated one.
 GRID = {
     "smoothing": (0.02, 0.1),
     "prune": (0.13, 0.2, 0.3),
     "warm_up": (0, 350, 700),
     "warm_up_floor": (None, 2.0, 3.0, 5.0),
+    "ceiling": (None, 3.0, 10.0, 30.0),
     "confirm": (1, 5, 10),
     "min_scaled_error": (0.05, 0.1, 0.2),
 }
@@ -65,8 +84,11 @@ class Setting:
     prune: float
     warm_up: int
     warm_up_floor: float | None
+    ceiling: float | None
     confirm: int
     min_scaled_error: float
+    #: False: one static threshold for every event (no `[threshold.advanced.adaptive]`).
+    adaptive: bool = True
 
 
 @dataclass
@@ -81,8 +103,12 @@ class Stream:
     labels: np.ndarray
     static: float
     unit: float
+    #: The model's scores of its validation events, before smoothing.
+    validation: np.ndarray
     #: The scores smoothed with each candidate α.
     smoothed: dict[float, np.ndarray] = field(default_factory=dict)
+    #: The static threshold the trainer calibrates with each candidate α.
+    statics: dict[float, float] = field(default_factory=dict)
     #: Each re-choice's level for each (α, prune) [choices].
     levels: dict[tuple[float, float], np.ndarray] = field(default_factory=dict)
 
@@ -110,17 +136,20 @@ def main() -> None:
     settings = [
         setting
         for setting in (Setting(*values) for values in itertools.product(*GRID.values()))
-        if setting.warm_up or setting.warm_up_floor is None  # a floor of no warm-up: a twin
+        if (setting.warm_up or setting.warm_up_floor is None)  # a floor of no warm-up: a twin
+        and (setting.ceiling or np.inf) >= (setting.warm_up_floor or 1.0)  # as the manifest
     ]
     console.print(f"{len(streams)} streams; replaying {len(settings)} settings")
-    _prepare_levels(streams)
+    _prepare_levels(streams, settings)
     if args.check:
         _check(streams, args.smap, _parse_setting(args.check))
     replayed = Table(streams, settings)
+    halvings = _halvings(replayed, args.splits, args.seed)
     document = {
         "grid": GRID,
-        "halvings": _halvings(replayed, args.splits, args.seed),
+        "halvings": halvings,
         "leave_one_data_set_out": _leave_one_out(replayed),
+        "without": _without(streams, Setting(**halvings["recipe"])),
     }
     write_json(args.json, document)
 
@@ -137,9 +166,17 @@ def _streams(path: Path, data_set: str) -> list[Stream]:
             dump[f"{prefix}/test_labels"] > 0,
             float(dump[f"{prefix}/static_threshold"]),
             float(dump[f"{prefix}/unit_score"]),
+            _validation_scores(dump, prefix),
         )
         for prefix in prefixes
     ]
+
+
+def _validation_scores(dump: np.lib.npyio.NpzFile, prefix: str) -> np.ndarray:
+    """The unsmoothed scores of the trainer's validation events, as the engine replayed the
+    training file."""
+    raw = _unsmoothed(dump[f"{prefix}/train_scores"], float(dump[f"{prefix}/smoothing"]))
+    return raw[dump[f"{prefix}/train_split"] == VALIDATION]
 
 
 def _unsmoothed(smoothed: np.ndarray, alpha: float) -> np.ndarray:
@@ -173,16 +210,22 @@ def _early(stream: Stream, before: int, data_set: str) -> Stream:
         stream.labels[start:],
         stream.static,
         stream.unit,
+        stream.validation,
     )
 
 
-def _prepare_levels(streams: list[Stream]) -> None:
-    """Every stream smoothed with each α, and every re-choice's level for each (α, margin), all
-    streams at once per re-choice (`choose_levels` is vectorised)."""
+def _prepare_levels(streams: list[Stream], settings: list[Setting]) -> None:
+    """Every stream smoothed with each α of `settings`, its static threshold calibrated with
+    each as the trainer does (the dynamic threshold of its smoothed validation scores), and
+    every re-choice's level for each (α, margin), all streams at once per re-choice
+    (`choose_levels` is vectorised). What is there already is kept."""
     for stream in streams:
-        stream.smoothed = {alpha: _smoothed(stream.raw, alpha) for alpha in GRID["smoothing"]}
+        for alpha in {setting.smoothing for setting in settings} - stream.smoothed.keys():
+            stream.smoothed[alpha] = _smoothed(stream.raw, alpha)
+            stream.statics[alpha] = dynamic_threshold(_smoothed(stream.validation, alpha), None)[0]
     longest = max(stream.raw.size for stream in streams)
-    for alpha, prune in itertools.product(GRID["smoothing"], GRID["prune"]):
+    pairs = {(s.smoothing, s.prune) for s in settings if s.adaptive} - streams[0].levels.keys()
+    for alpha, prune in sorted(pairs):
         per_stream: list[list[float]] = [[] for _ in streams]
         for count in range(REFRESH, longest + 1, REFRESH):
             rows = [i for i, s in enumerate(streams) if s.raw.size >= count]
@@ -205,12 +248,16 @@ def _recent(scores: np.ndarray, count: int) -> np.ndarray:
 def _thresholds(stream: Stream, setting: Setting) -> np.ndarray:
     """Each score's threshold as `detector.engine.core` sets it under `setting`."""
     count = np.arange(1, stream.raw.size + 1)
+    floor = setting.min_scaled_error**2 * stream.unit if setting.min_scaled_error else 0.0
+    static = max(stream.statics[setting.smoothing], floor)
+    if not setting.adaptive:
+        return np.full(stream.raw.size, static)
     levels = stream.levels[setting.smoothing, setting.prune]
     done = count // REFRESH
     level = np.where(done > 0, levels[np.maximum(done - 1, 0)] if levels.size else np.nan, np.nan)
-    floor = setting.min_scaled_error**2 * stream.unit if setting.min_scaled_error else 0.0
-    static = max(stream.static, floor)
     threshold = np.where(np.isnan(level), static, np.fmax(level, floor))
+    if setting.ceiling is not None:
+        threshold = np.fmin(threshold, setting.ceiling * static)
     factor = setting.warm_up_floor
     warming = np.inf if factor is None else np.fmax(threshold, factor * static)
     return np.where(count < setting.warm_up, warming, threshold)
@@ -225,16 +272,26 @@ def _counts(stream: Stream, setting: Setting) -> np.ndarray:
 
 
 def _check(streams: list[Stream], path: Path, setting: Setting) -> None:
-    """Stop unless the replay here gives the engine's thresholds of the dumped run."""
+    """Stop unless the replay here gives the engine's thresholds of the dumped run, and its
+    calibration the trainer's static thresholds (to `STATIC_TOLERANCE`: the trainer
+    calibrates on torch's scores, the replay on onnxruntime's)."""
     dump = np.load(path)
+    gaps = []
     for stream in streams:
         if stream.data_set != "SMAP":
             continue
-        got = _thresholds(stream, setting)
+        gaps.append(abs(stream.statics[setting.smoothing] / stream.static - 1))
+        dumped = replace(stream, statics={setting.smoothing: stream.static})
+        got = _thresholds(dumped, setting)
         want = dump[f"{stream.seed}/{stream.key}/test_thresholds"]
         if not np.allclose(got, want, rtol=1e-9, equal_nan=True):
             raise SystemExit(f"{stream.key}: the replay's thresholds are not the engine's")
-    console.print("replay checked: the engine's thresholds, to the event")
+    if max(gaps) > STATIC_TOLERANCE:
+        raise SystemExit(f"the replay's calibration is {max(gaps):.2%} off the trainer's")
+    console.print(
+        "replay checked: the engine's thresholds, to the event; the trainer's static "
+        f"thresholds, within {max(gaps):.2g}"
+    )
 
 
 class Table:
@@ -337,13 +394,33 @@ def _leave_one_out(table_: Table) -> dict:
     return document
 
 
+def _without(streams: list[Stream], recipe: Setting) -> dict:
+    """The recipe against itself with each setting switched off, on all keys: a setting earns
+    its place on the data sets where switching it off loses F1."""
+    variants = [recipe, *(replace(recipe, **changes) for changes in WITHOUT.values())]
+    _prepare_levels(streams, variants)
+    replayed = Table(streams, variants)
+    f1s = replayed.f1s()
+    document, rows = {}, [["the recipe", *f1s[0].tolist(), ""]]
+    for name, row in zip(WITHOUT, f1s[1:], strict=True):
+        pairs = zip(replayed.data_sets, row, f1s[0], strict=True)
+        loses = [data_set for data_set, f1, base in pairs if f1 < base]
+        document[name] = {"f1": dict(zip(replayed.data_sets, row.tolist(), strict=True))}
+        document[name]["loses_on"] = loses
+        rows.append([f"without {name}", *row.tolist(), str(len(loses))])
+    columns = ["", *replayed.data_sets, "data sets it loses"]
+    console.print(table("The recipe without each setting: sequence F1, all keys", columns, rows))
+    return document
+
+
 def _parse_setting(values: list[str]) -> Setting:
-    alpha, prune, warm_up, factor, confirm, bound = values
+    alpha, prune, warm_up, factor, ceiling, confirm, bound = values
     return Setting(
         float(alpha),
         float(prune),
         int(warm_up),
         None if factor == "none" else float(factor),
+        None if ceiling == "none" else float(ceiling),
         int(confirm),
         float(bound),
     )

@@ -14,6 +14,7 @@ from model_factory import event, load_random, make_manifest
 from detector.contract.manifest import AdaptiveThreshold
 from detector.engine.core import Engine, EngineOptions, Status
 from detector.engine.records import InputRecord
+from trainer.calibrate import calibrate, smooth_per_key
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 import select_recipe
@@ -23,16 +24,26 @@ T0 = 1_700_000_000.0
 
 
 @pytest.mark.parametrize(
-    ("warm_up", "warm_up_floor"), [(0, None), (6, None), (10, None), (10, 3.0)]
+    ("warm_up", "warm_up_floor", "ceiling", "adaptive"),
+    [
+        (0, None, None, True),
+        (6, None, None, True),
+        (10, None, None, True),
+        (10, 3.0, None, True),
+        (6, None, 1.5, True),
+        (0, None, None, False),
+    ],
 )
 def test_the_replayed_thresholds_are_the_engines(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     warm_up: int,
     warm_up_floor: float | None,
+    ceiling: float | None,
+    adaptive: bool,
 ) -> None:
-    alpha, prune, floor = 0.3, 0.1, 0.02
-    manifest = make_manifest("forecast", "stateful", window=4, threshold=0.05)
+    alpha, prune, floor, static = 0.3, 0.1, 0.02, 0.05
+    manifest = make_manifest("forecast", "stateful", window=4, threshold=static)
     scoring = manifest.scoring.model_copy(
         update={
             "smoothing": alpha,
@@ -43,8 +54,11 @@ def test_the_replayed_thresholds_are_the_engines(
                 prune=prune,
                 warm_up=warm_up,
                 warm_up_floor=warm_up_floor,
+                ceiling=ceiling,
                 floor="none",
-            ),
+            )
+            if adaptive
+            else None,
         }
     )
     scorer = load_random(tmp_path / "m.onnx", manifest.model_copy(update={"scoring": scoring}), 3)
@@ -59,24 +73,38 @@ def test_the_replayed_thresholds_are_the_engines(
 
     monkeypatch.setattr(select_recipe, "HISTORY", HISTORY)
     monkeypatch.setattr(select_recipe, "REFRESH", REFRESH)
-    monkeypatch.setattr(
-        select_recipe,
-        "GRID",
-        {**select_recipe.GRID, "smoothing": (alpha,), "prune": (prune,)},
-    )
     raw = select_recipe._unsmoothed(result.scores[scored], alpha)
     stream = select_recipe.Stream(
-        "SMAP", "k", "0", raw, np.zeros(raw.size, bool), 0.05, floor / 0.1**2
+        "SMAP", "k", "0", raw, np.zeros(raw.size, bool), static, floor / 0.1**2, raw[:20]
     )
-    select_recipe._prepare_levels([stream])
-    setting = select_recipe.Setting(alpha, prune, warm_up, warm_up_floor, 1, 0.1)
+    setting = select_recipe.Setting(alpha, prune, warm_up, warm_up_floor, ceiling, 1, 0.1, adaptive)
+    select_recipe._prepare_levels([stream], [setting])
+    stream.statics[alpha] = static  # the model's, not one calibrated on these scores
 
     np.testing.assert_allclose(stream.smoothed[alpha], result.scores[scored], rtol=1e-12)
     np.testing.assert_allclose(
         select_recipe._thresholds(stream, setting), result.thresholds[scored], rtol=1e-9
     )
+    if ceiling is not None:  # it binds
+        settled = result.thresholds[scored][warm_up:]
+        assert (settled <= ceiling * static).all() and (settled == ceiling * static).sum() > 3
     warming = result.thresholds[scored][: max(warm_up - 1, 0)]
     if warm_up_floor is None:
         assert np.isinf(warming).all()
     else:
-        assert (warming >= warm_up_floor * 0.05).all() and np.isfinite(warming).all()
+        assert (warming >= warm_up_floor * static).all() and np.isfinite(warming).all()
+
+
+def test_the_replay_calibrates_each_smoothing_as_the_trainer_does() -> None:
+    rng = np.random.default_rng(1)
+    validation = np.abs(rng.normal(1.0, 0.3, 500)) + 4.0 * (rng.random(500) < 0.01)
+    stream = select_recipe.Stream(
+        "SMAP", "k", "0", validation[:100], np.zeros(100, bool), 1.0, 1.0, validation
+    )
+    settings = [select_recipe.Setting(alpha, 0.13, 0, None, None, 1, 0.1) for alpha in (1.0, 0.1)]
+    select_recipe._prepare_levels([stream], settings)
+    keys = np.zeros(validation.size, int)
+    for alpha in (1.0, 0.1):
+        trainer = calibrate(smooth_per_key(validation, keys, alpha), None, "dynamic", 0.13)[0]
+        assert stream.statics[alpha] == pytest.approx(trainer, rel=1e-12)
+    assert stream.statics[1.0] > 1.5 * stream.statics[0.1]  # raw scores reach higher
