@@ -201,8 +201,6 @@ def _adaptive_lines(manifest: Manifest) -> list[str]:
     floor = (
         "never below the calibrated one" if adaptive.floor == "calibrated" else "without a floor"
     )
-    if adaptive.ceiling is not None:
-        floor += f" and never above {adaptive.ceiling:g} times the calibrated one"
     warming = (
         f"a key may alert once {adaptive.warm_up} of its events are scored"
         if adaptive.warm_up_floor is None

@@ -38,7 +38,7 @@ def overview(manifest: Manifest, providers: list[str]) -> Table:
         if scoring.adaptive is None
         else f"per key, every {scoring.adaptive.refresh} events from the last "
         f"{scoring.adaptive.history} (prune {scoring.adaptive.prune:g}, floor "
-        f"{scoring.adaptive.floor}{_ceiling(scoring.adaptive)}, warm-up {scoring.adaptive.warm_up}"
+        f"{scoring.adaptive.floor}, warm-up {scoring.adaptive.warm_up}"
         f"{_warm_up_floor(scoring.adaptive)})",
         "per-key statistics": f"{len(manifest.per_key_statistics or {})} keys",
         "per-key thresholds": _per_key_thresholds(manifest),
@@ -55,12 +55,6 @@ def overview(manifest: Manifest, providers: list[str]) -> Table:
     for name, value in rows.items():
         table.add_row(name, value)
     return table
-
-
-def _ceiling(adaptive: AdaptiveThreshold) -> str:
-    if adaptive.ceiling is None:
-        return ""
-    return f", at most {adaptive.ceiling:g} x the threshold above"
 
 
 def _warm_up_floor(adaptive: AdaptiveThreshold) -> str:

@@ -119,8 +119,7 @@ class AdaptiveThreshold(_Strict):
     Every `refresh` scored events of a key, the dynamic threshold (`detector.engine.thresholds`)
     of its last `history` smoothed scores becomes its threshold, by default never below the
     static one (the key's calibrated threshold, or `Scoring.threshold`: the floor that keeps
-    quiet keys from alerting on tiny errors) and, with a `ceiling`, never above that multiple
-    of it; while a key has fewer than `warm_up` scored
+    quiet keys from alerting on tiny errors); while a key has fewer than `warm_up` scored
     events, its threshold is also at least `warm_up_floor` times the static one (or it does
     not alert at all).
     It follows keys whose live errors differ from the training data's (new operating modes,
@@ -133,11 +132,6 @@ class AdaptiveThreshold(_Strict):
     refresh: int = Field(default=70, ge=1, le=100_000)
     #: Pruning margin: a peak must exceed the largest score below the threshold by this share.
     prune: float = Field(default=0.13, ge=0, lt=10)
-    #: A key's threshold is at most this multiple of its static threshold (what training
-    #: learned of the key, or of the fleet): a history inflated by a long fault, or by frequent
-    #: ones, cannot lift the threshold above errors that training found this far beyond
-    #: normal. None: no bound.
-    ceiling: float | None = Field(default=None, ge=1, lt=1e6)
     #: calibrated: the static threshold (the key's own calibrated one where the manifest has
     #: it, else `Scoring.threshold`) bounds every key's threshold from below; none: a key's
     #: threshold is its own alone once chosen (a model shared by unlike keys whose pooled
@@ -154,11 +148,9 @@ class AdaptiveThreshold(_Strict):
     warm_up_floor: float | None = Field(default=None, ge=1, lt=1000)
 
     @model_validator(mode="after")
-    def _coherent(self) -> AdaptiveThreshold:
+    def _refresh_within_history(self) -> AdaptiveThreshold:
         if self.refresh > self.history:
             raise ValueError("refresh must not exceed history (scores between re-choices)")
-        if self.ceiling is not None and (self.warm_up_floor or 1.0) > self.ceiling:
-            raise ValueError("warm_up_floor must not exceed ceiling")
         return self
 
 

@@ -619,10 +619,10 @@ class _Batch:
     def _thresholds(self, slots: np.ndarray, scores: np.ndarray) -> np.ndarray:
         """Each slot's threshold for its new smoothed score: the static one (its key's own
         calibrated one, or the model's), or with adaptive thresholds the key's latest
-        re-chosen one (at least the static one unless the floor is "none", at most `ceiling`
-        times it; the static one before the first choice; while the key warms up, at least
-        `warm_up_floor` times the static one, or infinite); never below `Engine.min_score`,
-        which the static ones already respect."""
+        re-chosen one (at least the static one unless the floor is "none"; the static one
+        before the first choice; while the key warms up, at least `warm_up_floor` times the
+        static one, or infinite); never below `Engine.min_score`, which the static ones
+        already respect."""
         arena = self.arena
         static = self.engine.static_thresholds[arena.stats_row[slots]]
         adaptive = self.manifest.scoring.adaptive
@@ -636,8 +636,6 @@ class _Batch:
         level = arena.level[slots]
         bound = static if adaptive.floor == "calibrated" else self.engine.min_score
         threshold = np.where(np.isnan(level), static, np.fmax(level, bound))
-        if adaptive.ceiling is not None:
-            threshold = np.fmin(threshold, adaptive.ceiling * static)
         if adaptive.warm_up_floor is None:
             warming = np.inf
         else:

@@ -29,7 +29,6 @@ def adaptive_manifest(
     refresh: int = REFRESH,
     floor: str = "calibrated",
     warm_up_floor: float | None = None,
-    ceiling: float | None = None,
     **changes,
 ) -> Manifest:
     manifest = make_manifest("forecast", "stateful", window=4, **changes)
@@ -39,7 +38,6 @@ def adaptive_manifest(
         prune=0.1,
         warm_up=WARM_UP,
         warm_up_floor=warm_up_floor,
-        ceiling=ceiling,
         floor=floor,
     )
     scoring = manifest.scoring.model_copy(update={"adaptive": adaptive})
@@ -92,12 +90,11 @@ def expected_thresholds(
     static: float,
     floor: bool = True,
     warm_up_floor: float | None = None,
-    ceiling: float = np.inf,
 ) -> np.ndarray:
     """Per key: every REFRESH-th scored event, the dynamic threshold of its last HISTORY
     scores (as float32, as the arena keeps them) becomes the key's, floored by `static` if
-    `floor` (`static` before the first one) and at most `ceiling` × `static`; before the
-    key's WARM_UP-th event at least `warm_up_floor` × `static`, or infinite."""
+    `floor` (`static` before the first one); before the key's WARM_UP-th event at least
+    `warm_up_floor` × `static`, or infinite."""
     thresholds = np.full(scores.size, np.nan)
     for key in np.unique(keys.astype(str)):
         events = np.flatnonzero((keys == key) & (statuses == Status.SCORED))
@@ -107,7 +104,6 @@ def expected_thresholds(
                 recent = scores[events[max(0, n - HISTORY) : n]].astype(np.float32)[None]
                 level = choose_levels(recent, np.ones(recent.shape, bool), prune=0.1)[0][0]
             chosen = static if np.isnan(level) else max(level, static) if floor else level
-            chosen = min(chosen, ceiling * static)
             if n >= WARM_UP:
                 thresholds[event_index] = chosen
             elif warm_up_floor is None:
@@ -223,25 +219,6 @@ def test_a_warming_key_alerts_above_a_multiple_of_its_static_threshold(
     second = engine.process([InputRecord(orjson.dumps(event("new", T0 + 60, 1e5, items=0)))])
     assert second.scores[0] >= second.thresholds[0] == pytest.approx(3.0 * static)
     assert [a.key for a in second.alerts] == ["new"] and not first.alerts
-
-
-def test_a_keys_threshold_is_at_most_its_ceiling_times_the_static_one(
-    fixed: Scorer, folder: Path
-) -> None:
-    """A history inflated by jumps cannot lift a key's threshold above `ceiling` × static."""
-    records = noisy_stream()
-    keys, scores, _, statuses = run(fixed, records, len(records))
-    static = float(np.median(scores[statuses == Status.SCORED]))
-    manifest = adaptive_manifest(ceiling=1.5, threshold=static)
-    bounded = load_random(folder / "ceiling.onnx", manifest, seed=3)
-    want = expected_thresholds(keys, scores, statuses, static, ceiling=1.5)
-    usual = expected_thresholds(keys, scores, statuses, static)
-    settled = (statuses == Status.SCORED) & np.isfinite(usual)  # a warming key stays silent
-    assert (want[settled] <= 1.5 * static).all()
-    assert (want[settled] < usual[settled]).sum() > 10  # it binds
-    np.testing.assert_allclose(run(bounded, records, 5)[2], want, rtol=1e-6)
-    with pytest.raises(ValidationError, match="warm_up_floor must not exceed ceiling"):
-        AdaptiveThreshold(ceiling=2.0, warm_up_floor=3.0)
 
 
 def test_no_threshold_is_below_the_models_min_score(fixed: Scorer, folder: Path) -> None:

@@ -183,33 +183,25 @@ def test_forecaster_scores_injected_spikes_far_above_normal_points(tmp_path) -> 
 def test_an_adaptive_threshold_goes_from_the_config_through_the_manifest_to_the_engine(
     tmp_path, capsys
 ) -> None:
-    adaptive = (
-        "\n[threshold.advanced.adaptive]\nhistory = 40\nrefresh = 8\nwarm_up = 20\nceiling = 4.0\n"
-    )
+    adaptive = "\n[threshold.advanced.adaptive]\nhistory = 40\nrefresh = 8\nwarm_up = 20\n"
     config, data = write(tmp_path, FORECAST + adaptive, sensor_rows())
     result = train(config, [data], tmp_path / "sensors.onnx", epochs=2, progress=False)
 
     manifest, _ = load_model_file(result.model_path)
-    assert manifest.scoring.adaptive == AdaptiveThreshold(
-        history=40, refresh=8, warm_up=20, ceiling=4.0
-    )
+    assert manifest.scoring.adaptive == AdaptiveThreshold(history=40, refresh=8, warm_up=20)
     capsys.readouterr()
     assert trainer_main(["inspect", str(result.model_path)]) == 0
     shown = " ".join(capsys.readouterr().out.replace("│", " ").split())  # cells wrap
-    assert (
-        "every 8 events from the last 40 (prune 0.13, floor calibrated, at most 4 x the "
-        "threshold above, warm-up 20" in shown
-    )
+    assert "every 8 events from the last 40 (prune 0.13, floor calibrated, warm-up 20" in shown
     write_training_report(result, tmp_path / "report")
     card = (tmp_path / "report" / "MODEL_CARD.md").read_text()
-    assert "never below the calibrated one and never above 4 times the calibrated one" in card
+    assert "pruning margin 0.13), never below the calibrated one" in card
     assert "a key may alert once 20 of its events are scored" in card
     evaluation = evaluate(result.model_path, data)
     replay, static = evaluation.replay, manifest.scoring.threshold
     scored = replay.statuses == Status.SCORED
     finite = scored & np.isfinite(replay.thresholds)
-    assert (replay.thresholds[finite] >= static).all()
-    assert (replay.thresholds[finite] <= 4.0 * static).all()
+    assert (replay.thresholds[scored] >= static).all()
     assert (replay.thresholds[finite] > static).any()
     assert finite.sum() == scored.sum() - 12 * 19  # 12 sensors warm up for 19 scored events
     flagged = replay.scores[scored] >= replay.thresholds[scored]
