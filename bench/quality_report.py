@@ -151,6 +151,11 @@ def rate(value: float) -> str:
     return "—" if value is None or not math.isfinite(value) else f"{value:.3f}"
 
 
+#: A key in an alert episode for more than this share of its normal events is mostly in
+#: alert: whatever its episodes overlap is not detected but covered.
+MOSTLY_IN_ALERT = 0.5
+
+
 def table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> Table:
     """A rich table; floats print with three decimals."""
     result = Table(title=title, title_justify="left")

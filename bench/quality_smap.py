@@ -49,6 +49,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from quality_report import (
+    MOSTLY_IN_ALERT,
     REPO,
     cached,
     common_arguments,
@@ -451,7 +452,7 @@ def _summary(outcomes: list[Outcome]) -> dict:
         "total": {
             **sequence_rates(ranges, summed(Counts, (r.points for r in results))),
             #: A channel in alert for most of its normal events "catches" every label.
-            "channels_mostly_in_alert": sum(r.normal_in_episode > 0.5 for r in results),
+            "channels_mostly_in_alert": sum(r.normal_in_episode > MOSTLY_IN_ALERT for r in results),
             "separable_sequences": separable,
             #: The F1 of catching every separable sequence and raising no false alert: what
             #: thresholding alone can reach with these models' scores.

@@ -35,6 +35,7 @@ import pyarrow.compute as pc
 import pyarrow.csv
 import pyarrow.parquet as pq
 from quality_report import (
+    MOSTLY_IN_ALERT,
     REPO,
     cached,
     common_arguments,
@@ -291,7 +292,9 @@ def _summary(results: list[SeriesResult], series: list[Series]) -> dict:
         },
         #: A series in alert for most of its normal events "catches" every label: its
         #: sequence figures say nothing of the detector.
-        "series_mostly_in_alert": sorted(r.name for r in results if r.normal_in_episode > 0.5),
+        "series_mostly_in_alert": sorted(
+            r.name for r in results if r.normal_in_episode > MOSTLY_IN_ALERT
+        ),
     }
 
 
