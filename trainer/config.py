@@ -234,6 +234,7 @@ class ThresholdConfig(_Section):
     #: stays for keys seen later): one model shared by unlike keys then holds each to its own
     #: normal error level. Needs `model.per_key_normalisation` and an unsupervised method.
     per_key: bool = False
+    #: `[threshold.advanced]`: the forecast recipe's alerting unless the configuration has it.
     advanced: AlertingConfig = AlertingConfig()
 
     @model_validator(mode="before")
