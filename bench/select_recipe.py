@@ -47,7 +47,7 @@ from protocol import EARLY, NEW
 from quality_report import MOSTLY_IN_ALERT, console, table, write_json
 
 from detector.engine.thresholds import choose_levels
-from trainer.calibrate import dynamic_threshold
+from trainer.calibrate import dynamic_threshold, smooth_per_key
 from trainer.data import VALIDATION
 from trainer.metrics import episode_flags, range_counts
 
@@ -221,7 +221,7 @@ def _prepare_levels(streams: list[Stream], settings: list[Setting]) -> None:
     for stream in streams:
         for alpha in {setting.smoothing for setting in settings} - stream.smoothed.keys():
             stream.smoothed[alpha] = _smoothed(stream.raw, alpha)
-            stream.statics[alpha] = dynamic_threshold(_smoothed(stream.validation, alpha), None)[0]
+            stream.statics[alpha] = _calibrated(stream.validation, alpha)
     longest = max(stream.raw.size for stream in streams)
     pairs = {(s.smoothing, s.prune) for s in settings if s.adaptive} - streams[0].levels.keys()
     for alpha, prune in sorted(pairs):
@@ -235,6 +235,13 @@ def _prepare_levels(streams: list[Stream], settings: list[Setting]) -> None:
                 per_stream[row].append(level)
         for stream, levels in zip(streams, per_stream, strict=True):
             stream.levels[alpha, prune] = np.asarray(levels)
+
+
+def _calibrated(validation: np.ndarray, alpha: float) -> float:
+    """The static threshold the trainer calibrates on these validation scores with `alpha`,
+    through its own smoothing and method."""
+    one_key = np.zeros(validation.size, np.int64)
+    return dynamic_threshold(smooth_per_key(validation, one_key, alpha), None)[0]
 
 
 def _recent(scores: np.ndarray, count: int) -> np.ndarray:
