@@ -9,7 +9,7 @@ fresh consumer group per measurement, through three stages of the same path:
 - `library`: the client library's own consume loop, the records left untouched;
 - `records`: the daemon's `GroupConsumer.poll`, which turns each poll into engine records
   (runs of `PolledRecord`s, one per message: payload, key, partition, offset);
-- `decoded`: and the engine's bulk decoder on each poll (`decode_plain`: JSON to the raw
+- `decoded`: and the engine's bulk decoder on each poll (`BulkDecoder`: JSON to the raw
   feature matrix, keys to ids), as `Engine.process` starts.
 
 CPU time is the process's, so librdkafka's own threads count; the collector is settled as
@@ -35,7 +35,7 @@ from seeded_models import bench_manifest
 from throughput import make_events
 
 from detector.config import Settings, load_settings
-from detector.contract.bulk_decode import decode_plain
+from detector.contract.bulk_decode import BulkDecoder
 from detector.contract.features import FeatureCodec
 from detector.engine.records import PolledRecord
 from detector.ops import heap
@@ -110,13 +110,14 @@ def stage_counter(
     if stage == "library":
         return library_counter(client, settings)
     consumer = group_consumer(client, settings)
+    bulk = BulkDecoder(codec)
 
     def count() -> int:
         records: list[PolledRecord] = [
             record for _, run in consumer.poll(POLL_MS, BATCH) for record in run
         ]
         if stage == "decoded" and records:
-            assert decode_plain(codec, records, MAX_BYTES) is not None
+            assert bulk.decode(records, MAX_BYTES) is not None
         return len(records)
 
     return count, lambda: consumer.close(5_000)

@@ -26,7 +26,7 @@ from typing import Any, Literal, get_args
 import numpy as np
 import structlog
 
-from detector.contract.bulk_decode import decode_plain
+from detector.contract.bulk_decode import BulkDecoder
 from detector.contract.features import RecordError, parse_json_record
 from detector.contract.manifest import Manifest
 from detector.engine.alerts import (
@@ -191,6 +191,7 @@ class Engine:
     def __init__(self, model: Scorer, options: EngineOptions | None = None) -> None:
         self.options = options or EngineOptions()
         self.model = model
+        self.bulk = BulkDecoder(model.codec)
         self.arena = self._arena_for(model.manifest)
         self.static_thresholds = self._static_thresholds()
         self.late_warning = RateLimitedWarning(
@@ -226,6 +227,7 @@ class Engine:
         """
         reason = incompatibility(self.manifest, model.manifest)
         self.model = model
+        self.bulk = BulkDecoder(model.codec)
         if reason is not None:
             self.arena = self._arena_for(model.manifest)
         self.static_thresholds = self._static_thresholds()
@@ -309,7 +311,7 @@ class Engine:
 
     def _decode(self, records: Sequence[InputRecord]) -> tuple[_Decoded, list[DeadLetter]]:
         limit = self.options.max_record_bytes
-        plain = decode_plain(self.model.codec, records, limit)
+        plain = self.bulk.decode(records, limit)
         if plain is not None:
             index = np.arange(len(records), dtype=np.intp)
             return _Decoded(index, plain.key_ids, plain.keys, plain.times, plain.raw), []

@@ -11,10 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from model_factory import KEY, TIME, load_random, make_manifest
 
-from detector.contract.bulk_decode import decode_plain
+from detector.contract import bulk_decode
+from detector.contract.bulk_decode import BulkDecoder
 from detector.contract.features import FeatureCodec, RecordError, parse_json_record
-from detector.contract.manifest import NumericFeature, TimeDeltaFeature
-from detector.engine import core as engine_module
+from detector.contract.manifest import Columns, NumericFeature, TimeDeltaFeature
 from detector.engine.core import Engine, EngineOptions
 from detector.engine.records import InputRecord
 
@@ -73,7 +73,7 @@ def test_a_plain_batch_decodes_as_the_codec_does(time_unit: str, kafka_keys: boo
         for document in documents:
             document[TIME] = int(document[TIME] * 1000)
     records = records_of(documents, kafka_keys)
-    plain = decode_plain(codec, records, LIMIT)
+    plain = BulkDecoder(codec).decode(records, LIMIT)
     assert plain is not None
     keys, key_ids, times, raw = one_by_one(codec, records)
     assert plain.keys == keys
@@ -106,7 +106,7 @@ ODD_VALUES = st.one_of(
 def test_any_batch_is_decoded_as_the_codec_does_or_declined(documents: list[dict]) -> None:
     codec = FeatureCodec(numeric_manifest())
     records = [InputRecord(orjson.dumps(d, option=orjson.OPT_NON_STR_KEYS)) for d in documents]
-    plain = decode_plain(codec, records, LIMIT)
+    plain = BulkDecoder(codec).decode(records, LIMIT)
     try:
         expected = one_by_one(codec, records)
     except RecordError:
@@ -128,13 +128,89 @@ def test_declines_what_only_the_codec_can_decode() -> None:
         {KEY: 12},
         {"amount": True},
     ):
-        assert decode_plain(codec, records_of([good, good | odd]), LIMIT) is None
-    assert decode_plain(codec, [InputRecord(b"{not json")], LIMIT) is None
-    assert decode_plain(codec, [InputRecord(good | {"amount": 10**400})], LIMIT) is None
-    assert decode_plain(codec, records_of([good]), 10) is None  # over max_record_bytes
+        assert BulkDecoder(codec).decode(records_of([good, good | odd]), LIMIT) is None
+    assert BulkDecoder(codec).decode([InputRecord(b"{not json")], LIMIT) is None
+    assert BulkDecoder(codec).decode([InputRecord(good | {"amount": 10**400})], LIMIT) is None
+    assert BulkDecoder(codec).decode(records_of([good]), 10) is None  # over max_record_bytes
     categorical = FeatureCodec(make_manifest())
     for odd in ({"merchant": None}, {"merchant": True}, {"merchant": 1.5}, {"merchant": ["x"]}):
-        assert decode_plain(categorical, records_of([good | odd]), LIMIT) is None
+        assert BulkDecoder(categorical).decode(records_of([good | odd]), LIMIT) is None
+
+
+def labelled_codec() -> FeatureCodec:
+    """The categorical manifest, whose records also carry a label column."""
+    return FeatureCodec(make_manifest(columns=Columns(key=KEY, time=TIME, label="fraud")))
+
+
+@pytest.mark.parametrize("kafka_keys", [False, True])
+@pytest.mark.parametrize("fraud", [{}, {"fraud": True}, {"fraud": 1}, {"fraud": None}])
+def test_payloads_of_just_the_models_columns_are_read_as_typed_rows_without_orjson(
+    monkeypatch: pytest.MonkeyPatch, kafka_keys: bool, fraud: dict
+) -> None:
+    codec = labelled_codec()
+    documents = [
+        {KEY: f"a{i % 3}", TIME: 1_700_000_000 + i, "amount": 1.5 * i, "items": i, "merchant": m}
+        | fraud
+        for i, m in enumerate(["fuel", "casino", "never-seen", 2, -7])
+    ]
+    records = records_of(documents, kafka_keys)
+    expected = one_by_one(codec, records)
+    monkeypatch.setattr(bulk_decode.orjson, "loads", None)  # the documents' way is not taken
+
+    plain = BulkDecoder(codec).decode(records, LIMIT)
+
+    assert plain is not None
+    assert (plain.keys, plain.key_ids.tolist()) == (expected[0], expected[1])
+    np.testing.assert_array_equal(plain.times, expected[2])
+    np.testing.assert_array_equal(plain.raw, expected[3])
+
+
+def test_payloads_with_more_fields_are_read_as_documents_to_the_same_values() -> None:
+    codec = labelled_codec()
+    good = {KEY: "a", TIME: 1_700_000_000, "amount": 1.5, "items": 2, "merchant": "fuel"}
+    records = records_of([good, good | {TIME: 1_700_000_001, "note": "more than the model"}])
+    plain = BulkDecoder(codec).decode(records, LIMIT)
+    assert plain is not None
+    np.testing.assert_array_equal(plain.raw, one_by_one(codec, records)[3])
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b'{"account":"\xff","ts":1700000000,"amount":1,"items":2,"merchant":"fuel"}',
+        b'{"account":"a\xc0\xaf","ts":1700000000,"amount":1,"items":2,"merchant":"fuel"}',
+        b'{"account":"\\ud800","ts":1700000000,"amount":1,"items":2,"merchant":"fuel"}',
+        b'{"account":"a","ts":1700000000,"amount":1,"items":2,"merchant":"fuel","fraud":1e400}',
+        b'{"account":"a","ts":1700000000,"amount":1,"items":2,"merchant":"fuel","x":1e400}',
+        b'{"account":"a","ts":1700000000,"amount":1,"items":2,"merchant":"fuel","x":"\xff"}',
+        b'{"account":"a","ts":1700000000,"amount":1,"items":2,"merchant":1e30}',
+        b'{"account":"a","ts":1700000000,"amount":1,"items":2,"merchant":"fuel"} {}',
+        b'{"account":"a","ts":1700000000,"amount":1,"items":2,"merchant":"fuel","x":'
+        + b"[" * 5000
+        + b"]" * 5000
+        + b"}",
+    ],
+    ids=[
+        "invalid UTF-8",
+        "overlong UTF-8",
+        "lone surrogate",
+        "label out of range",
+        "other field out of range",
+        "other field invalid UTF-8",
+        "categorical number",
+        "two documents",
+        "nested too deep",
+    ],
+)
+def test_a_payload_the_codec_refuses_is_declined_whichever_way_it_is_read(
+    payload: bytes,
+) -> None:
+    codec = labelled_codec()
+    good = {KEY: "a", TIME: 1_700_000_000, "amount": 1.5, "items": 2, "merchant": "fuel"}
+    records = [InputRecord(orjson.dumps(good)), InputRecord(payload)]
+    with pytest.raises(RecordError):
+        one_by_one(codec, records)
+    assert BulkDecoder(codec).decode(records, LIMIT) is None
 
 
 LABELS = st.one_of(
@@ -155,7 +231,7 @@ def test_categorical_labels_are_coded_as_the_codec_codes_them_or_declined(labels
         for i, label in enumerate(labels)
     ]
     records = records_of(documents)
-    plain = decode_plain(codec, records, LIMIT)
+    plain = BulkDecoder(codec).decode(records, LIMIT)
     try:
         expected = one_by_one(codec, records)
     except RecordError:
@@ -199,8 +275,8 @@ def test_the_engine_scores_the_same_with_and_without_bulk_decoding(
         result = engine.process(records)
         return [result.keys.tolist(), result.times.tolist(), result.scores.tolist()]
 
-    assert decode_plain(scorer.codec, records, LIMIT) is not None  # the fast path is taken
+    assert BulkDecoder(scorer.codec).decode(records, LIMIT) is not None  # the fast path is taken
     fast = scored()
-    monkeypatch.setattr(engine_module, "decode_plain", lambda *_: None)
+    monkeypatch.setattr(BulkDecoder, "decode", lambda *_: None)
     assert scored() == fast
     assert not np.isnan(fast[2]).any()

@@ -9,8 +9,8 @@ import orjson
 import pytest
 from onnx_fixtures import KEY, TIME, reference_scores
 
+from detector.contract.bulk_decode import BulkDecoder
 from detector.contract.features import FeatureCodec
-from detector.engine import core as engine_module
 from detector.engine.core import BatchResult, Engine, EngineOptions, Status
 from detector.engine.records import InputRecord
 from detector.engine.scorer import Scorer
@@ -185,9 +185,9 @@ def test_a_plain_batch_decoded_in_bulk_scores_as_record_by_record(
     scorer = load("forecast", "window")
     records = as_records(stream(120))
     bulk = Engine(scorer).process(records)
-    assert engine_module.decode_plain(scorer.codec, records, 65536) is not None
+    assert BulkDecoder(scorer.codec).decode(records, 65536) is not None
 
-    monkeypatch.setattr(engine_module, "decode_plain", lambda *args: None)
+    monkeypatch.setattr(BulkDecoder, "decode", lambda *args: None)
     one_by_one = Engine(scorer).process(records)
 
     np.testing.assert_array_equal(bulk.statuses, one_by_one.statuses)
