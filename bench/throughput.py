@@ -639,6 +639,7 @@ def machine() -> dict[str, Any]:
         "librdkafka": _librdkafka(),
         "numpy": np.__version__,
         "orjson": version("orjson"),
+        "msgspec": version("msgspec"),
         "platform": platform.platform(),
     }
 
