@@ -112,7 +112,7 @@ class BulkDecoder:
         if kinds <= _TEXTS and self._rows is not None:
             columns = self._typed(self._rows, records, payloads)
         if columns is None:
-            columns = self._documents(records, payloads)
+            columns = self._documents(records, payloads, kinds)
         return None if columns is None else self._checked(columns)
 
     def _typed(
@@ -135,10 +135,13 @@ class BulkDecoder:
         labels = [list(map(label, rows)) for label in self._row_labels]
         return _Columns(keys, flat.reshape(len(rows), -1), labels)
 
-    def _documents(self, records: Sequence[Record], payloads: list[Any]) -> _Columns | None:
-        """Every payload as a JSON object (parsed here unless already a mapping), or None."""
+    def _documents(
+        self, records: Sequence[Record], payloads: list[Any], kinds: set[type]
+    ) -> _Columns | None:
+        """Every payload as a JSON object (parsed here unless already a mapping), or None;
+        `kinds` are the payloads' types."""
         try:
-            objects = _objects(payloads)
+            objects = _objects(payloads, kinds)
             keys = _keys(records, objects, self.codec.columns.key)
             if keys is None:
                 return None
@@ -199,10 +202,9 @@ def _row_decoder(
     return msgspec.json.Decoder(row)
 
 
-def _objects(payloads: list[Any]) -> list[Any]:
+def _objects(payloads: list[Any], kinds: set[type]) -> list[Any]:
     """Each payload as decoded JSON; one that is already a mapping is taken as it is.
     `orjson.JSONDecodeError` when one is not JSON."""
-    kinds = set(map(type, payloads))
     if kinds <= _TEXTS:
         return list(map(orjson.loads, payloads))
     if kinds & _TEXTS:  # some parsed, some not
