@@ -4,13 +4,13 @@
                                  [--spacecraft SMAP|MSL] [--early 1000] [--json OUT]
                                  [--scores OUT.npz]
 
-Each channel's train part trains a forecast model with the trainer (`bench/configs/smap.toml`,
-one model per channel; `smap_shared.toml`, one model for all channels with per-channel
-thresholds); each channel's test part is replayed through the detector's engine, whose alert
-episodes (thresholds as the manifest says, `--cooldown` events to close), each from its
-alert's onset, are the predicted anomalous sequences. A labeled sequence is caught when an
-episode overlaps it; an episode that overlaps no label is one false positive. Point-wise F1
-compares each scored event with its label, without point adjustment. Published (telemanom,
+Each channel's train part trains a forecast model with the trainer (`bench/configs/smap.toml`:
+one model per channel, or one shared by all channels); each channel's test part is replayed
+through the detector's engine, whose alert episodes (thresholds as the manifest says,
+`--cooldown` events to close), each from its alert's onset, are the predicted anomalous
+sequences. A labeled sequence is caught when an episode overlaps it; an episode that
+overlaps no label is one false positive. Point-wise F1 compares each scored event with its
+label, without point adjustment. Published (telemanom,
 SMAP): precision and recall 85.5 %. One run's figure depends on its training seed by a
 few points of F1; `--seeds` trains and replays every model once per seed and reports each
 seed's totals and their mean, the fair estimate.
@@ -82,10 +82,7 @@ from trainer.metrics import (
 )
 from trainer.pipeline import train
 
-CONFIGS = {
-    "per_channel": REPO / "bench" / "configs" / "smap.toml",
-    "shared": REPO / "bench" / "configs" / "smap_shared.toml",
-}
+CONFIG = REPO / "bench" / "configs" / "smap.toml"
 #: Channels of `--quick` (SMAP's): a spread of point and contextual anomalies.
 QUICK = ("P-1", "S-1", "E-1", "E-2", "A-1", "D-1", "T-1", "G-1")
 #: Telemanom's published results per spacecraft, with the labeled sequences they are over.
@@ -143,13 +140,7 @@ def run(argv: list[str] | None = None) -> dict:
         help="start each channel's test stream this many events before its first labeled "
         "sequence (SMAP-early: 1000)",
     )
-    for mode, path in CONFIGS.items():
-        parser.add_argument(
-            f"--{mode.replace('_', '-')}-config",
-            type=Path,
-            default=path,
-            help=f"training configuration of the {mode.replace('_', ' ')} model(s)",
-        )
+    parser.add_argument("--config", type=Path, default=CONFIG, help="training configuration")
     args = parser.parse_args(argv)
 
     folder = _extract(require(args.data / "smap" / "smap.tar.gz", "SMAP archive"), args.work)
@@ -180,7 +171,7 @@ def run(argv: list[str] | None = None) -> dict:
     tasks = [
         Task(
             mode,
-            getattr(args, f"{mode}_config"),
+            args.config,
             group,
             root,
             events,

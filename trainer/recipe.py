@@ -14,7 +14,15 @@ from typing import Any
 
 #: Settings of each section of a forecast configuration, where it does not set them.
 FORECAST_RECIPE: dict[str, dict[str, Any]] = {
-    "model": {"window": 64, "min_history": 16, "hidden": 32, "dropout": 0.1},
+    "model": {
+        "window": 64,
+        "min_history": 16,
+        "hidden": 32,
+        "dropout": 0.1,
+        # Each key in its own units: one model for a fleet of unlike keys judges each on its
+        # own scale (pooled statistics squash a small key's readings to a constant).
+        "per_key_normalisation": True,
+    },
     "training": {
         "epochs": 8,
         "batch_size": 128,

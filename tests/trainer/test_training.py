@@ -91,6 +91,8 @@ target = 0.99
 [threshold.advanced]
 """
 LAST_TARGETS = 'forecast_targets = "last"\n'
+#: The same, scaled by the statistics of all keys at once instead of each key's own.
+POOLED_FORECAST = FORECAST.replace("hidden = 16\n", "hidden = 16\nper_key_normalisation = false\n")
 
 
 def write(folder: Path, config: str, rows: list[dict]) -> tuple[TrainConfig, Path]:
@@ -120,12 +122,16 @@ def card_rows(seed: int = 0, cards: int = 16, per_card: int = 100) -> list[dict]
     return rows
 
 
-def sensor_rows(seed: int = 0, sensors: int = 12, per_sensor: int = 240) -> list[dict]:
-    """A daily cycle of 12 readings with small noise; spikes in the last fifth are faults."""
+def sensor_rows(
+    seed: int = 0, sensors: int = 12, per_sensor: int = 240, units: tuple[float, ...] = (1.0,)
+) -> list[dict]:
+    """A daily cycle of 12 readings with small noise; spikes in the last fifth are faults.
+    Sensor i reports in `units[i % len(units)]` per degree."""
     rng = np.random.default_rng(seed)
     rows = []
     for sensor in range(sensors):
         phase = rng.uniform(0, 2 * np.pi)
+        unit = units[sensor % len(units)]
         for i in range(per_sensor):
             spike = i > 0.8 * per_sensor and rng.random() < 0.05
             value = 20 + 5 * np.sin(2 * np.pi * i / 12 + phase) + rng.normal(0, 0.2)
@@ -133,7 +139,7 @@ def sensor_rows(seed: int = 0, sensors: int = 12, per_sensor: int = 240) -> list
                 {
                     "sensor": f"s{sensor}",
                     "ts": START + 3600 * i,
-                    "temperature": round(float(value + (6 if spike else 0)), 3),
+                    "temperature": round(float(unit * (value + (6 if spike else 0))), 3),
                     "fault": int(spike),
                 }
             )
@@ -250,7 +256,7 @@ def test_per_key_thresholds_go_from_the_config_through_the_manifest_to_the_engin
 
 
 def test_min_error_bounds_every_threshold_by_the_score_of_that_error(tmp_path, capsys) -> None:
-    config, data = write(tmp_path, FORECAST + "min_error = 2.0\n", sensor_rows())
+    config, data = write(tmp_path, POOLED_FORECAST + "min_error = 2.0\n", sensor_rows())
     result = train(config, [data], tmp_path / "sensors.onnx", epochs=2, progress=False)
 
     manifest, _ = load_model_file(result.model_path)
@@ -273,6 +279,23 @@ def test_min_error_bounds_every_threshold_by_the_score_of_that_error(tmp_path, c
     assert f"minimum threshold {manifest.scoring.min_score:.6g}" in " ".join(
         capsys.readouterr().out.replace("│", " ").split()
     )
+
+
+def test_one_forecast_model_judges_each_key_in_its_own_units(tmp_path) -> None:
+    """A fleet whose sensors differ only in their units (1, 100 and 10,000 per degree): the
+    recipe scales each key by its own statistics, so the small-unit sensors' spikes stand out
+    as the others' do. Pooled statistics squash their readings to a near constant, and their
+    spikes vanish into the large-unit sensors' errors."""
+    rows = sensor_rows(units=(1.0, 100.0, 10_000.0))
+    config, data = write(tmp_path, FORECAST, rows)
+    assert config.model.per_key_normalisation  # the recipe's, not the configuration's
+    result = train(config, [data], tmp_path / "fleet.onnx", progress=False)
+
+    test = result.test
+    small = np.isin(test.keys, [f"s{i}" for i in range(0, 12, 3)])
+    assert test.labels[small].sum() >= 3
+    assert roc_auc(test.labels[small], test.scores[small]) > 0.97
+    assert roc_auc(test.labels, test.scores) > 0.97  # one threshold serves every unit
 
 
 def test_every_event_targets_train_another_forecaster_that_catches_the_spikes(tmp_path) -> None:
@@ -304,19 +327,17 @@ def test_every_event_targets_need_a_unidirectional_forecast_model(tmp_path) -> N
 def test_the_benchmark_configurations_are_valid_and_say_what_each_model_learns_from() -> None:
     folder = Path(__file__).resolve().parents[2] / "bench" / "configs"
     configs = {path.stem: load_train_config(path) for path in sorted(folder.glob("*.toml"))}
-    assert sorted(configs) == ["fraud", "smap", "smap_shared", "synthetic"]
+    assert sorted(configs) == ["fraud", "smap", "synthetic"]
     forecast = [name for name, config in configs.items() if config.model.task == "forecast"]
-    assert forecast == ["smap", "smap_shared", "synthetic"]
+    assert forecast == ["smap", "synthetic"]
     # One recipe: the forecast configurations differ in their data's shape only.
     for name in forecast:
         config = configs[name]
         assert config.training == configs["smap"].training
         assert config.threshold == configs["smap"].threshold
-        assert config.model.model_copy(update={"per_key_normalisation": False}) == (
-            configs["smap"].model
-        )
+        assert config.model == configs["smap"].model
     assert configs["smap"].threshold.advanced.adaptive is not None
-    assert configs["smap_shared"].model.per_key_normalisation
+    assert configs["smap"].model.per_key_normalisation
 
 
 def test_only_an_advanced_table_replaces_the_recipes_alerting(tmp_path) -> None:
@@ -341,11 +362,13 @@ def test_min_error_needs_a_forecast_in_units_alike_for_every_key(tmp_path) -> No
         load_train_config(
             write_config(tmp_path, CLASSIFY + "[threshold.advanced]\nmin_error = 0.1\n")
         )
-    per_key_model = FORECAST.replace("hidden = 16\n", "hidden = 16\nper_key_normalisation = true\n")
+    # The recipe scales each key by its own statistics: errors in units alike need unscaled
+    # features, or pooled statistics.
     with pytest.raises(ValueError, match="scaled alike for every key"):
-        load_train_config(write_config(tmp_path, per_key_model + "min_error = 0.1\n"))
-    unscaled = per_key_model.replace('kind = "numeric" }', 'kind = "numeric", scale = "none" }')
+        load_train_config(write_config(tmp_path, FORECAST + "min_error = 0.1\n"))
+    unscaled = FORECAST.replace('kind = "numeric" }', 'kind = "numeric", scale = "none" }')
     assert load_train_config(write_config(tmp_path, unscaled + "min_error = 0.1\n"))
+    assert load_train_config(write_config(tmp_path, POOLED_FORECAST + "min_error = 0.1\n"))
 
 
 def test_per_key_thresholds_are_each_keys_own_calibration() -> None:
@@ -364,10 +387,10 @@ def test_per_key_thresholds_are_each_keys_own_calibration() -> None:
 
 
 def test_per_key_thresholds_need_per_key_normalisation_and_no_labels(tmp_path) -> None:
-    per_key = FORECAST.replace("target = 0.99\n", "target = 0.99\nper_key = true\n")
+    per_key_model = FORECAST.replace("target = 0.99\n", "target = 0.99\nper_key = true\n")
+    pooled = POOLED_FORECAST.replace("target = 0.99\n", "target = 0.99\nper_key = true\n")
     with pytest.raises(ValueError, match="per_key_normalisation"):
-        load_train_config(write_config(tmp_path, per_key))
-    per_key_model = per_key.replace("hidden = 16\n", "hidden = 16\nper_key_normalisation = true\n")
+        load_train_config(write_config(tmp_path, pooled))
     with pytest.raises(ValueError, match="'quantile' or 'dynamic'"):
         load_train_config(
             write_config(
