@@ -210,7 +210,7 @@ def _adaptive_lines(manifest: Manifest) -> list[str]:
     return [
         f"Each key's threshold is re-chosen every {adaptive.refresh} scored events from its "
         f"last {adaptive.history} smoothed scores (dynamic threshold, pruning margin "
-        f"{adaptive.prune:g}), {floor}; {warming}.",
+        f"{adaptive.prune:g}, error buffer {adaptive.buffer}), {floor}; {warming}.",
     ]
 
 

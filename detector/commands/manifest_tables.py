@@ -37,7 +37,8 @@ def overview(manifest: Manifest, providers: list[str]) -> Table:
         "adaptive threshold": "-"
         if scoring.adaptive is None
         else f"per key, every {scoring.adaptive.refresh} events from the last "
-        f"{scoring.adaptive.history} (prune {scoring.adaptive.prune:g}, floor "
+        f"{scoring.adaptive.history} (prune {scoring.adaptive.prune:g}, buffer "
+        f"{scoring.adaptive.buffer}, floor "
         f"{scoring.adaptive.floor}, warm-up {scoring.adaptive.warm_up}"
         f"{_warm_up_floor(scoring.adaptive)})",
         "per-key statistics": f"{len(manifest.per_key_statistics or {})} keys",

@@ -130,8 +130,11 @@ class AdaptiveThreshold(_Strict):
     history: int = Field(default=2100, ge=10, le=100_000)
     #: Scored events of a key between two re-choices.
     refresh: int = Field(default=70, ge=1, le=100_000)
-    #: Pruning margin: a peak must exceed the largest score below the threshold by this share.
+    #: Pruning margin: a peak must exceed the largest normal score by this share.
     prune: float = Field(default=0.13, ge=0, lt=10)
+    #: telemanom's error buffer: the scores within this many positions of one above the
+    #: threshold count with it, in the choice and not as normal scores. 0: only those above.
+    buffer: int = Field(default=0, ge=0, le=100_000)
     #: calibrated: the static threshold (the key's own calibrated one where the manifest has
     #: it, else `Scoring.threshold`) bounds every key's threshold from below; none: a key's
     #: threshold is its own alone once chosen (a model shared by unlike keys whose pooled

@@ -634,7 +634,10 @@ class _Batch:
         refreshed = scored % adaptive.refresh == 0
         if refreshed.any():
             due = slots[refreshed]
-            arena.level[due] = choose_levels(*arena.recent_scores(due), prune=adaptive.prune)[0]
+            recent, valid = arena.recent_scores(due)
+            arena.level[due] = choose_levels(
+                recent, valid, prune=adaptive.prune, buffer=adaptive.buffer
+            )[0]
         level = arena.level[slots]
         bound = static if adaptive.floor == "calibrated" else self.engine.min_score
         threshold = np.where(np.isnan(level), static, np.fmax(level, bound))

@@ -21,14 +21,20 @@ def choose_levels(
     valid: np.ndarray,
     breaks: np.ndarray | None = None,
     prune: float = 0.13,
+    buffer: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Each row's threshold and chosen z, from its `valid` scores [rows, n].
 
     Among ε = mean + z·std for z in `CANDIDATE_Z`, the one whose removal of the scores at or
     above it cuts the mean and the spread the most, per flagged score and per flagged
     sequence (squared): (Δmean/mean + Δstd/std) / (#flagged + #sequences²). Their pruning
-    keeps an anomalous sequence only when its peak exceeds the largest score below ε by the
-    fraction `prune`; as a threshold that is a floor of (1 + prune) · max(scores below ε).
+    keeps an anomalous sequence only when its peak exceeds the largest normal score by the
+    fraction `prune`; as a threshold that is a floor of (1 + prune) · max(normal scores).
+    With their error buffer (`buffer` > 0), the scores within `buffer` positions of a flagged
+    one count as flagged in the denominator and are not normal: a candidate is then not
+    charged per score for flagging a peak's whole shoulder, and the shoulders of one past
+    peak do not set the floor just under it, which would hide every later fault of its size
+    for the whole history. Without it, every score below ε is normal.
     `breaks` marks positions where a new sequence starts regardless (another key's scores).
     A row of equal scores gets a threshold just above them; a row without scores, NaN.
     """
@@ -42,6 +48,7 @@ def choose_levels(
             valid[i : i + _CHUNK_ROWS],
             breaks[i : i + _CHUNK_ROWS],
             prune,
+            buffer,
         )
         for i in range(0, values.shape[0], _CHUNK_ROWS)
     ]
@@ -52,7 +59,7 @@ def choose_levels(
 
 
 def _choose(
-    values: np.ndarray, valid: np.ndarray, breaks: np.ndarray, prune: float
+    values: np.ndarray, valid: np.ndarray, breaks: np.ndarray, prune: float, buffer: int
 ) -> tuple[np.ndarray, np.ndarray]:
     values = np.where(valid, values, 0.0)
     count = valid.sum(axis=1)
@@ -67,25 +74,46 @@ def _choose(
     kept_mean = (total[:, None] - (above * values[:, None, :]).sum(axis=2)) / kept
     kept_squares = squares[:, None] - (above * np.square(values)[:, None, :]).sum(axis=2)
     kept_std = np.sqrt(np.maximum(kept_squares / kept - np.square(kept_mean), 0.0))
-    continues = np.zeros_like(above)
-    continues[:, :, 1:] = above[:, :, :-1] & ~breaks[:, None, 1:]
-    sequences = (above & ~continues).sum(axis=2)
+    # What counts against a candidate: its flagged scores, or with a buffer every score within
+    # it (telemanom's error buffer), and their runs.
+    marked = _near(above, breaks[:, None, :], buffer) & valid[:, None, :] if buffer else above
+    continues = np.zeros_like(marked)
+    continues[:, :, 1:] = marked[:, :, :-1] & ~breaks[:, None, 1:]
+    sequences = (marked & ~continues).sum(axis=2)
     usable = (flagged > 0) & (flagged < count[:, None]) & (mean > 0)[:, None] & (std > 0)[:, None]
     with np.errstate(divide="ignore", invalid="ignore"):
         cut = (mean[:, None] - kept_mean) / mean[:, None] + (std[:, None] - kept_std) / std[:, None]
-        gain = np.where(usable, cut / (flagged + np.square(sequences)), -np.inf)
+        gain = np.where(usable, cut / (marked.sum(axis=2) + np.square(sequences)), -np.inf)
     best = np.where(usable.any(axis=1), gain.argmax(axis=1), CANDIDATE_Z.size - 1)
     chosen = epsilon[np.arange(best.size), best]
-    below = np.where(valid & (values < chosen[:, None]), values, -np.inf).max(
-        axis=1, initial=-np.inf
-    )
+    flagged_now = valid & (values >= chosen[:, None])
+    below = valid & ~flagged_now
+    normal = below & ~_near(flagged_now, breaks, buffer) if buffer else below
+    normal_top = np.where(normal, values, -np.inf).max(axis=1, initial=-np.inf)
     top = np.where(valid, values, -np.inf).max(axis=1, initial=-np.inf)
     levels = np.where(
-        np.isfinite(below),
-        np.maximum(chosen, (1 + prune) * below),
+        below.any(axis=1),
+        np.maximum(chosen, (1 + prune) * normal_top),
         _next_float32(top),  # equal scores: alert only above all of them (`>=`)
     )
     return np.where(count > 0, levels, np.nan), CANDIDATE_Z[best]
+
+
+def _near(flagged: np.ndarray, breaks: np.ndarray, buffer: int) -> np.ndarray:
+    """Positions within `buffer` of a flagged one along the last axis, never across a break
+    (`breaks` broadcasts against `flagged`)."""
+    n = flagged.shape[-1]
+    index = np.broadcast_to(np.arange(n), flagged.shape)
+    breaks = np.broadcast_to(breaks, flagged.shape)
+    start = np.maximum.accumulate(np.where(breaks, index, 0), axis=-1)  # of each run
+    previous = np.maximum.accumulate(np.where(flagged, index, -1), axis=-1)
+    after = (previous >= start) & (index - previous <= buffer)
+    # The same, looking forward: the next flagged position, and the next break after each.
+    next_break = np.minimum.accumulate(np.where(breaks, index, n)[..., ::-1], axis=-1)[..., ::-1]
+    next_break = np.concatenate([next_break[..., 1:], np.full((*flagged.shape[:-1], 1), n)], -1)
+    following = np.minimum.accumulate(np.where(flagged, index, n)[..., ::-1], axis=-1)[..., ::-1]
+    before = (following < next_break) & (following - index <= buffer)
+    return after | before
 
 
 def _next_float32(values: np.ndarray) -> np.ndarray:

@@ -29,6 +29,7 @@ def adaptive_manifest(
     refresh: int = REFRESH,
     floor: str = "calibrated",
     warm_up_floor: float | None = None,
+    buffer: int = 0,
     **changes,
 ) -> Manifest:
     manifest = make_manifest("forecast", "stateful", window=4, **changes)
@@ -36,6 +37,7 @@ def adaptive_manifest(
         history=history,
         refresh=refresh,
         prune=0.1,
+        buffer=buffer,
         warm_up=WARM_UP,
         warm_up_floor=warm_up_floor,
         floor=floor,
@@ -90,8 +92,10 @@ def expected_thresholds(
     static: float,
     floor: bool = True,
     warm_up_floor: float | None = None,
+    buffer: int = 0,
+    history: int = HISTORY,
 ) -> np.ndarray:
-    """Per key: every REFRESH-th scored event, the dynamic threshold of its last HISTORY
+    """Per key: every REFRESH-th scored event, the dynamic threshold of its last `history`
     scores (as float32, as the arena keeps them) becomes the key's, floored by `static` if
     `floor` (`static` before the first one); before the key's WARM_UP-th event at least
     `warm_up_floor` × `static`, or infinite."""
@@ -101,8 +105,9 @@ def expected_thresholds(
         level = np.nan
         for n, event_index in enumerate(events.tolist(), start=1):
             if n % REFRESH == 0:
-                recent = scores[events[max(0, n - HISTORY) : n]].astype(np.float32)[None]
-                level = choose_levels(recent, np.ones(recent.shape, bool), prune=0.1)[0][0]
+                recent = scores[events[max(0, n - history) : n]].astype(np.float32)[None]
+                every = np.ones(recent.shape, bool)
+                level = choose_levels(recent, every, prune=0.1, buffer=buffer)[0][0]
             chosen = static if np.isnan(level) else max(level, static) if floor else level
             if n >= WARM_UP:
                 thresholds[event_index] = chosen
@@ -157,6 +162,46 @@ def test_a_wider_pruning_margin_keeps_fewer_peaks() -> None:
     assert (wide >= narrow).all() and (wide > narrow).sum() > 10
 
 
+def fault_shape(height: float, length: int = 30, alpha: float = 0.1) -> np.ndarray:
+    """A fault's smoothed scores above a quiet key's: an EWMA's rise and decay."""
+    raw = np.zeros(length * 5)
+    raw[:length] = height
+    out, previous = np.empty_like(raw), 0.0
+    for i, value in enumerate(raw):
+        out[i] = previous = alpha * value + (1 - alpha) * previous
+    return out
+
+
+def test_with_an_error_buffer_a_past_faults_shoulders_do_not_hide_the_next_one() -> None:
+    """A key's history holds one past fault (its smoothed scores rise and decay). Without the
+    buffer, the choice flags only that fault's top and the pruning floor sits on its
+    shoulders: a later fault of 60 % of its height stays below the threshold. With
+    telemanom's error buffer, the shoulders count with the fault and the next one alerts."""
+    rng = np.random.default_rng(4)
+    history = np.abs(rng.normal(1.0, 0.15, 2100))
+    history[500:650] += fault_shape(20.0)
+    valid = np.ones((1, history.size), bool)
+    plain = choose_levels(history[None], valid)[0][0]
+    buffered = choose_levels(history[None], valid, buffer=100)[0][0]
+    next_fault = 1.0 + fault_shape(0.6 * 20.0).max()
+    assert plain > next_fault
+    assert history[:500].max() < buffered < next_fault / 1.5
+
+
+def test_an_error_buffer_stops_at_a_break() -> None:
+    """Positions across a key boundary are another key's scores: the buffer stays on its side,
+    so the other key's largest score still sets the pruning floor."""
+    values = np.full(400, 1.0) + np.random.default_rng(3).normal(0, 0.02, 400)
+    values[190:200] = 8.0
+    values[205] = 3.0  # another key's largest score, within the buffer of the first's peak
+    valid = np.ones((1, 400), bool)
+    breaks = np.zeros(400, bool)
+    breaks[201] = True
+    joined = choose_levels(values[None], valid, None, 0.5, 50)[0][0]
+    split = choose_levels(values[None], valid, breaks[None], 0.5, 50)[0][0]
+    assert joined < 1.5 * 3.0 <= split
+
+
 def test_a_break_starts_a_new_sequence() -> None:
     """Two bursts that touch count as one sequence, or two across a key boundary: the
     sequence count in the denominator then prefers a higher threshold."""
@@ -184,6 +229,17 @@ def test_engine_thresholds_equal_the_per_key_reference_however_batches_are_cut(
         np.testing.assert_array_equal(got_statuses, statuses)
         np.testing.assert_allclose(got_scores, scores, rtol=1e-6)
         np.testing.assert_allclose(thresholds, want, rtol=1e-6)
+
+
+def test_the_engine_applies_the_manifests_error_buffer(fixed: Scorer, folder: Path) -> None:
+    records = noisy_stream(per_key=90)
+    keys, scores, _, statuses = run(fixed, records, len(records))
+    manifest = adaptive_manifest(history=40, buffer=3, threshold=0.05)
+    buffered = load_random(folder / "buffered.onnx", manifest, seed=3)
+    want = expected_thresholds(keys, scores, statuses, 0.05, buffer=3, history=40)
+    plain = expected_thresholds(keys, scores, statuses, 0.05, history=40)
+    assert (want != plain).sum() > 10  # the buffer matters on these scores
+    np.testing.assert_allclose(run(buffered, records, 9)[2], want, rtol=1e-6)
 
 
 def test_without_a_floor_a_keys_threshold_is_its_own_alone(fixed: Scorer, folder: Path) -> None:

@@ -198,10 +198,13 @@ def test_an_adaptive_threshold_goes_from_the_config_through_the_manifest_to_the_
     capsys.readouterr()
     assert trainer_main(["inspect", str(result.model_path)]) == 0
     shown = " ".join(capsys.readouterr().out.replace("│", " ").split())  # cells wrap
-    assert "every 8 events from the last 40 (prune 0.13, floor calibrated, warm-up 20" in shown
+    assert (
+        "every 8 events from the last 40 (prune 0.13, buffer 0, floor calibrated, warm-up 20"
+        in shown
+    )
     write_training_report(result, tmp_path / "report")
     card = (tmp_path / "report" / "MODEL_CARD.md").read_text()
-    assert "pruning margin 0.13), never below the calibrated one" in card
+    assert "pruning margin 0.13, error buffer 0), never below the calibrated one" in card
     assert "a key may alert once 20 of its events are scored" in card
     evaluation = evaluate(result.model_path, data)
     replay, static = evaluation.replay, manifest.scoring.threshold
