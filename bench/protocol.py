@@ -1,5 +1,6 @@
-"""Issue 20's evaluation protocol: one recipe across SMAP in full, SMAP-early, SMAP-new and
-the synthetic series, in one table of sequence precision, recall and F1 and their mean.
+"""Issue 20's evaluation protocol: one recipe across SMAP in full, SMAP-early, SMAP-new, the
+synthetic series and the same series as a fleet, in one table of sequence precision, recall
+and F1 and their mean.
 
     python bench/protocol.py [--seeds 0,1,2,3,4] [--jobs 2] [--json OUT] [--plots DIR]
                              [--scores PREFIX.npz] [--channels P-1,S-1] [--series ...]
@@ -7,12 +8,14 @@ the synthetic series, in one table of sequence precision, recall and F1 and thei
 SMAP runs its per-channel models (`bench/configs/smap.toml`), SMAP-early the same models with
 each test stream starting 1,000 events before the channel's first label (`quality_smap
 --early`), SMAP-new with it starting 250 events before (a fault in a new device's first few
-hundred events), and the synthetic set its per-series models (`bench/configs/synthetic.toml`:
-the data's shape only). A data set's row is the mean over `--seeds` when several are given (the
-synthetic set's: the mean of its five kinds), else the one run's; the last row is the mean
-of the data sets, each weighing alike. `--channels`, `--series` and `--epochs` make a small
-trial of the protocol, not its result. `--scores PREFIX.npz` writes each data set's score
-dump (layout: `bench/quality_report.py`'s docstring) next to it, as PREFIX-<data set>.npz.
+hundred events), the synthetic set its per-series models (`bench/configs/synthetic.toml`:
+the data's shape only) and the synthetic fleet one model for all 15 series (`quality_synthetic
+--mode shared`), as a fleet of devices gets. A data set's row is the mean over `--seeds` when
+several are given (the synthetic sets': the mean of their five kinds), else the one run's; the
+last row is the mean of the data sets, each weighing alike. `--channels`, `--series` and
+`--epochs` make a small trial of the protocol, not its result. `--scores PREFIX.npz` writes
+each data set's score dump (layout: `bench/quality_report.py`'s docstring) next to it, as
+PREFIX-<data set>.npz.
 """
 
 from __future__ import annotations
@@ -49,11 +52,14 @@ def main() -> None:
     new = [*smap, "--early", str(NEW)]
     smap_new = quality_smap.run(_named(new, args, "smap_new"))["per_channel"]
     series = quality_synthetic.run(_named(synthetic, args, "synthetic"))
+    fleet_argv = [*synthetic, "--mode", "shared"]
+    fleet = quality_synthetic.run(_named(fleet_argv, args, "synthetic_fleet"))
     rows = {
         "SMAP": _row(smap_full, "total"),
         "SMAP-early": _row(smap_early, "total"),
         "SMAP-new": _row(smap_new, "total"),
         "synthetic": _row(series, "mean"),
+        "synthetic-fleet": _row(fleet, "mean"),
     }
     #: Keys in alert for most of their normal events (first seed): their labels are all
     #: "caught" by one episode, so a data set's figures mean little while any are.
@@ -62,6 +68,7 @@ def main() -> None:
         "SMAP-early": smap_early["total"]["channels_mostly_in_alert"],
         "SMAP-new": smap_new["total"]["channels_mostly_in_alert"],
         "synthetic": len(series["series_mostly_in_alert"]),
+        "synthetic-fleet": len(fleet["series_mostly_in_alert"]),
     }
     mean = field_means(list(rows.values()))
     seeds = "the configurations' seed" if args.seeds == [None] else f"seeds {args.seeds}"

@@ -1,8 +1,8 @@
 """Choose the forecast recipe's alerting settings by cross-validation, never on the labels
 a figure is reported on.
 
-    python bench/select_recipe.py --smap SMAP.npz --synthetic SYNTHETIC.npz [--splits 100]
-                                  [--json OUT]
+    python bench/select_recipe.py --smap SMAP.npz --synthetic SYNTHETIC.npz [--fleet FLEET.npz]
+                                  [--splits 100] [--json OUT]
 
 The score dumps come from `bench/protocol.py --scores PREFIX.npz` (or the two benches'
 `--scores`): each key's smoothed scores, in time order, as one model per key scored them.
@@ -11,22 +11,25 @@ with the engine's own rules (`detector.engine.thresholds.choose_levels` every `r
 the last `history`, the warm-up and its floor, the floor, confirmation and
 cooldown, as `detector.engine.core` applies them), and judged per labeled sequence as the
 benchmarks judge. Each smoothing's static threshold is calibrated as the trainer calibrates
-it, on the key's validation scores smoothed with it.
+it, on the normal validation scores of the model's keys smoothed with it.
 With `--check`, the replay is checked against the engine first: with the settings the dumps
 were made with, it must give the dumped thresholds, and its calibration the trainer's static
 ones, or the script stops.
 
-Four data sets are judged: SMAP, SMAP-early (each channel's stream from 1,000 events before
+Five data sets are judged: SMAP, SMAP-early (each channel's stream from 1,000 events before
 its first label), SMAP-new (from 250 events before it: a fault in a new device's first few
-hundred events, which the other two never have) and the synthetic series. A setting's
+hundred events, which the other two never have), the synthetic series with a model each, and
+the same series with one model for all of them (`--fleet`: a fleet, whose static threshold
+is calibrated on all its keys' validation scores at once, as the trainer does). A setting's
 objective is the mean of their sequence F1s (each pooled over keys and averaged over seeds).
 
 - **Channel and series halves:** `--splits` times, the SMAP channels and the synthetic
-  series are halved at random (a channel's three streams stay on one side). The
+  series are halved at random (a channel's three streams stay on one side, and so do a
+  series' two). The
   best setting on one half is scored on the other, and the other way round. The mean of
   those held-out F1s is the honest estimate of the selection.
 - **Leave one data set out:** the best setting on the three SMAP sets is scored on the
-  synthetic series, and the best on the synthetic series is scored on the SMAP sets.
+  synthetic sets, and the best on the synthetic sets is scored on the SMAP sets.
 
 The setting chosen most often across the halvings is the recipe's (`trainer/recipe.py`).
 Last, the recipe is replayed with each of its settings switched off in turn, on all keys:
@@ -51,6 +54,8 @@ from trainer.calibrate import dynamic_threshold, smooth_per_key
 from trainer.data import VALIDATION
 from trainer.metrics import episode_flags, range_counts
 
+#: The data set of the synthetic series scored by one model for all of them.
+FLEET = "synthetic-fleet"
 #: The engine's re-choice schedule and cooldown, as the recipe and the benchmarks use them.
 HISTORY, REFRESH, COOLDOWN = 2100, 70, 100
 #: Each alerting setting at the value that switches it off: the recipe without it.
@@ -58,6 +63,7 @@ WITHOUT: dict[str, dict[str, Any]] = {
     "smoothing": {"smoothing": 1.0},
     "adaptive threshold": {"adaptive": False},
     "pruning margin": {"prune": 0.0},
+    "error buffer": {"buffer": 0},
     "warm-up": {"warm_up": 0, "warm_up_floor": None},
     "alerts while warming": {"warm_up_floor": None},
     "confirmation": {"confirm": 1},
@@ -66,12 +72,14 @@ WITHOUT: dict[str, dict[str, Any]] = {
 #: How far the replay's static thresholds may be from the trainer's (relative): the trainer
 #: calibrates on torch's scores of its validation windows, the replay on the engine's.
 STATIC_TOLERANCE = 0.01
-#: The candidates: telemanom's margin and wider ones; a key's own history deciding from its
-#: first score, or after a sixth or a third of the history, and until then no alerts or only
-#: above 2, 3 or 5 times its calibrated threshold.
+#: The candidates: telemanom's margin and wider ones; the margin over every score below the
+#: threshold, or (telemanom's error buffer) over those more than 100 scores from one above it;
+#: a key's own history deciding from its first score, or after a sixth or a third of the
+#: history, and until then no alerts or only above 2, 3 or 5 times its calibrated threshold.
 GRID = {
     "smoothing": (0.02, 0.1),
     "prune": (0.13, 0.2, 0.3),
+    "buffer": (0, 100),
     "warm_up": (0, 350, 700),
     "warm_up_floor": (None, 2.0, 3.0, 5.0),
     "confirm": (1, 5, 10),
@@ -83,6 +91,7 @@ GRID = {
 class Setting:
     smoothing: float
     prune: float
+    buffer: int
     warm_up: int
     warm_up_floor: float | None
     confirm: int
@@ -105,19 +114,29 @@ class Stream:
     unit: float
     #: The model's scores of its validation events, before smoothing.
     validation: np.ndarray
+    #: Which validation events are labeled anomalous (the trainer calibrates on the others).
+    validation_labels: np.ndarray
     #: The scores smoothed with each candidate α.
     smoothed: dict[float, np.ndarray] = field(default_factory=dict)
     #: The static threshold the trainer calibrates with each candidate α.
     statics: dict[float, float] = field(default_factory=dict)
-    #: Each re-choice's level for each (α, prune) [choices].
-    levels: dict[tuple[float, float], np.ndarray] = field(default_factory=dict)
+    #: Each re-choice's level for each (α, prune, buffer) [choices].
+    levels: dict[tuple[float, float, int], np.ndarray] = field(default_factory=dict)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smap", type=Path, required=True, help="SMAP score dump (.npz)")
     parser.add_argument("--synthetic", type=Path, help="synthetic score dump (optional)")
+    parser.add_argument("--fleet", type=Path, help="synthetic fleet score dump (optional)")
     parser.add_argument("--splits", type=int, default=100, help="random halvings (default 100)")
+    parser.add_argument(
+        "--buffers",
+        default="0",
+        help="the error buffers to choose from, of the grid's 0 and 100 (default 0, the "
+        "recipe's selection): the held-out estimates with and without 100 tell whether the "
+        "buffer earns its place",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the halvings")
     parser.add_argument(
         "--check",
@@ -133,15 +152,23 @@ def main() -> None:
     streams += [_early(s, NEW, "SMAP-new") for s in smap]
     if args.synthetic:
         streams += _streams(args.synthetic, "synthetic")
+    if args.fleet:
+        streams += _streams(args.fleet, FLEET)
     settings = [
         setting
         for setting in (Setting(*values) for values in itertools.product(*GRID.values()))
         if setting.warm_up or setting.warm_up_floor is None  # a floor of no warm-up: a twin
+        if str(setting.buffer) in args.buffers.split(",")
     ]
     console.print(f"{len(streams)} streams; replaying {len(settings)} settings")
     _prepare_levels(streams, settings)
     if args.check:
-        _check(streams, args.smap, _parse_setting(args.check))
+        dumps = {"SMAP": args.smap, "synthetic": args.synthetic, FLEET: args.fleet}
+        _check(
+            streams,
+            {name: path for name, path in dumps.items() if path},
+            _parse_setting(args.check),
+        )
     replayed = Table(streams, settings)
     halvings = _halvings(replayed, args.splits, args.seed)
     document = {
@@ -165,17 +192,18 @@ def _streams(path: Path, data_set: str) -> list[Stream]:
             dump[f"{prefix}/test_labels"] > 0,
             float(dump[f"{prefix}/static_threshold"]),
             float(dump[f"{prefix}/unit_score"]),
-            _validation_scores(dump, prefix),
+            *_validation(dump, prefix),
         )
         for prefix in prefixes
     ]
 
 
-def _validation_scores(dump: np.lib.npyio.NpzFile, prefix: str) -> np.ndarray:
+def _validation(dump: np.lib.npyio.NpzFile, prefix: str) -> tuple[np.ndarray, np.ndarray]:
     """The unsmoothed scores of the trainer's validation events, as the engine replayed the
-    training file."""
+    training file, and their labels."""
     raw = _unsmoothed(dump[f"{prefix}/train_scores"], float(dump[f"{prefix}/smoothing"]))
-    return raw[dump[f"{prefix}/train_split"] == VALIDATION]
+    validation = dump[f"{prefix}/train_split"] == VALIDATION
+    return raw[validation], dump[f"{prefix}/train_labels"][validation] > 0
 
 
 def _unsmoothed(smoothed: np.ndarray, alpha: float) -> np.ndarray:
@@ -210,38 +238,60 @@ def _early(stream: Stream, before: int, data_set: str) -> Stream:
         stream.static,
         stream.unit,
         stream.validation,
+        stream.validation_labels,
     )
 
 
 def _prepare_levels(streams: list[Stream], settings: list[Setting]) -> None:
     """Every stream smoothed with each α of `settings`, its static threshold calibrated with
-    each as the trainer does (the dynamic threshold of its smoothed validation scores), and
-    every re-choice's level for each (α, margin), all streams at once per re-choice
-    (`choose_levels` is vectorised). What is there already is kept."""
+    each as the trainer does (the dynamic threshold of its model's smoothed validation
+    scores), and every re-choice's level for each (α, margin, buffer), all streams at once per
+    re-choice (`choose_levels` is vectorised). What is there already is kept."""
+    alphas = {setting.smoothing for setting in settings} - streams[0].smoothed.keys()
     for stream in streams:
-        for alpha in {setting.smoothing for setting in settings} - stream.smoothed.keys():
+        for alpha in alphas:
             stream.smoothed[alpha] = _smoothed(stream.raw, alpha)
-            stream.statics[alpha] = _calibrated(stream.validation, alpha)
+    for model in _models(streams):
+        validations = [(stream.validation, stream.validation_labels) for stream in model]
+        for alpha in alphas:
+            static = _calibrated(validations, alpha)
+            for stream in model:
+                stream.statics[alpha] = static
     longest = max(stream.raw.size for stream in streams)
-    pairs = {(s.smoothing, s.prune) for s in settings if s.adaptive} - streams[0].levels.keys()
-    for alpha, prune in sorted(pairs):
+    choices = {(s.smoothing, s.prune, s.buffer) for s in settings if s.adaptive}
+    for alpha, prune, buffer in sorted(choices - streams[0].levels.keys()):
         per_stream: list[list[float]] = [[] for _ in streams]
         for count in range(REFRESH, longest + 1, REFRESH):
             rows = [i for i, s in enumerate(streams) if s.raw.size >= count]
             recent = np.stack([_recent(streams[i].smoothed[alpha], count) for i in rows])
             valid = np.arange(HISTORY) < min(count, HISTORY)
-            levels = choose_levels(recent, np.broadcast_to(valid, recent.shape), prune=prune)[0]
+            every = np.broadcast_to(valid, recent.shape)
+            levels = choose_levels(recent, every, prune=prune, buffer=buffer)[0]
             for row, level in zip(rows, levels.tolist(), strict=True):
                 per_stream[row].append(level)
         for stream, levels in zip(streams, per_stream, strict=True):
-            stream.levels[alpha, prune] = np.asarray(levels)
+            stream.levels[alpha, prune, buffer] = np.asarray(levels)
 
 
-def _calibrated(validation: np.ndarray, alpha: float) -> float:
-    """The static threshold the trainer calibrates on these validation scores with `alpha`,
-    through its own smoothing and method."""
-    one_key = np.zeros(validation.size, np.int64)
-    return dynamic_threshold(smooth_per_key(validation, one_key, alpha), None)[0]
+def _models(streams: list[Stream]) -> list[list[Stream]]:
+    """The streams of each model: a fleet's streams of one seed share theirs."""
+    shared: dict[str, list[Stream]] = {}
+    alone = []
+    for stream in streams:
+        if stream.data_set == FLEET:
+            shared.setdefault(stream.seed, []).append(stream)
+        else:
+            alone.append([stream])
+    return alone + list(shared.values())
+
+
+def _calibrated(validations: list[tuple[np.ndarray, np.ndarray]], alpha: float) -> float:
+    """The static threshold the trainer calibrates with `alpha` on these keys' validation
+    scores and labels, through its own smoothing and method: all scores smoothed, the normal
+    ones judged, each key one run of sequences."""
+    scores, labels = (np.concatenate(parts) for parts in zip(*validations, strict=True))
+    keys = np.repeat(np.arange(len(validations)), [part.size for part, _ in validations])
+    return dynamic_threshold(smooth_per_key(scores, keys, alpha), labels, keys)[0]
 
 
 def _recent(scores: np.ndarray, count: int) -> np.ndarray:
@@ -258,7 +308,7 @@ def _thresholds(stream: Stream, setting: Setting) -> np.ndarray:
     static = max(stream.statics[setting.smoothing], floor)
     if not setting.adaptive:
         return np.full(stream.raw.size, static)
-    levels = stream.levels[setting.smoothing, setting.prune]
+    levels = stream.levels[setting.smoothing, setting.prune, setting.buffer]
     done = count // REFRESH
     level = np.where(done > 0, levels[np.maximum(done - 1, 0)] if levels.size else np.nan, np.nan)
     threshold = np.where(np.isnan(level), static, np.fmax(level, floor))
@@ -280,21 +330,21 @@ def _counts(stream: Stream, setting: Setting) -> np.ndarray:
     return np.array([counts.labeled, counts.detected, counts.predicted, counts.predicted_on_label])
 
 
-def _check(streams: list[Stream], path: Path, setting: Setting) -> None:
-    """Stop unless the replay here gives the engine's thresholds of the dumped run, and its
-    calibration the trainer's static thresholds (to `STATIC_TOLERANCE`: the trainer
-    calibrates on torch's scores, the replay on onnxruntime's)."""
-    dump = np.load(path)
+def _check(streams: list[Stream], dumps: dict[str, Path], setting: Setting) -> None:
+    """Stop unless the replay here gives the engine's thresholds of the dumped runs (of each
+    data set in `dumps`), and its calibration the trainer's static thresholds (to
+    `STATIC_TOLERANCE`: the trainer calibrates on torch's scores, the replay on
+    onnxruntime's)."""
     gaps = []
-    for stream in streams:
-        if stream.data_set != "SMAP":
-            continue
-        gaps.append(abs(stream.statics[setting.smoothing] / stream.static - 1))
-        dumped = replace(stream, statics={setting.smoothing: stream.static})
-        got = _thresholds(dumped, setting)
-        want = dump[f"{stream.seed}/{stream.key}/test_thresholds"]
-        if not np.allclose(got, want, rtol=1e-9, equal_nan=True):
-            raise SystemExit(f"{stream.key}: the replay's thresholds are not the engine's")
+    for data_set, path in dumps.items():
+        dump = np.load(path)
+        for stream in (stream for stream in streams if stream.data_set == data_set):
+            gaps.append(abs(stream.statics[setting.smoothing] / stream.static - 1))
+            dumped = replace(stream, statics={setting.smoothing: stream.static})
+            got = _thresholds(dumped, setting)
+            want = dump[f"{stream.seed}/{stream.key}/test_thresholds"]
+            if not np.allclose(got, want, rtol=1e-9, equal_nan=True):
+                raise SystemExit(f"{stream.key}: the replay's thresholds are not the engine's")
     if max(gaps) > STATIC_TOLERANCE:
         raise SystemExit(f"the replay's calibration is {max(gaps):.2%} off the trainer's")
     console.print(
@@ -344,7 +394,7 @@ def _halvings(table_: Table, splits: int, seed: int) -> dict:
     """Choose on random halves of the keys, score on the other halves."""
     families: dict[str, set[str]] = {}
     for stream in table_.streams:
-        family = "SMAP" if stream.data_set.startswith("SMAP") else stream.data_set
+        family = "SMAP" if stream.data_set.startswith("SMAP") else "synthetic"
         families.setdefault(family, set()).add(stream.key)
     rng = np.random.default_rng(seed)
     held_out, chosen = [], Counter()
@@ -385,13 +435,14 @@ def _halvings(table_: Table, splits: int, seed: int) -> dict:
 
 
 def _leave_one_out(table_: Table) -> dict:
-    """Choose on the SMAP sets, score on the synthetic series, and the other way."""
+    """Choose on the SMAP sets, score on the synthetic sets, and the other way."""
     smap = {"SMAP", "SMAP-early", "SMAP-new"}
+    synthetic = set(table_.data_sets) - smap
     rows, document = [], {}
     f1s = table_.f1s()
-    if "synthetic" not in table_.data_sets:
+    if not synthetic:
         return {}
-    for fit, judged in ((smap, {"synthetic"}), ({"synthetic"}, smap)):
+    for fit, judged in ((smap, synthetic), (synthetic, smap)):
         best = table_.best(None, fit)
         scored = {
             name: float(f1s[best, i]) for i, name in enumerate(table_.data_sets) if name in judged
@@ -404,14 +455,16 @@ def _leave_one_out(table_: Table) -> dict:
 
 
 def _without(streams: list[Stream], recipe: Setting) -> dict:
-    """The recipe against itself with each setting switched off, on all keys: a setting earns
-    its place on the data sets where switching it off loses F1."""
-    variants = [recipe, *(replace(recipe, **changes) for changes in WITHOUT.values())]
+    """The recipe against itself with each setting it uses switched off, on all keys: a setting
+    earns its place on the data sets where switching it off loses F1."""
+    switched = {name: replace(recipe, **changes) for name, changes in WITHOUT.items()}
+    switched = {name: variant for name, variant in switched.items() if variant != recipe}
+    variants = [recipe, *switched.values()]
     _prepare_levels(streams, variants)
     replayed = Table(streams, variants)
     f1s = replayed.f1s()
     document, rows = {}, [["the recipe", *f1s[0].tolist(), ""]]
-    for name, row in zip(WITHOUT, f1s[1:], strict=True):
+    for name, row in zip(switched, f1s[1:], strict=True):
         pairs = zip(replayed.data_sets, row, f1s[0], strict=True)
         loses = [data_set for data_set, f1, base in pairs if f1 < base]
         document[name] = {"f1": dict(zip(replayed.data_sets, row.tolist(), strict=True))}
@@ -423,10 +476,11 @@ def _without(streams: list[Stream], recipe: Setting) -> dict:
 
 
 def _parse_setting(values: list[str]) -> Setting:
-    alpha, prune, warm_up, factor, confirm, bound = values
+    alpha, prune, buffer, warm_up, factor, confirm, bound = values
     return Setting(
         float(alpha),
         float(prune),
+        int(buffer),
         int(warm_up),
         None if factor == "none" else float(factor),
         int(confirm),

@@ -24,14 +24,22 @@ T0 = 1_700_000_000.0
 
 
 @pytest.mark.parametrize(
-    ("warm_up", "warm_up_floor", "adaptive"),
-    [(0, None, True), (6, None, True), (10, None, True), (10, 3.0, True), (0, None, False)],
+    ("warm_up", "warm_up_floor", "buffer", "adaptive"),
+    [
+        (0, None, 0, True),
+        (6, None, 0, True),
+        (10, None, 0, True),
+        (10, 3.0, 0, True),
+        (10, 3.0, 3, True),
+        (0, None, 0, False),
+    ],
 )
 def test_the_replayed_thresholds_are_the_engines(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     warm_up: int,
     warm_up_floor: float | None,
+    buffer: int,
     adaptive: bool,
 ) -> None:
     alpha, prune, floor, static = 0.3, 0.1, 0.02, 0.05
@@ -44,6 +52,7 @@ def test_the_replayed_thresholds_are_the_engines(
                 history=HISTORY,
                 refresh=REFRESH,
                 prune=prune,
+                buffer=buffer,
                 warm_up=warm_up,
                 warm_up_floor=warm_up_floor,
                 floor="none",
@@ -65,10 +74,11 @@ def test_the_replayed_thresholds_are_the_engines(
     monkeypatch.setattr(select_recipe, "HISTORY", HISTORY)
     monkeypatch.setattr(select_recipe, "REFRESH", REFRESH)
     raw = select_recipe._unsmoothed(result.scores[scored], alpha)
+    unlabeled = np.zeros(20, bool)
     stream = select_recipe.Stream(
-        "SMAP", "k", "0", raw, np.zeros(raw.size, bool), static, floor / 0.1**2, raw[:20]
+        "SMAP", "k", "0", raw, np.zeros(raw.size, bool), static, floor / 0.1**2, raw[:20], unlabeled
     )
-    setting = select_recipe.Setting(alpha, prune, warm_up, warm_up_floor, 1, 0.1, adaptive)
+    setting = select_recipe.Setting(alpha, prune, buffer, warm_up, warm_up_floor, 1, 0.1, adaptive)
     select_recipe._prepare_levels([stream], [setting])
     stream.statics[alpha] = static  # the model's, not one calibrated on these scores
 
@@ -84,18 +94,58 @@ def test_the_replayed_thresholds_are_the_engines(
 
 
 def test_the_replay_calibrates_each_smoothing_as_the_trainer_does() -> None:
+    """On the normal validation scores: the faults labeled in a training file (the synthetic
+    series' first 30 %) are smoothed with the rest but not judged."""
     rng = np.random.default_rng(1)
     validation = np.abs(rng.normal(1.0, 0.3, 500)) + 4.0 * (rng.random(500) < 0.01)
+    faulty = np.zeros(500, bool)
+    faulty[200:230] = True
+    validation[faulty] += 20.0
     stream = select_recipe.Stream(
-        "SMAP", "k", "0", validation[:100], np.zeros(100, bool), 1.0, 1.0, validation
+        "SMAP", "k", "0", validation[:100], np.zeros(100, bool), 1.0, 1.0, validation, faulty
     )
-    settings = [select_recipe.Setting(alpha, 0.13, 0, None, 1, 0.1) for alpha in (1.0, 0.1)]
+    settings = [select_recipe.Setting(alpha, 0.13, 0, 0, None, 1, 0.1) for alpha in (1.0, 0.1)]
     select_recipe._prepare_levels([stream], settings)
     keys = np.zeros(validation.size, int)
     for alpha in (1.0, 0.1):
-        trainer = calibrate(smooth_per_key(validation, keys, alpha), None, "dynamic", 0.13)[0]
+        trainer = calibrate(smooth_per_key(validation, keys, alpha), faulty, "dynamic", 0.13)[0]
         assert stream.statics[alpha] == pytest.approx(trainer, rel=1e-12)
-    assert stream.statics[1.0] > 1.5 * stream.statics[0.1]  # raw scores reach higher
+    assert stream.statics[1.0] != pytest.approx(stream.statics[0.1])  # each α its own
+
+
+def test_the_replay_calibrates_a_fleets_threshold_on_all_its_keys_at_once() -> None:
+    """One model for a fleet has one static threshold, the trainer's of all its keys'
+    validation scores; each seed's model its own. A key with a model of its own keeps its own."""
+    rng = np.random.default_rng(2)
+    validations = [np.abs(rng.normal(1.0, 0.2 * (key + 1), 300)) for key in range(3)]
+
+    def stream(data_set: str, key: int, seed: str, scale: float = 1.0) -> select_recipe.Stream:
+        validation = scale * validations[key]
+        return select_recipe.Stream(
+            data_set,
+            f"k{key}",
+            seed,
+            validation[:50],
+            np.zeros(50, bool),
+            1.0,
+            1.0,
+            validation,
+            np.zeros(validation.size, bool),
+        )
+
+    fleet = [stream(select_recipe.FLEET, key, "0") for key in range(3)]
+    other_seed = [stream(select_recipe.FLEET, key, "1", scale=2.0) for key in range(3)]
+    alone = stream("synthetic", 2, "0")
+    streams = [*fleet, *other_seed, alone]
+    select_recipe._prepare_levels(streams, [select_recipe.Setting(0.1, 0.13, 0, 0, None, 1, 0.1)])
+
+    keys = np.repeat(np.arange(3), 300)
+    pooled = smooth_per_key(np.concatenate(validations), keys, 0.1)
+    trainer = calibrate(pooled, None, "dynamic", 0.13, keys)[0]
+    assert [s.statics[0.1] for s in fleet] == pytest.approx([trainer] * 3, rel=1e-12)
+    assert [s.statics[0.1] for s in other_seed] == pytest.approx([2 * trainer] * 3, rel=1e-9)
+    own = calibrate(smooth_per_key(validations[2], keys[:300], 0.1), None, "dynamic", 0.13)[0]
+    assert alone.statics[0.1] == pytest.approx(own, rel=1e-12) != pytest.approx(trainer)
 
 
 def test_a_key_mostly_in_alert_detects_nothing() -> None:
@@ -103,8 +153,10 @@ def test_a_key_mostly_in_alert_detects_nothing() -> None:
     labels = np.zeros(400, bool)
     labels[100:120] = labels[300:320] = True
     raw = np.full(400, 5.0)
-    stream = select_recipe.Stream("SMAP", "k", "0", raw, labels, 1.0, 1.0, np.ones(50))
-    setting = select_recipe.Setting(1.0, 0.13, 0, None, 1, 0.0, adaptive=False)
+    stream = select_recipe.Stream(
+        "SMAP", "k", "0", raw, labels, 1.0, 1.0, np.ones(50), np.zeros(50, bool)
+    )
+    setting = select_recipe.Setting(1.0, 0.13, 0, 0, None, 1, 0.0, adaptive=False)
     select_recipe._prepare_levels([stream], [setting])
     np.testing.assert_array_equal(select_recipe._counts(stream, setting), [2, 0, 1, 0])
     stream.raw = np.where(labels, 5.0, 0.0)  # in alert on its labels only: both detected
