@@ -2,7 +2,7 @@
 a figure is reported on.
 
     python bench/select_recipe.py --smap SMAP.npz --synthetic SYNTHETIC.npz [--fleet FLEET.npz]
-                                  [--splits 100] [--json OUT]
+                                  [--buffers 0,100] [--splits 100] [--json OUT]
 
 The score dumps come from `bench/protocol.py --scores PREFIX.npz` (or the two benches'
 `--scores`): each key's smoothed scores, in time order, as one model per key scored them.
@@ -16,12 +16,13 @@ With `--check`, the replay is checked against the engine first: with the setting
 were made with, it must give the dumped thresholds, and its calibration the trainer's static
 ones, or the script stops.
 
-Five data sets are judged: SMAP, SMAP-early (each channel's stream from 1,000 events before
+Four data sets are judged: SMAP, SMAP-early (each channel's stream from 1,000 events before
 its first label), SMAP-new (from 250 events before it: a fault in a new device's first few
-hundred events, which the other two never have), the synthetic series with a model each, and
-the same series with one model for all of them (`--fleet`: a fleet, whose static threshold
-is calibrated on all its keys' validation scores at once, as the trainer does). A setting's
-objective is the mean of their sequence F1s (each pooled over keys and averaged over seeds).
+hundred events, which the other two never have) and the synthetic series with a model each.
+`--fleet` adds a fifth, the same series with one model for all of them (a fleet, whose static
+threshold is calibrated on all its keys' validation scores at once, as the trainer does). A
+setting's objective is the mean of their sequence F1s (each pooled over keys and averaged
+over seeds).
 
 - **Channel and series halves:** `--splits` times, the SMAP channels and the synthetic
   series are halved at random (a channel's three streams stay on one side, and so do a
@@ -31,7 +32,8 @@ objective is the mean of their sequence F1s (each pooled over keys and averaged 
 - **Leave one data set out:** the best setting on the three SMAP sets is scored on the
   synthetic sets, and the best on the synthetic sets is scored on the SMAP sets.
 
-The setting chosen most often across the halvings is the recipe's (`trainer/recipe.py`).
+The setting chosen most often across the halvings, with the default options, is the
+recipe's (`trainer/recipe.py`).
 Last, the recipe is replayed with each of its settings switched off in turn, on all keys:
 a setting earns its place on the data sets where that loses F1.
 """
