@@ -10,10 +10,10 @@ through the detector's engine, whose alert episodes (thresholds as the manifest 
 `--cooldown` events to close), each from its alert's onset, are the predicted anomalous
 sequences. A labeled sequence is caught when an episode overlaps it; an episode that
 overlaps no label is one false positive. Point-wise F1 compares each scored event with its
-label, without point adjustment. Published (telemanom,
-SMAP): precision and recall 85.5 %. One run's figure depends on its training seed by a
-few points of F1; `--seeds` trains and replays every model once per seed and reports each
-seed's totals and their mean, the fair estimate.
+label, without point adjustment. Published (telemanom, SMAP): precision and recall 85.5 %.
+One run's figure depends on its training seed by a few points of F1; `--seeds` trains and
+replays every model once per seed and reports each seed's totals and their mean, the fair
+estimate.
 
 The archive (`<data>/smap/smap.tar.gz`) holds `labeled_anomalies.csv` and the `train/` and
 `test/` arrays under any top folder (`smap/` here, `SMAP/` or `data/` as published); with

@@ -85,10 +85,10 @@ def _choose(
         cut = (mean[:, None] - kept_mean) / mean[:, None] + (std[:, None] - kept_std) / std[:, None]
         gain = np.where(usable, cut / (marked.sum(axis=2) + np.square(sequences)), -np.inf)
     best = np.where(usable.any(axis=1), gain.argmax(axis=1), CANDIDATE_Z.size - 1)
-    chosen = epsilon[np.arange(best.size), best]
-    flagged_now = valid & (values >= chosen[:, None])
-    below = valid & ~flagged_now
-    normal = below & ~_near(flagged_now, breaks, buffer) if buffer else below
+    rows = np.arange(best.size)
+    chosen = epsilon[rows, best]
+    below = valid & ~above[rows, best]
+    normal = below & ~marked[rows, best]  # below ε and outside the buffer
     normal_top = np.where(normal, values, -np.inf).max(axis=1, initial=-np.inf)
     top = np.where(valid, values, -np.inf).max(axis=1, initial=-np.inf)
     levels = np.where(
