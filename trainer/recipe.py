@@ -25,8 +25,8 @@ FORECAST_RECIPE: dict[str, dict[str, Any]] = {
         "per_key_normalisation": True,
     },
     "training": {
-        # Cross-validated against telemanom's 35 epochs with the same early stopping: the
-        # longer-trained models fit their validation data better and detect less.
+        # Cross-validated against 4 and telemanom's 35 with the same early stopping: both
+        # detect less (docs/quality.md).
         "epochs": 8,
         "batch_size": 128,
         "learning_rate": 0.003,
